@@ -1,0 +1,36 @@
+"""xmpp_sm_tracker: per-message delivery tracking over XEP-0198 for slixmpp.
+
+Load it with ``xmpp.register_plugin("sm_tracker", module="xmpp_sm_tracker")``
+(or, once this package is imported, ``xmpp.register_plugin("sm_tracker")``).
+"""
+
+from .core.acks import AckPolicy
+from .core.ledger import HBackwards, HTooHigh, SMProtocolError
+from .core.records import FailureReason, TrackedMessage
+from .core.states import DeliveryState, IllegalTransition
+from .plugin import SMTracker
+from .stores.base import SMState, StoreError, TrackerStore
+from .stores.memory import MemoryStore
+
+#: slixmpp's ``register_plugin(name, module=...)`` looks up ``getattr(module, name)``.
+sm_tracker = SMTracker
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AckPolicy",
+    "DeliveryState",
+    "FailureReason",
+    "HBackwards",
+    "HTooHigh",
+    "IllegalTransition",
+    "MemoryStore",
+    "SMProtocolError",
+    "SMState",
+    "SMTracker",
+    "StoreError",
+    "TrackedMessage",
+    "TrackerStore",
+    "__version__",
+    "sm_tracker",
+]

@@ -1,0 +1,88 @@
+"""When to ask the server for an ack, and when its silence means the link is dead.
+
+slixmpp asks only every 5 stanzas, writes ``<r/>`` before the stanza that fills the
+window and has no timer, so the last message of a burst is never acked. This clock
+asks after ``every`` counted stanzas, or ``delay`` seconds after the first stanza
+nobody asked about yet, and declares the link dead when an ``<r/>`` stays
+unanswered for ``timeout`` seconds. Times are plain floats from the caller's clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["AckClock", "AckPolicy"]
+
+
+@dataclass(frozen=True, slots=True)
+class AckPolicy:
+    """How eagerly to ask for acks, and how long to wait for one."""
+
+    every: int = 10
+    delay: float = 0.2
+    timeout: float = 15.0
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ValueError("ack policy: 'every' must be at least 1")
+        if self.delay < 0 or self.timeout <= 0:
+            raise ValueError("ack policy: 'delay' must be >= 0 and 'timeout' > 0")
+
+
+class AckClock:
+    """Sans-I/O scheduling of ``<r/>`` requests and of the ack timeout."""
+
+    __slots__ = ("_first_unasked_at", "_outstanding", "_unasked", "_waiting_since", "policy")
+
+    def __init__(self, policy: AckPolicy | None = None) -> None:
+        self.policy = policy or AckPolicy()
+        self._unasked = 0
+        self._first_unasked_at: float | None = None
+        self._outstanding = 0
+        self._waiting_since: float | None = None
+
+    def reset(self) -> None:
+        """Forget everything (a new connection)."""
+        self._unasked = 0
+        self._first_unasked_at = None
+        self._outstanding = 0
+        self._waiting_since = None
+
+    def counted(self, now: float) -> bool:
+        """A stanza was counted; True means "write an ``<r/>`` after it now"."""
+        self._unasked += 1
+        if self._first_unasked_at is None:
+            self._first_unasked_at = now
+        return self._unasked >= self.policy.every
+
+    def request_sent(self, now: float) -> None:
+        """An ``<r/>`` went out: the stanzas counted so far are asked about."""
+        self._unasked = 0
+        self._first_unasked_at = None
+        self._outstanding += 1
+        if self._waiting_since is None:
+            self._waiting_since = now
+
+    def ack_received(self, now: float) -> None:
+        """An ``<a/>`` came in: the link is alive, one request is answered."""
+        self._outstanding = max(0, self._outstanding - 1)
+        self._waiting_since = now if self._outstanding else None
+
+    def request_due(self, now: float) -> bool:
+        """True when stanzas have waited ``delay`` seconds without an ``<r/>``."""
+        first = self._first_unasked_at
+        return first is not None and now - first >= self.policy.delay
+
+    def link_dead(self, now: float) -> bool:
+        """True when an ``<r/>`` has gone unanswered for longer than ``timeout``."""
+        since = self._waiting_since
+        return since is not None and now - since >= self.policy.timeout
+
+    def next_deadline(self) -> float | None:
+        """The next time :meth:`request_due` or :meth:`link_dead` may turn true."""
+        times = []
+        if self._first_unasked_at is not None:
+            times.append(self._first_unasked_at + self.policy.delay)
+        if self._waiting_since is not None:
+            times.append(self._waiting_since + self.policy.timeout)
+        return min(times) if times else None

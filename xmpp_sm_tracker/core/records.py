@@ -1,0 +1,59 @@
+"""The record of one tracked message, as users see it in events and in the store."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from .states import IN_FLIGHT, DeliveryState
+
+__all__ = ["FailureReason", "TrackedMessage"]
+
+
+class FailureReason:
+    """The ``reason`` strings the tracker itself produces (error bounces add their own)."""
+
+    #: Resumption was refused or impossible; the server may still have some of them.
+    RESUME_FAILED = "resume-failed"
+    #: The session ended (clean disconnect, or a drop without a resumable session).
+    SESSION_ENDED = "session-ended"
+    #: The server broke XEP-0198 (``h`` beyond what we sent); the session was dropped.
+    PROTOCOL_ERROR = "protocol-error"
+    #: The server refused ``<enable/>``; nothing on this stream can be confirmed.
+    SM_UNAVAILABLE = "sm-unavailable"
+
+
+@dataclass(frozen=True, slots=True)
+class TrackedMessage:
+    """An immutable snapshot of a tracked message after a change.
+
+    ``seq`` is our XEP-0198 sequence number for the stanza (None until it reaches
+    the wire); ``xml`` is the stanza as sent, so it can be sent again unchanged.
+    """
+
+    id: str
+    origin_id: str
+    to: str
+    type: str
+    body: str
+    state: DeliveryState
+    xml: str
+    created_at: float
+    updated_at: float
+    via_carbon: bool = False
+    attempts: int = 1
+    reason: str | None = None
+    seq: int | None = None
+
+    @property
+    def in_flight(self) -> bool:
+        """True while the message still depends on the current stream."""
+        return self.state in IN_FLIGHT
+
+    @property
+    def conversation(self) -> str:
+        """The bare JID the message went to: the key for ordering and listing."""
+        return self.to.split("/", 1)[0]
+
+    def moved(self, state: DeliveryState, now: float, **changes: object) -> TrackedMessage:
+        """A copy in ``state``; the caller has checked the move against the table."""
+        return replace(self, state=state, updated_at=now, **changes)  # type: ignore[arg-type]

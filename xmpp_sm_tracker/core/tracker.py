@@ -1,0 +1,329 @@
+"""The tracker: turns stream-management facts into record changes and events.
+
+It holds the ledger of counted stanzas, the records of tracked messages that can
+still change, and the facts of the current managed session. Every method takes a
+protocol fact (``<enable/>`` went out, ``<a h>`` came in, the link dropped, ...)
+and returns the events it causes, in order. It does no I/O: the plugin writes
+stanzas, runs timers and emits the events.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from .ledger import Entry, Ledger, SMProtocolError
+from .records import FailureReason, TrackedMessage
+from .states import IN_FLIGHT, DeliveryState, next_state
+
+__all__ = ["Event", "OutgoingMessage", "SessionFacts", "Tracker"]
+
+P = TypeVar("P")
+_S = DeliveryState
+
+#: Event names per state a message moves into.
+MESSAGE_EVENT = {state: f"message:{state.value}" for state in DeliveryState}
+#: Event names per ledger fate of a stanza.
+STANZA_ACKED = "stanza:acked"
+STANZA_HIBERNATED = "stanza:hibernated"
+STANZA_RESENT = "stanza:resent"
+STANZA_FAILED = "stanza:failed"
+_STANZA_EVENT = {
+    _S.ACKED: STANZA_ACKED,
+    _S.HIBERNATED: STANZA_HIBERNATED,
+    _S.RESENT: STANZA_RESENT,
+    _S.FAILED: STANZA_FAILED,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event to emit: ``message:*`` carries a TrackedMessage, ``stanza:*`` the stanza."""
+
+    name: str
+    payload: object
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingMessage:
+    """What the adapter read off a message stanza that is to be tracked."""
+
+    id: str
+    origin_id: str
+    to: str
+    type: str
+    body: str
+    xml: str
+    via_carbon: bool = False
+
+
+@dataclass(slots=True)
+class SessionFacts:
+    """What we know about the managed session (XEP-0198 §3, §5)."""
+
+    sm_id: str | None = None
+    resumable: bool = False
+    location: str | None = None
+    max: int | None = None
+    #: Counting outbound stanzas (``<enable/>`` or ``<resume/>`` went out).
+    enabled_out: bool = False
+    #: Counting inbound stanzas (``<enabled/>`` or ``<resumed/>`` came in).
+    enabled_in: bool = False
+    #: ``<resume/>`` went out on this connection and is not answered yet.
+    resuming: bool = False
+    #: Inbound stanzas handled, mod 2**32; survives resumption, reset by ``<enabled/>``.
+    handled: int = 0
+
+    @property
+    def can_resume(self) -> bool:
+        """True when a dropped connection may be resumed."""
+        return self.resumable and self.sm_id is not None
+
+
+class Tracker(Generic[P]):
+    """Sans-I/O bookkeeping of one client's outgoing stanzas and tracked messages."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self.session = SessionFacts()
+        self.ledger: Ledger[P] = Ledger()
+        #: Tracked messages that can still change, by id.
+        self.records: dict[str, TrackedMessage] = {}
+
+    # ------------------------------------------------------------------ records
+
+    def get(self, message_id: str) -> TrackedMessage | None:
+        """The current snapshot of a record the tracker still holds."""
+        return self.records.get(message_id)
+
+    def _move(
+        self, message_id: str | None, signal: DeliveryState, **changes: object
+    ) -> Event | None:
+        """Apply ``signal`` to a record through the transition table; the event, if any."""
+        if message_id is None:
+            return None
+        record = self.records.get(message_id)
+        if record is None:
+            return None
+        state = next_state(record.state, signal)
+        if state is None:
+            return None
+        if state is _S.RESENT:
+            changes.setdefault("attempts", record.attempts + 1)
+        if state is not _S.FAILED:
+            changes.setdefault("reason", None)
+        moved = record.moved(state, self.clock(), **changes)
+        if self._settled(moved):
+            del self.records[message_id]
+        else:
+            self.records[message_id] = moved
+        return Event(MESSAGE_EVENT[state], moved)
+
+    @staticmethod
+    def _settled(record: TrackedMessage) -> bool:
+        """A record leaves memory once nothing on this stream can change it.
+
+        Groupchat messages stay until the room reflects them.
+        """
+        if record.state in IN_FLIGHT:
+            return False
+        return not (record.state is _S.ACKED and record.type == "groupchat")
+
+    def _fate(
+        self, entries: Iterable[Entry[P]], state: DeliveryState, **changes: object
+    ) -> list[Event]:
+        """Events for ledger entries that all met the same fate, stanza event first."""
+        stanza_event = _STANZA_EVENT[state]
+        events: list[Event] = []
+        for entry in entries:
+            events.append(Event(stanza_event, entry.payload))
+            message_event = self._move(entry.message_id, state, **changes)
+            if message_event is not None:
+                events.append(message_event)
+        return events
+
+    # ------------------------------------------------------------------ outbound
+
+    def track(self, message: OutgoingMessage, *, link_up: bool) -> list[Event]:
+        """A message with a body was handed to the client: ``message:sent`` at once.
+
+        When the link is down and the session can be resumed, it is also
+        ``hibernated``: it will go out after resumption.
+        """
+        now = self.clock()
+        if message.via_carbon:
+            record = self._new_record(message, _S.ACKED, now)
+            return [Event(MESSAGE_EVENT[_S.SENT], record)]
+        record = self._new_record(message, _S.SENT, now)
+        self.records[record.id] = record
+        events = [Event(MESSAGE_EVENT[_S.SENT], record)]
+        if not link_up and self.session.can_resume:
+            hibernated = self._move(record.id, _S.HIBERNATED)
+            if hibernated is not None:
+                events.append(hibernated)
+        return events
+
+    @staticmethod
+    def _new_record(message: OutgoingMessage, state: DeliveryState, now: float) -> TrackedMessage:
+        return TrackedMessage(
+            id=message.id,
+            origin_id=message.origin_id,
+            to=message.to,
+            type=message.type,
+            body=message.body,
+            state=state,
+            xml=message.xml,
+            created_at=now,
+            updated_at=now,
+            via_carbon=message.via_carbon,
+        )
+
+    def should_drop(self, message_id: str | None) -> bool:
+        """True for a failed message that slixmpp still wants to write from its queue.
+
+        A failed record goes out again only through an explicit resend, which moves
+        it to RESENT first; anything else would be an unasked resend.
+        """
+        if message_id is None:
+            return False
+        record = self.records.get(message_id)
+        return record is not None and record.state is _S.FAILED
+
+    def counted(self, payload: P, message_id: str | None, *, link_up: bool) -> list[Event]:
+        """A stanza passed the outgoing filter: count it when SM is on.
+
+        With the link down it is counted all the same (the server will tell us with
+        ``<resumed h>`` that it never got it) and hibernated.
+        """
+        if not self.session.enabled_out:
+            return []
+        entry = self.ledger.record(payload, message_id)
+        events: list[Event] = []
+        record = self.records.get(message_id) if message_id is not None else None
+        if record is not None:
+            if record.state is _S.HIBERNATED and link_up:
+                moved = self._move(message_id, _S.RESENT, seq=entry.seq)
+                if moved is not None:
+                    events.append(moved)
+            else:
+                self.records[record.id] = record.moved(
+                    record.state, record.updated_at, seq=entry.seq
+                )
+        if not link_up and self.session.can_resume:
+            events.extend(self._fate([entry], _S.HIBERNATED))
+        return events
+
+    def ack(self, h: int) -> list[Event]:
+        """``<a h>`` came in. Raises :class:`SMProtocolError` on a bad ``h``."""
+        return self._fate(self.ledger.ack(h), _S.ACKED)
+
+    # ------------------------------------------------------------------ inbound
+
+    def inbound(self) -> None:
+        """One inbound stanza was handled."""
+        if self.session.enabled_in:
+            self.session.handled = (self.session.handled + 1) % 2**32
+
+    # ------------------------------------------------------------------ session
+
+    def enable_sent(self) -> list[Event]:
+        """``<enable/>`` went out: count from zero. Leftovers cannot be confirmed any more."""
+        left = self.ledger.reset()
+        self.session.enabled_out = True
+        self.session.resuming = False
+        return self._fate(left, _S.FAILED, reason=FailureReason.SESSION_ENDED)
+
+    def enabled(
+        self, sm_id: str | None, *, resumable: bool, location: str | None, max: int | None
+    ) -> None:
+        """``<enabled/>`` came in: start counting inbound stanzas."""
+        session = self.session
+        session.sm_id = sm_id
+        session.resumable = resumable and sm_id is not None
+        session.location = location
+        session.max = max
+        session.enabled_in = True
+        session.handled = 0
+
+    def enable_failed(self) -> list[Event]:
+        """``<failed/>`` answered ``<enable/>``: nothing on this stream can be confirmed."""
+        self.session.enabled_out = False
+        self.session.enabled_in = False
+        left = self.ledger.reset()
+        return self._fate(left, _S.FAILED, reason=FailureReason.SM_UNAVAILABLE)
+
+    def resume_sent(self) -> None:
+        """``<resume/>`` went out: outbound counting goes on from the old stream."""
+        self.session.enabled_out = True
+        self.session.resuming = True
+
+    def resumed(self, h: int) -> tuple[list[Event], list[Entry[P]]]:
+        """``<resumed h>`` came in: (events, entries to resend now, in order).
+
+        Raises :class:`SMProtocolError` on a bad ``h``; the caller then drops the session.
+        """
+        result = self.ledger.resume(h)
+        self.session.resuming = False
+        self.session.enabled_in = True
+        events = self._fate(result.acked, _S.ACKED)
+        for entry in result.resend:
+            events.append(Event(STANZA_RESENT, entry.payload))
+            moved = self._move(entry.message_id, _S.RESENT, seq=entry.seq)
+            if moved is not None:
+                events.append(moved)
+        return events, result.resend
+
+    def resume_failed(self, h: int | None) -> list[Event]:
+        """``<failed h>`` answered ``<resume/>``: ack what ``h`` covers, fail the rest."""
+        acked, failed = self.ledger.fail(h)
+        events = self._fate(acked, _S.ACKED)
+        events += self._fate(failed, _S.FAILED, reason=FailureReason.RESUME_FAILED)
+        self._forget_session()
+        return events
+
+    def link_lost(self) -> list[Event]:
+        """The connection dropped. If the session can be resumed, everything unacked
+        (on the wire or still queued in the client) is hibernated."""
+        self.session.enabled_in = False
+        self.session.enabled_out = False
+        self.session.resuming = False
+        if not self.session.can_resume:
+            return []
+        events = self._fate(list(self.ledger), _S.HIBERNATED)
+        for record in list(self.records.values()):
+            if record.seq is None and record.state is _S.SENT:
+                moved = self._move(record.id, _S.HIBERNATED)
+                if moved is not None:
+                    events.append(moved)
+        return events
+
+    def session_ended(
+        self, reason: str = FailureReason.SESSION_ENDED, *, unsent: Iterable[str] = ()
+    ) -> list[Event]:
+        """The session is over: everything on the wire and unacked fails with ``reason``.
+
+        ``unsent`` names tracked messages that never reached the wire and will not
+        any more (the client discarded them, or the user closed the session).
+        """
+        events = self._fate(self.ledger.reset(), _S.FAILED, reason=reason)
+        for message_id in unsent:
+            record = self.records.get(message_id)
+            if record is not None and record.in_flight:
+                moved = self._move(message_id, _S.FAILED, reason=reason)
+                if moved is not None:
+                    events.append(moved)
+        self._forget_session()
+        return events
+
+    def protocol_error(self, error: SMProtocolError) -> list[Event]:
+        """The server broke the counting rules: the session cannot be trusted or resumed."""
+        return self.session_ended(FailureReason.PROTOCOL_ERROR)
+
+    def unsent_ids(self) -> list[str]:
+        """Tracked messages in flight that have not reached the wire yet, oldest first."""
+        return [r.id for r in self.records.values() if r.in_flight and r.seq is None]
+
+    def _forget_session(self) -> None:
+        self.session = SessionFacts()

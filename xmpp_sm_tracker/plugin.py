@@ -1,0 +1,689 @@
+"""The ``sm_tracker`` slixmpp plugin: a thin adapter between slixmpp and the core.
+
+It takes over XEP-0198 from slixmpp's ``xep_0198`` (whose queue is cleared without
+a word on ``<failed/>`` and at session end, and which ignores ``<failed h>``),
+keeps its own ledger in :class:`~xmpp_sm_tracker.core.Tracker`, and turns what
+the core decides into writes, timers and events. The xep_0198 plugin stays
+loaded for its stanza classes; its handlers come back on ``plugin_end``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+from xml.etree import ElementTree as ET
+
+from pyee.asyncio import AsyncIOEventEmitter
+from slixmpp.plugins.base import BasePlugin
+from slixmpp.plugins.base import register_plugin as _register_slixmpp_plugin
+from slixmpp.plugins.xep_0198 import stanza as sm_stanza
+from slixmpp.stanza import Iq, Message, Presence
+from slixmpp.xmlstream import StanzaBase, tostring
+from slixmpp.xmlstream.handler import Callback, Waiter
+from slixmpp.xmlstream.matcher import MatchMany, MatchXPath
+
+from .core.acks import AckClock, AckPolicy
+from .core.ledger import HBackwards, SMProtocolError
+from .core.records import FailureReason, TrackedMessage
+from .core.tracker import Event, OutgoingMessage, Tracker
+from .stores.base import TrackerStore
+from .stores.memory import MemoryStore
+from .writer import StoreWriter
+
+__all__ = ["SMTracker"]
+
+log = logging.getLogger(__name__)
+
+SM_NS = "urn:xmpp:sm:3"
+SID_NS = "urn:xmpp:sid:0"
+HINTS_NS = "urn:xmpp:hints"
+_FAILED_TAG = f"{{{SM_NS}}}failed"
+
+#: xep_0198's stream handlers: (handler name, tag, xep_0198 method). Used both to
+#: take them over and to give them back in ``plugin_end``.
+_XEP_0198_HANDLERS = (
+    ("Stream Management Enabled", sm_stanza.Enabled.tag_name(), "_handle_enabled"),
+    ("Stream Management Resumed", sm_stanza.Resumed.tag_name(), "_handle_resumed"),
+    ("Stream Management Failed", _FAILED_TAG, "_handle_failed"),
+    ("Stream Management Ack", sm_stanza.Ack.tag_name(), "_handle_ack"),
+    ("Stream Management Request Ack", sm_stanza.RequestAck.tag_name(), "_handle_request_ack"),
+)
+_XEP_0198_FILTERS = (("in", "_handle_incoming"), ("out_sync", "_handle_outgoing"))
+_XEP_0198_EVENTS = (("disconnected", "disconnected"), ("session_end", "session_end"))
+
+
+def _parse_counter(value: str | None) -> int | None:
+    """An ``h`` attribute as an int in [0, 2**32), or None when absent or malformed."""
+    if value is None:
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        return None
+    return number if 0 <= number < 2**32 else None
+
+
+def _parse_location(location: str | None) -> tuple[str, int] | None:
+    """``host:port`` or ``[v6]:port`` from ``<enabled location>``; None if unusable."""
+    if not location:
+        return None
+    host, sep, port = location.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    host = host.strip("[]")
+    return (host, int(port)) if host else None
+
+
+class SMTracker(BasePlugin):  # type: ignore[misc]
+    """Per-message delivery tracking on top of XEP-0198 stream management."""
+
+    name = "sm_tracker"
+    description = "Per-message delivery tracking over XEP-0198 stream management"
+    dependencies: ClassVar[set[str]] = {"xep_0198"}
+    default_config: ClassVar[dict[str, Any]] = {
+        #: Ask for an ack after this many counted stanzas.
+        "ack_every": 10,
+        #: Ask for an ack this many seconds after the first stanza nobody asked about.
+        "ack_delay": 0.2,
+        #: Seconds an ``<r/>`` may stay unanswered before the link is declared dead.
+        "ack_timeout": 15.0,
+        #: Reconnect (and resume) by itself after the link drops; never after disconnect().
+        "auto_reconnect": True,
+        #: Seconds before the first reconnect; doubled per attempt up to reconnect_max_delay.
+        "reconnect_delay": 0.5,
+        #: Upper bound of the reconnect backoff, in seconds.
+        "reconnect_max_delay": 30.0,
+        #: Abort a connection that has not (re)started its session in this many seconds.
+        "negotiation_timeout": 20.0,
+        #: Ask the server to keep the session resumable.
+        "allow_resume": True,
+        #: Preferred resumption window sent as ``<enable max>``, in seconds; None: server's.
+        "resume_max": None,
+        #: Add an XEP-0359 origin-id (equal to the id) to tracked messages that have none.
+        "add_origin_id": True,
+        #: ``should_track(message) -> bool``; None tracks every message with a body.
+        "should_track": None,
+    }
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def plugin_init(self) -> None:
+        xmpp = self.xmpp
+        self.core: Tracker[StanzaBase] = Tracker(clock=time.time)
+        self.ack_clock = AckClock(
+            AckPolicy(every=self.ack_every, delay=self.ack_delay, timeout=self.ack_timeout)
+        )
+        #: pyee emitter with the same events, names, payloads and order as the slixmpp bus.
+        self.events = AsyncIOEventEmitter()
+        self.events.add_listener("error", self._log_listener_error)
+        self.store: TrackerStore = MemoryStore()
+        self._writer = StoreWriter(self.store)
+        self._xep = xmpp.plugin["xep_0198"]
+
+        self._session_live = False
+        self._closing = False
+        self._sm_offered = False
+        self._enable_sent_here = False
+        self._parked: set[str] = set()
+        self._ack_timer: asyncio.TimerHandle | None = None
+        self._ack_timer_at: float | None = None
+        self._reconnect_timer: asyncio.TimerHandle | None = None
+        self._negotiation_timer: asyncio.TimerHandle | None = None
+        self._reconnect_attempt = 0
+
+        self._displace_xep_0198()
+        self._handlers = (
+            ("SM Tracker Enabled", sm_stanza.Enabled.tag_name(), self._on_enabled),
+            ("SM Tracker Resumed", sm_stanza.Resumed.tag_name(), self._on_resumed),
+            ("SM Tracker Failed", _FAILED_TAG, self._on_failed),
+            ("SM Tracker Ack", sm_stanza.Ack.tag_name(), self._on_ack),
+            ("SM Tracker Request Ack", sm_stanza.RequestAck.tag_name(), self._on_request_ack),
+        )
+        for name, tag, method in self._handlers:
+            xmpp.register_handler(Callback(name, MatchXPath(tag), method, instream=True))
+        self._filters = (("in", self._count_inbound), ("out_sync", self._on_outgoing))
+        for mode, filter_ in self._filters:
+            xmpp.add_filter(mode, filter_)
+        self._event_handlers: tuple[tuple[str, Callable[[Any], None]], ...] = (
+            ("connected", self._on_connected),
+            ("session_bind", self._on_session_bind),
+            ("session_start", self._on_session_live),
+            ("session_resumed", self._on_session_live),
+            ("stanza_not_sent", self._on_stanza_not_sent),
+            ("session_end", self._on_session_end),
+            ("disconnected", self._on_disconnected),
+            ("connection_failed", self._on_connection_failed),
+        )
+        for event, handler in self._event_handlers:
+            xmpp.add_event_handler(event, handler)
+        for order in (self._xep.resume_order, self._xep.order):
+            xmpp.register_feature("sm", self._handle_sm_feature, restart=True, order=order)
+
+        # slixmpp offers no hook at send time for stanzas that will not pass the
+        # filters yet, nor a way to end an SM session cleanly: wrap both.
+        self._original_send = xmpp.send
+        self._original_disconnect = xmpp.disconnect
+        xmpp.send = self._send
+        xmpp.disconnect = self._disconnect
+
+    def plugin_end(self) -> None:
+        xmpp = self.xmpp
+        xmpp.send = self._original_send
+        xmpp.disconnect = self._original_disconnect
+        for order in (self._xep.resume_order, self._xep.order):
+            xmpp.unregister_feature("sm", order)
+        for event, handler in self._event_handlers:
+            xmpp.del_event_handler(event, handler)
+        for mode, filter_ in self._filters:
+            xmpp.del_filter(mode, filter_)
+        for name, _tag, _method in self._handlers:
+            xmpp.remove_handler(name)
+        self._cancel_timers()
+        self._restore_xep_0198()
+
+    def _displace_xep_0198(self) -> None:
+        """Unhook xep_0198's handlers, filters and feature: the tracker does its job."""
+        xmpp, xep = self.xmpp, self._xep
+        for name, _tag, _method in _XEP_0198_HANDLERS:
+            xmpp.remove_handler(name)
+        for mode, method in _XEP_0198_FILTERS:
+            xmpp.del_filter(mode, getattr(xep, method))
+        for event, method in _XEP_0198_EVENTS:
+            xmpp.del_event_handler(event, getattr(xep, method))
+        for order in (xep.resume_order, xep.order):
+            xmpp.unregister_feature("sm", order)
+
+    def _restore_xep_0198(self) -> None:
+        """Give xep_0198 back everything :meth:`_displace_xep_0198` took."""
+        xmpp, xep = self.xmpp, self._xep
+        for name, tag, method in _XEP_0198_HANDLERS:
+            xmpp.register_handler(
+                Callback(name, MatchXPath(tag), getattr(xep, method), instream=True)
+            )
+        for mode, method in _XEP_0198_FILTERS:
+            xmpp.add_filter(mode, getattr(xep, method))
+        for event, method in _XEP_0198_EVENTS:
+            xmpp.add_event_handler(event, getattr(xep, method))
+        for order in (xep.resume_order, xep.order):
+            xmpp.register_feature("sm", xep._handle_sm_feature, restart=True, order=order)
+
+    # ---------------------------------------------------------------- public API
+
+    async def attach(self, store: TrackerStore) -> None:
+        """Use ``store`` for records from now on (write what the old one had queued first)."""
+        await self._writer.flush()
+        self.store = store
+        self._writer = StoreWriter(store)
+
+    async def flush(self) -> None:
+        """Make every record change so far durable in the store."""
+        await self._writer.flush()
+
+    async def get(self, message_id: str) -> TrackedMessage | None:
+        """The latest record of a message."""
+        record = self.core.get(message_id)
+        if record is not None:
+            return record
+        await self.flush()
+        return await self.store.get(message_id)
+
+    async def pending(self) -> list[TrackedMessage]:
+        """Messages still in flight, oldest first."""
+        await self.flush()
+        return await self.store.pending()
+
+    async def failed(self, conversation: str | None = None) -> list[TrackedMessage]:
+        """Messages that failed (all, or one conversation's), oldest first."""
+        await self.flush()
+        return await self.store.failed(conversation)
+
+    async def send_message(
+        self, mto: str, mbody: str, mtype: str = "chat", **kwargs: Any
+    ) -> TrackedMessage:
+        """The durable send: the record is in the store before the stanza leaves."""
+        message = self.xmpp.make_message(mto=mto, mbody=mbody, mtype=mtype, **kwargs)
+        record = self._track(message)
+        if record is None:
+            raise ValueError("this message is not tracked (no body, <no-store/> or predicate)")
+        await self.flush()
+        self._hand_over(message)
+        return record
+
+    # ---------------------------------------------------------------- events out
+
+    def _dispatch(self, events: Iterable[Event]) -> None:
+        """The one place events leave: store snapshot first, then both buses, same order."""
+        emit_bus, emit_pyee, writer = self.xmpp.event, self.events.emit, self._writer
+        for event in events:
+            payload = event.payload
+            if isinstance(payload, TrackedMessage):
+                writer.put(payload)
+            emit_bus(event.name, payload)
+            emit_pyee(event.name, payload)
+
+    @staticmethod
+    def _log_listener_error(exc: Exception) -> None:
+        log.error("an sm_tracker event listener raised: %r", exc, exc_info=exc)
+
+    # ---------------------------------------------------------------- sending
+
+    def _send(self, data: StanzaBase | str, use_filters: bool = True) -> None:
+        """``xmpp.send`` as wrapped: track outgoing messages with a body, then send."""
+        if use_filters and isinstance(data, Message):
+            self._track(data)
+        self._hand_over(data, use_filters)
+
+    def _hand_over(self, data: StanzaBase | str, use_filters: bool = True) -> None:
+        self._original_send(data, use_filters)
+
+    def _track(self, message: Message) -> TrackedMessage | None:
+        """Start tracking a message, unless it is already tracked or is not for tracking."""
+        xml = message.xml
+        message_id = xml.get("id")
+        if message_id and message_id in self.core.records:
+            return self.core.records[message_id]
+        if not self._wants_tracking(message):
+            return None
+        if not message_id:
+            message_id = uuid.uuid4().hex
+            xml.set("id", message_id)
+        origin = xml.find(f"{{{SID_NS}}}origin-id")
+        if origin is None and self.add_origin_id:
+            origin = ET.SubElement(xml, f"{{{SID_NS}}}origin-id", {"id": message_id})
+        origin_id = origin.get("id", message_id) if origin is not None else message_id
+        body = xml.find(f"{{{message.namespace}}}body")
+        outgoing = OutgoingMessage(
+            id=message_id,
+            origin_id=origin_id,
+            to=xml.get("to", ""),
+            type=xml.get("type", "normal"),
+            body=(body.text or "") if body is not None else "",
+            xml=tostring(xml, xmlns=self.xmpp.default_ns, stream=self.xmpp, top_level=True),
+        )
+        events = self.core.track(outgoing, link_up=self._session_live)
+        self._dispatch(events)
+        return self.core.records.get(message_id)
+
+    def _wants_tracking(self, message: Message) -> bool:
+        xml = message.xml
+        if xml.get("type") == "error":
+            return False
+        body = xml.find(f"{{{message.namespace}}}body")
+        if body is None or not body.text:
+            return False
+        if xml.find(f"{{{HINTS_NS}}}no-store") is not None:
+            return False
+        predicate = self.should_track
+        if predicate is None:
+            return True
+        try:
+            return bool(predicate(message))
+        except Exception:
+            log.warning("should_track raised; tracking the message anyway", exc_info=True)
+            return True
+
+    def _on_stanza_not_sent(self, data: Any) -> None:
+        """slixmpp parked a stanza until the next session start: remember which."""
+        if isinstance(data, Message):
+            message_id = data.xml.get("id")
+            if message_id in self.core.records:
+                self._parked.add(message_id)
+
+    def _on_outgoing(self, stanza: StanzaBase) -> StanzaBase | None:
+        """out_sync filter: the last look at a stanza before it is written."""
+        if isinstance(stanza, (Message, Presence, Iq)):
+            return self._count_outgoing(stanza)
+        if isinstance(stanza, sm_stanza.Enable):
+            self.ack_clock.reset()
+            self._dispatch(self.core.enable_sent())
+        elif isinstance(stanza, sm_stanza.Resume):
+            self.ack_clock.reset()
+            self.core.resume_sent()
+        return stanza
+
+    def _count_outgoing(self, stanza: StanzaBase) -> StanzaBase | None:
+        core = self.core
+        message_id = stanza.xml.get("id") if isinstance(stanza, Message) else None
+        if message_id is not None:
+            if message_id not in core.records:
+                message_id = None
+            elif core.should_drop(message_id):
+                # Failed while parked in slixmpp's queue: only an explicit resend sends it.
+                self._parked.discard(message_id)
+                return None
+            else:
+                self._parked.discard(message_id)
+        if not core.session.enabled_out:
+            return stanza
+        link_up = self.xmpp.transport is not None
+        self._dispatch(core.counted(stanza, message_id, link_up=link_up))
+        if not link_up:
+            return None  # counted: the server will ask for it back after <resumed/>
+        now = self.xmpp.loop.time()
+        if self.ack_clock.counted(now):
+            self._request_ack(now)
+        else:
+            self._arm_ack_timer()
+        return stanza
+
+    # ---------------------------------------------------------------- acks
+
+    def _request_ack(self, now: float) -> None:
+        """Queue an ``<r/>`` behind what is queued, so it follows the stanzas it asks about."""
+        if self.xmpp.transport is None or not self.core.session.enabled_out:
+            return
+        self._original_send(sm_stanza.RequestAck(self.xmpp))
+        self.ack_clock.request_sent(now)
+        self._arm_ack_timer()
+
+    def _arm_ack_timer(self) -> None:
+        deadline = self.ack_clock.next_deadline()
+        if deadline is None:
+            return
+        if self._ack_timer is not None and self._ack_timer_at is not None:
+            if self._ack_timer_at <= deadline:
+                return
+            self._ack_timer.cancel()
+        self._ack_timer_at = deadline
+        self._ack_timer = self.xmpp.loop.call_at(deadline, self._on_ack_timer)
+
+    def _on_ack_timer(self) -> None:
+        self._ack_timer = None
+        self._ack_timer_at = None
+        now = self.xmpp.loop.time()
+        if self.ack_clock.link_dead(now):
+            log.warning(
+                "no <a/> for %.1fs: the link is presumed dead, dropping it to resume",
+                self.ack_clock.policy.timeout,
+            )
+            self.ack_clock.reset()
+            self.xmpp.abort()
+            return
+        if self.ack_clock.request_due(now):
+            self._request_ack(now)
+        self._arm_ack_timer()
+
+    def _on_ack(self, stanza: StanzaBase) -> None:
+        h = _parse_counter(stanza.xml.get("h"))
+        if h is None:
+            log.warning("ignoring an <a/> without a valid h: %r", stanza.xml.get("h"))
+            return
+        self.ack_clock.ack_received(self.xmpp.loop.time())
+        try:
+            events = self.core.ack(h)
+        except HBackwards as exc:
+            log.warning("ignoring a stale ack: %s", exc)
+            return
+        except SMProtocolError as exc:
+            self._protocol_error(exc)
+            return
+        self._dispatch(events)
+        self._arm_ack_timer()
+
+    def _on_request_ack(self, _stanza: StanzaBase) -> None:
+        self._send_ack()
+
+    def _send_ack(self) -> None:
+        if self.xmpp.transport is None or not self.core.session.enabled_in:
+            return
+        self.xmpp.send_raw(f"<a xmlns='{SM_NS}' h='{self.core.session.handled}'/>")
+
+    def _count_inbound(self, stanza: StanzaBase) -> StanzaBase:
+        if isinstance(stanza, (Message, Presence, Iq)):
+            self.core.inbound()
+        return stanza
+
+    def _protocol_error(self, exc: SMProtocolError) -> None:
+        """XEP-0198 §4: an ``h`` beyond what we sent ends the stream; nothing is lost."""
+        log.error("stream management protocol error: %s; dropping the session", exc)
+        self._dispatch(self.core.protocol_error(exc))
+        if self.xmpp.transport is not None:
+            self.xmpp.send_raw(
+                "<stream:error><undefined-condition "
+                "xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>"
+                f"<handled-count-too-high xmlns='{SM_NS}' h='{exc.h}' send-count='{exc.seq}'/>"
+                "</stream:error>"
+            )
+            self.xmpp.end_session_on_disconnect = True
+            self.xmpp.abort()
+
+    # ---------------------------------------------------------------- negotiation
+
+    async def _handle_sm_feature(self, features: StanzaBase) -> bool:
+        """Resume before bind when we can, otherwise enable after bind."""
+        xmpp = self.xmpp
+        if "stream_management" in xmpp.features:
+            return False
+        self._sm_offered = True
+        if "bind" not in xmpp.features:
+            if self.core.session.can_resume and self.allow_resume:
+                return await self._resume()
+            return False
+        if not self._enable_sent_here:
+            self._send_enable()
+        waiter = Waiter(
+            "sm_tracker enabled_or_failed",
+            MatchMany([MatchXPath(sm_stanza.Enabled.tag_name()), MatchXPath(_FAILED_TAG)]),
+        )
+        xmpp.register_handler(waiter)
+        await waiter.wait(timeout=self.negotiation_timeout)
+        return False
+
+    async def _resume(self) -> bool:
+        session = self.core.session
+        resume = sm_stanza.Resume(self.xmpp)
+        resume["h"] = session.handled
+        resume["previd"] = session.sm_id
+        waiter = Waiter(
+            "sm_tracker resumed_or_failed",
+            MatchMany([MatchXPath(sm_stanza.Resumed.tag_name()), MatchXPath(_FAILED_TAG)]),
+        )
+        self.xmpp.register_handler(waiter)
+        self._original_send(resume)
+        result = await waiter.wait(timeout=self.negotiation_timeout)
+        if result and result.xml.tag == sm_stanza.Resumed.tag_name():
+            return self.core.session.enabled_in  # False if <resumed> was rejected
+        if not result and self.core.session.resuming:
+            log.warning("no answer to <resume/>: treating it as refused")
+            self._dispatch(self.core.resume_failed(None))
+        self.xmpp.event("session_end")
+        return False
+
+    def _send_enable(self) -> None:
+        self._enable_sent_here = True
+        enable = sm_stanza.Enable(self.xmpp)
+        enable["resume"] = self.allow_resume
+        if self.resume_max is not None:
+            enable.xml.set("max", str(int(self.resume_max)))
+        self._original_send(enable)
+
+    def _on_session_bind(self, _jid: Any) -> None:
+        """Enable right after bind, before session_start handlers queue their stanzas,
+        so that everything the app sends in them is counted."""
+        if self._sm_offered and not self._enable_sent_here and not self.core.session.resuming:
+            self._send_enable()
+
+    def _on_enabled(self, stanza: StanzaBase) -> None:
+        xml = stanza.xml
+        self.xmpp.features.add("stream_management")
+        resumable = xml.get("resume", "false").lower() in ("true", "1")
+        location = xml.get("location")
+        self.core.enabled(
+            xml.get("id"),
+            resumable=resumable and self.allow_resume,
+            location=location if _parse_location(location) else None,
+            max=_parse_counter(xml.get("max")),
+        )
+        if location and _parse_location(location) is None:
+            log.warning("ignoring an unusable <enabled location=%r>", location)
+        self.xmpp.end_session_on_disconnect = not self.core.session.can_resume
+
+    def _on_resumed(self, stanza: StanzaBase) -> None:
+        xml = stanza.xml
+        session = self.core.session
+        previd = xml.get("previd")
+        h = _parse_counter(xml.get("h"))
+        if previd != session.sm_id or h is None:
+            log.error(
+                "<resumed previd=%r h=%r> does not match our stream %r: dropping the session",
+                previd,
+                xml.get("h"),
+                session.sm_id,
+            )
+            self._dispatch(self.core.session_ended(FailureReason.PROTOCOL_ERROR))
+            self.xmpp.end_session_on_disconnect = True
+            self.xmpp.abort()
+            return
+        try:
+            events, resend = self.core.resumed(h)
+        except SMProtocolError as exc:
+            self._protocol_error(exc)
+            return
+        self.xmpp.features.add("stream_management")
+        # Written here, synchronously: nothing queued meanwhile can overtake them.
+        write = self.xmpp.send_raw
+        for entry in resend:
+            write(
+                tostring(
+                    entry.payload.xml, xmlns=self.xmpp.default_ns, stream=self.xmpp, top_level=True
+                )
+            )
+        self._dispatch(events)
+        if resend:
+            for _ in resend:
+                self.ack_clock.counted(self.xmpp.loop.time())
+            self._request_ack(self.xmpp.loop.time())
+        self.xmpp.end_session_on_disconnect = not self.core.session.can_resume
+        self.xmpp.event("session_resumed", stanza)
+
+    def _on_failed(self, stanza: StanzaBase) -> None:
+        """``<failed/>`` answers either ``<enable/>`` or ``<resume/>``; slixmpp cannot
+        tell which and never reads its ``h``."""
+        h = _parse_counter(stanza.xml.get("h"))
+        if self.core.session.resuming:
+            log.info("resumption refused (h=%s): failing what it does not cover", h)
+            self._dispatch(self.core.resume_failed(h))
+        else:
+            log.warning("the server refused to enable stream management")
+            self._dispatch(self.core.enable_failed())
+        self.xmpp.features.discard("stream_management")
+
+    # ---------------------------------------------------------------- connection
+
+    def _on_connected(self, _event: Any) -> None:
+        self._closing = False
+        self._sm_offered = False
+        self._enable_sent_here = False
+        self.ack_clock.reset()
+        self._cancel(self._negotiation_timer)
+        self._negotiation_timer = self.xmpp.loop.call_later(
+            self.negotiation_timeout, self._on_negotiation_timeout
+        )
+
+    def _on_negotiation_timeout(self) -> None:
+        self._negotiation_timer = None
+        if not self._session_live and self.xmpp.transport is not None:
+            log.warning("no session after %.0fs: dropping the connection", self.negotiation_timeout)
+            self.xmpp.abort()
+
+    def _on_session_live(self, _event: Any) -> None:
+        self._session_live = True
+        self._reconnect_attempt = 0
+        self._cancel(self._negotiation_timer)
+        self._negotiation_timer = None
+
+    def _on_disconnected(self, _reason: Any) -> None:
+        self._session_live = False
+        self._cancel_ack_timer()
+        self._cancel(self._negotiation_timer)
+        self._negotiation_timer = None
+        self.ack_clock.reset()
+        if self._closing:
+            return
+        self._dispatch(self.core.link_lost())
+        if self.auto_reconnect:
+            self._schedule_reconnect()
+
+    def _on_session_end(self, _event: Any) -> None:
+        """The SM session is over for good: nothing unacked can be confirmed any more."""
+        if self._closing:
+            unsent = self.core.unsent_ids()
+        else:
+            # slixmpp discarded what it had queued but not written; what it parked
+            # for the next session start is still going out.
+            unsent = [i for i in self.core.unsent_ids() if i not in self._parked]
+        self._dispatch(self.core.session_ended(FailureReason.SESSION_ENDED, unsent=unsent))
+        self.xmpp.features.discard("stream_management")
+
+    def _on_connection_failed(self, _error: Any) -> None:
+        log.debug("connection attempt failed; slixmpp retries it")
+
+    def _schedule_reconnect(self) -> None:
+        self._cancel(self._reconnect_timer)
+        delay = min(
+            self.reconnect_max_delay, self.reconnect_delay * (2 ** min(self._reconnect_attempt, 16))
+        )
+        self._reconnect_attempt += 1
+        self._reconnect_timer = self.xmpp.loop.call_later(delay, self._reconnect)
+
+    def _reconnect(self) -> None:
+        self._reconnect_timer = None
+        xmpp = self.xmpp
+        if self._closing or xmpp.transport is not None or xmpp.is_connecting():
+            return
+        address = _parse_location(self.core.session.location) or xmpp.custom_address
+        log.info("reconnecting to %s", address or xmpp.boundjid.domain)
+        if address:
+            xmpp.connect(*address)
+        else:
+            xmpp.connect()
+
+    def _disconnect(
+        self, wait: float = 2.0, reason: str | None = None, ignore_send_queue: bool = False
+    ) -> asyncio.Future[Any]:
+        """``xmpp.disconnect`` as wrapped: a graceful close ends the SM session.
+
+        Ask for a last ack (it comes back before the server closes), send ours,
+        then let slixmpp close; whatever stays unacked ends ``failed``.
+        """
+        self._closing = True
+        self._cancel(self._reconnect_timer)
+        self._reconnect_timer = None
+        xmpp = self.xmpp
+        if xmpp.transport is None:
+            xmpp.cancel_connection_attempt()
+            self._on_session_end(None)
+        else:
+            if not ignore_send_queue:
+                self._request_ack(xmpp.loop.time())
+            self._send_ack()
+            xmpp.end_session_on_disconnect = True
+        future: asyncio.Future[Any] = self._original_disconnect(wait, reason, ignore_send_queue)
+        return future
+
+    # ---------------------------------------------------------------- timers
+
+    @staticmethod
+    def _cancel(handle: asyncio.TimerHandle | None) -> None:
+        if handle is not None:
+            handle.cancel()
+
+    def _cancel_ack_timer(self) -> None:
+        self._cancel(self._ack_timer)
+        self._ack_timer = None
+        self._ack_timer_at = None
+
+    def _cancel_timers(self) -> None:
+        self._cancel_ack_timer()
+        for handle in (self._reconnect_timer, self._negotiation_timer):
+            self._cancel(handle)
+        self._reconnect_timer = None
+        self._negotiation_timer = None
+
+
+# ``xmpp.register_plugin("sm_tracker")`` works once this module is imported.
+_register_slixmpp_plugin(SMTracker)

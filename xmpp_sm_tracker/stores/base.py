@@ -1,0 +1,58 @@
+"""The store protocol: where records and the SM state live between events and restarts.
+
+Small and async on purpose, so a store for another database is one new file that
+passes the shared contract suite (tests/test_store_contract.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from ..core.records import TrackedMessage
+
+__all__ = ["SMState", "StoreError", "TrackerStore"]
+
+#: The JSON-safe stream-management state given to ``sm.cache`` and taken by ``sm.load``.
+SMState = dict[str, Any]
+
+
+class StoreError(Exception):
+    """A store could not read or write; the message names the store and what failed."""
+
+
+@runtime_checkable
+class TrackerStore(Protocol):
+    """Durable home of tracked-message records and of the SM state."""
+
+    async def upsert(self, records: Sequence[TrackedMessage]) -> None:
+        """Insert or replace records by id, all or nothing."""
+
+    async def get(self, message_id: str) -> TrackedMessage | None:
+        """One record by id."""
+
+    async def pending(self) -> list[TrackedMessage]:
+        """Records still in flight (SENT, HIBERNATED, RESENT), oldest first."""
+
+    async def failed(self, conversation: str | None = None) -> list[TrackedMessage]:
+        """FAILED records, oldest first, optionally for one conversation (bare JID)."""
+
+    async def conversation(
+        self, jid: str, limit: int = 50, before: float | None = None
+    ) -> list[TrackedMessage]:
+        """The newest ``limit`` records to ``jid`` created before ``before``, oldest first."""
+
+    async def delete(self, message_id: str) -> bool:
+        """Delete one record; True if it existed."""
+
+    async def delete_failed(self, conversation: str | None = None) -> int:
+        """Delete FAILED records (all, or one conversation's); how many went."""
+
+    async def save_sm_state(self, state: SMState | None) -> None:
+        """Keep the SM state (None: the session ended cleanly, forget it)."""
+
+    async def load_sm_state(self) -> SMState | None:
+        """The SM state saved last, or None."""
+
+    async def aclose(self) -> None:
+        """Release resources; calling it twice is harmless."""

@@ -1,0 +1,90 @@
+"""Batched, ordered writes of record snapshots to a store.
+
+Every event carries a fresh snapshot; writing each one on its own would cost a
+round trip per change. The writer keeps the newest snapshot per id and writes
+them in one ``upsert`` per event-loop turn. A failed write keeps the batch and
+is retried, so a flaky store delays records but never drops them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from .core.records import TrackedMessage
+from .stores.base import StoreError, TrackerStore
+
+__all__ = ["StoreWriter"]
+
+log = logging.getLogger(__name__)
+
+
+class StoreWriter:
+    """Coalesces snapshots by id and writes them in order, one batch at a time."""
+
+    def __init__(self, store: TrackerStore, retry_delay: float = 0.5) -> None:
+        self.store = store
+        self.retry_delay = retry_delay
+        self._pending: dict[str, TrackedMessage] = {}
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self._retry: asyncio.TimerHandle | None = None
+        self.failures = 0
+
+    @property
+    def backlog(self) -> int:
+        """Snapshots waiting to be written."""
+        return len(self._pending)
+
+    def put(self, record: TrackedMessage) -> None:
+        """Queue a snapshot; it replaces any older one of the same record."""
+        self._pending[record.id] = record
+        if self._task is None and self._retry is None:
+            self._task = asyncio.ensure_future(self._background())
+
+    async def _background(self) -> None:
+        try:
+            await asyncio.sleep(0)  # let the rest of this burst join the batch
+            await self._write_all()
+        except StoreError as exc:
+            log.error("%s; retrying in %.1fs", exc, self.retry_delay)
+            loop = asyncio.get_running_loop()
+            self._retry = loop.call_later(self.retry_delay, self._retry_now)
+        finally:
+            self._task = None
+
+    def _retry_now(self) -> None:
+        self._retry = None
+        if self._pending and self._task is None:
+            self._task = asyncio.ensure_future(self._background())
+
+    async def _write_all(self) -> None:
+        async with self._lock:
+            while self._pending:
+                batch, self._pending = self._pending, {}
+                try:
+                    await self.store.upsert(list(batch.values()))
+                except Exception as exc:
+                    self.failures += 1
+                    # Newer snapshots that arrived meanwhile win over the failed batch.
+                    batch.update(self._pending)
+                    self._pending = batch
+                    raise StoreError(
+                        f"writing {len(batch)} records to {type(self.store).__name__} failed: "
+                        f"{exc!r}"
+                    ) from exc
+
+    async def flush(self) -> None:
+        """Write everything queued so far; raises :class:`StoreError` if the store fails."""
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        await self._write_all()
+
+    async def aclose(self) -> None:
+        """Write what is left and stop retrying."""
+        try:
+            await self.flush()
+        finally:
+            if self._task is not None:
+                await asyncio.gather(self._task, return_exceptions=True)
