@@ -1,0 +1,350 @@
+"""Issue #3 scenarios against a real Prosody, with faults through a real TCP proxy."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import pytest_asyncio
+import slixmpp
+
+from xmpp_sm_tracker import DeliveryState
+from xmpp_sm_tracker.testing import FaultProxy, ProsodyServer
+from xmpp_sm_tracker.testing.client import (
+    EventLog,
+    Received,
+    connect_client,
+    make_client,
+    tracker_of,
+    wait_for,
+)
+
+MESSAGE_EVENTS = [
+    "message:sent",
+    "message:acked",
+    "message:hibernated",
+    "message:resent",
+    "message:failed",
+]
+STANZA_EVENTS = ["stanza:acked", "stanza:hibernated", "stanza:resent", "stanza:failed"]
+FAST = {"reconnect_delay": 0.1, "reconnect_max_delay": 1.0, "ack_delay": 0.05}
+#: Never ask for acks: what the server has is only learnt from <resumed h> / <failed h>.
+SILENT = {**FAST, "ack_every": 100_000, "ack_delay": 3600.0}
+
+ClientFactory = Callable[..., Any]
+
+
+class Party:
+    """A connected client with its event log and received messages."""
+
+    def __init__(self, xmpp: slixmpp.ClientXMPP) -> None:
+        self.xmpp = xmpp
+        self.log = EventLog()
+        self.log.attach(xmpp, MESSAGE_EVENTS + STANZA_EVENTS)
+        self.received = Received()
+        self.received.attach(xmpp)
+
+    @property
+    def tracker(self) -> Any:
+        return tracker_of(self.xmpp)
+
+    def on_wire(self, ids: list[str]) -> bool:
+        """True once every one of these messages was counted (written or about to be)."""
+        records = self.tracker.core.records
+        return all(i in records and records[i].seq is not None for i in ids)
+
+    def send(self, to: str, body: str, mtype: str = "chat") -> str:
+        message = self.xmpp.make_message(mto=to, mbody=body, mtype=mtype)
+        message.send()
+        message_id: str = message["id"]
+        return message_id
+
+
+@pytest_asyncio.fixture
+async def clients() -> AsyncIterator[ClientFactory]:
+    """Make connected clients; every one is disconnected at the end of the test."""
+    made: list[slixmpp.ClientXMPP] = []
+
+    async def factory(
+        user: str, address: tuple[str, int], *, tracked: bool = True, **config: Any
+    ) -> Party:
+        xmpp = make_client(
+            f"{user}@localhost/{uuid.uuid4().hex[:8]}",
+            "pass",
+            tracked=tracked,
+            tracker_config=config,
+        )
+        party = Party(xmpp)
+        made.append(xmpp)
+        await connect_client(xmpp, address)
+        return party
+
+    yield factory
+    for xmpp in made:
+        if "sm_tracker" in xmpp.plugin:
+            tracker_of(xmpp).auto_reconnect = False
+        xmpp.disconnect(wait=0.5)
+    await asyncio.sleep(0.1)
+    for xmpp in made:
+        if xmpp.transport is not None:
+            xmpp.abort()
+
+
+async def test_hundred_messages_each_sent_then_acked_once_in_order(
+    prosody: ProsodyServer, proxy: FaultProxy, clients: ClientFactory
+) -> None:
+    bob = await clients("bob", prosody.address, tracked=False)
+    alice = await clients("alice", (proxy.host, proxy.port), **FAST)
+    ids = [alice.send("bob@localhost", f"hello {i}") for i in range(100)]
+
+    await wait_for(lambda: alice.log.count("message:acked") == 100)
+    await wait_for(lambda: len(bob.received.bodies) == 100)
+
+    assert alice.log.ids("message:sent") == ids
+    assert alice.log.ids("message:acked") == ids
+    for message_id in ids:
+        assert alice.log.names_for(message_id) == ["message:sent", "message:acked"]
+    assert bob.received.bodies == [f"hello {i}" for i in range(100)]
+    record = await alice.tracker.get(ids[-1])
+    assert record.state is DeliveryState.ACKED
+    assert record.origin_id == ids[-1]
+    assert record.seq is not None
+    assert await alice.tracker.pending() == []
+
+
+async def test_cut_link_hibernates_then_resume_resends_each_once(
+    prosody: ProsodyServer, proxy: FaultProxy, clients: ClientFactory
+) -> None:
+    bob = await clients("bob", prosody.address, tracked=False)
+    alice = await clients("alice", (proxy.host, proxy.port), **SILENT)
+    proxy.stall()  # the server never sees these before the cut
+    ids = [alice.send("bob@localhost", f"cut {i}") for i in range(20)]
+    await wait_for(lambda: alice.on_wire(ids))
+    proxy.cut()
+    proxy.heal()
+
+    await wait_for(lambda: alice.log.count("message:hibernated") == 20)
+    await wait_for(lambda: alice.log.count("message:acked") == 20, timeout=15)
+    await wait_for(lambda: len(bob.received.bodies) == 20)
+
+    assert alice.log.ids("message:hibernated") == ids
+    assert alice.log.ids("message:resent") == ids
+    for message_id in ids:
+        assert alice.log.names_for(message_id) == [
+            "message:sent",
+            "message:hibernated",
+            "message:resent",
+            "message:acked",
+        ]
+    assert bob.received.bodies == [f"cut {i}" for i in range(20)]
+    assert all(count == 1 for count in bob.received.counts.values())
+    assert proxy.connections >= 2
+
+
+async def _send_half_then_blackhole(alice: Party, bob: Party, proxy: FaultProxy) -> list[str]:
+    """10 messages reach the server (bob has them) unacked, 10 vanish in a blackhole."""
+    delivered = [alice.send("bob@localhost", f"kept {i}") for i in range(10)]
+    await wait_for(lambda: len(bob.received.bodies) == 10)
+    proxy.blackhole()
+    lost = [alice.send("bob@localhost", f"lost {i}") for i in range(10)]
+    await wait_for(lambda: alice.on_wire(delivered + lost))
+    assert alice.log.count("message:acked") == 0
+    return delivered + lost
+
+
+async def test_resumption_after_server_restart_acks_what_failed_h_covers(
+    fresh_prosody: ProsodyServer, clients: ClientFactory
+) -> None:
+    async with FaultProxy(fresh_prosody.host, fresh_prosody.c2s_port) as proxy:
+        bob = await clients("bob", fresh_prosody.address, tracked=False)
+        alice = await clients("alice", (proxy.host, proxy.port), **SILENT)
+        ids = await _send_half_then_blackhole(alice, bob, proxy)
+        proxy.heal()
+        await fresh_prosody.restart()
+        proxy.cut()
+
+        await wait_for(
+            lambda: alice.log.count("message:failed") + alice.log.count("message:acked") == 20,
+            timeout=20,
+        )
+        acked, failed = alice.log.ids("message:acked"), alice.log.ids("message:failed")
+        # Prosody 0.12 remembers h for sessions it no longer has: <failed h='10'>.
+        assert acked == ids[:10]
+        assert failed == ids[10:]
+        stored = await alice.tracker.failed()
+        assert [r.id for r in stored] == ids[10:]
+        assert {r.reason for r in stored} == {"resume-failed"}
+        assert all(r.state is DeliveryState.FAILED for r in stored)
+        # The client went on with a fresh session.
+        await wait_for(lambda: alice.tracker.core.session.enabled_in, timeout=10)
+        assert await alice.tracker.pending() == []
+
+
+async def test_resumption_after_hibernation_expiry_fails_the_rest(
+    clients: ClientFactory, tmp_path: Any
+) -> None:
+    server = ProsodyServer(tmp_path / "p", hibernation_time=1)
+    for user in ("alice", "bob"):
+        server.register(user, "pass")
+    async with server, FaultProxy(server.host, server.c2s_port) as proxy:
+        bob = await clients("bob", server.address, tracked=False)
+        alice = await clients(
+            "alice",
+            (proxy.host, proxy.port),
+            **{**SILENT, "reconnect_delay": 3.0, "reconnect_max_delay": 3.0},
+        )
+        ids = await _send_half_then_blackhole(alice, bob, proxy)
+        proxy.cut()
+        proxy.heal()
+        await wait_for(lambda: alice.log.count("message:hibernated") == 20)
+        await wait_for(
+            lambda: (
+                len(alice.log.ids("message:failed")) + len(alice.log.ids("message:acked")) == 20
+            ),
+            timeout=20,
+        )
+        assert alice.log.ids("message:acked") == ids[:10]
+        assert alice.log.ids("message:failed") == ids[10:]
+        assert [r.id for r in await alice.tracker.failed()] == ids[10:]
+
+
+async def test_clean_disconnect_on_a_stalled_link_fails_unacked_as_session_ended(
+    prosody: ProsodyServer, proxy: FaultProxy, clients: ClientFactory
+) -> None:
+    alice = await clients("alice", (proxy.host, proxy.port), **SILENT)
+    proxy.stall()
+    ids = [alice.send("bob@localhost", f"bye {i}") for i in range(5)]
+    await wait_for(lambda: alice.on_wire(ids))
+    await alice.xmpp.disconnect(wait=0.5)
+
+    await wait_for(lambda: alice.log.count("message:failed") == 5)
+    assert alice.log.ids("message:failed") == ids
+    failed = await alice.tracker.failed()
+    assert [r.id for r in failed] == ids
+    assert {r.reason for r in failed} == {"session-ended"}
+    assert alice.tracker.core.session.sm_id is None  # the next connect() will not resume
+    assert await alice.tracker.pending() == []
+
+
+async def test_clean_disconnect_on_a_healthy_link_gets_everything_acked_first(
+    prosody: ProsodyServer, proxy: FaultProxy, clients: ClientFactory
+) -> None:
+    alice = await clients("alice", (proxy.host, proxy.port), **SILENT)
+    ids = [alice.send("bob@localhost", f"last words {i}") for i in range(5)]
+    await wait_for(lambda: alice.on_wire(ids))
+    await alice.xmpp.disconnect(wait=2)
+
+    await wait_for(lambda: alice.log.count("message:acked") == 5)
+    assert alice.log.ids("message:acked") == ids
+    assert alice.log.count("message:failed") == 0
+
+
+async def test_messages_sent_while_link_down_hibernate_then_resend_after_resume(
+    prosody: ProsodyServer, proxy: FaultProxy, clients: ClientFactory
+) -> None:
+    bob = await clients("bob", prosody.address, tracked=False)
+    alice = await clients("alice", (proxy.host, proxy.port), **FAST)
+    proxy.refuse(True)
+    proxy.cut()
+    await wait_for(lambda: alice.xmpp.transport is None)
+    ids = [alice.send("bob@localhost", f"offline {i}") for i in range(5)]
+    for message_id in ids:
+        assert alice.log.names_for(message_id) == ["message:sent", "message:hibernated"]
+    proxy.refuse(False)
+
+    await wait_for(lambda: alice.log.count("message:acked") == 5, timeout=15)
+    await wait_for(lambda: len(bob.received.bodies) == 5)
+    for message_id in ids:
+        assert alice.log.names_for(message_id) == [
+            "message:sent",
+            "message:hibernated",
+            "message:resent",
+            "message:acked",
+        ]
+    assert bob.received.bodies == [f"offline {i}" for i in range(5)]
+
+
+async def test_bodyless_stanzas_are_not_tracked_but_get_stanza_events(
+    prosody: ProsodyServer, proxy: FaultProxy, clients: ClientFactory
+) -> None:
+    alice = await clients("alice", (proxy.host, proxy.port), **FAST)
+    before = alice.log.count("stanza:acked")
+    state = alice.xmpp.make_message(mto="bob@localhost", mtype="chat")
+    state.append(slixmpp.xmlstream.ET.Element("{http://jabber.org/protocol/chatstates}composing"))
+    state.send()
+    receipt = alice.xmpp.make_message(mto="bob@localhost/x", mtype="chat")
+    receipt.append(slixmpp.xmlstream.ET.Element("{urn:xmpp:receipts}received", {"id": "some-id"}))
+    receipt.send()
+    hint = alice.xmpp.make_message(mto="bob@localhost", mbody="do not track", mtype="chat")
+    hint.append(slixmpp.xmlstream.ET.Element("{urn:xmpp:hints}no-store"))
+    hint.send()
+
+    await wait_for(lambda: alice.log.count("stanza:acked") >= before + 3)
+    assert alice.log.count("message:sent") == 0
+    assert alice.log.count("message:acked") == 0
+    assert await alice.tracker.get(state["id"]) is None
+    acked_stanzas = [p for n, p in alice.log.entries if n == "stanza:acked"]
+    assert any(getattr(s, "get", lambda *_: None)("id") == hint["id"] for s in acked_stanzas)
+
+
+async def test_ack_timeout_detects_blackhole_and_recovers_without_loss(
+    prosody: ProsodyServer, proxy: FaultProxy, clients: ClientFactory
+) -> None:
+    bob = await clients("bob", prosody.address, tracked=False)
+    alice = await clients(
+        "alice", (proxy.host, proxy.port), **FAST, ack_timeout=1.0, negotiation_timeout=2.0
+    )
+    proxy.blackhole()
+    ids = [alice.send("bob@localhost", f"void {i}") for i in range(10)]
+
+    await wait_for(lambda: alice.log.count("message:hibernated") == 10, timeout=10)
+    proxy.heal()
+    await wait_for(lambda: alice.log.count("message:acked") == 10, timeout=20)
+    await wait_for(lambda: len(bob.received.bodies) == 10)
+    assert alice.log.ids("message:acked") == ids
+    assert sorted(bob.received.bodies) == sorted(f"void {i}" for i in range(10))
+    assert all(count == 1 for count in bob.received.counts.values())
+
+
+async def test_pyee_emitter_sees_the_same_sequence_as_the_slixmpp_bus(
+    prosody: ProsodyServer, proxy: FaultProxy, clients: ClientFactory
+) -> None:
+    alice = await clients("alice", (proxy.host, proxy.port), **FAST)
+    pyee_seen: list[tuple[str, Any]] = []
+    for name in MESSAGE_EVENTS + STANZA_EVENTS:
+        alice.tracker.events.on(
+            name, lambda payload, n=name: pyee_seen.append((n, getattr(payload, "id", payload)))
+        )
+    start = len(alice.log.entries)
+    for i in range(5):
+        alice.send("bob@localhost", f"twice {i}")
+    proxy.cut()
+    await wait_for(lambda: alice.log.count("message:acked") == 5, timeout=15)
+    assert alice.log.entries[start:] == pyee_seen
+    assert len(pyee_seen) >= 10
+
+
+@pytest.mark.parametrize("where", ["slixmpp", "pyee"])
+async def test_a_raising_event_handler_breaks_nothing(
+    where: str,
+    prosody: ProsodyServer,
+    proxy: FaultProxy,
+    clients: ClientFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    alice = await clients("alice", (proxy.host, proxy.port), **FAST)
+
+    def explode(_payload: Any) -> None:
+        raise RuntimeError("user bug")
+
+    if where == "slixmpp":
+        alice.xmpp.add_event_handler("message:sent", explode)
+    else:
+        alice.tracker.events.on("message:sent", explode)
+    ids = [alice.send("bob@localhost", f"robust {i}") for i in range(3)]
+    await wait_for(lambda: alice.log.count("message:acked") == 3)
+    assert alice.log.ids("message:acked") == ids
+    assert "user bug" in caplog.text

@@ -1,0 +1,111 @@
+"""Ready-made slixmpp clients for tests, the demo and benchmarks on a local Prosody."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import slixmpp
+
+from ..plugin import SMTracker
+
+__all__ = ["EventLog", "Received", "connect_client", "make_client", "wait_for"]
+
+
+def make_client(
+    jid: str,
+    password: str,
+    *,
+    tracked: bool = True,
+    tracker_config: dict[str, Any] | None = None,
+) -> slixmpp.ClientXMPP:
+    """A plain-text slixmpp client with xep_0198 and, unless ``tracked=False``, sm_tracker."""
+    xmpp = slixmpp.ClientXMPP(jid, password)
+    xmpp.enable_starttls = False
+    xmpp.enable_direct_tls = False
+    xmpp.enable_plaintext = True
+    xmpp.register_plugin("xep_0198")
+    if tracked:
+        xmpp.register_plugin("sm_tracker", pconfig=dict(tracker_config or {}))
+    xmpp.plugin["feature_mechanisms"].unencrypted_plain = True
+    return xmpp
+
+
+async def connect_client(
+    xmpp: slixmpp.ClientXMPP, address: tuple[str, int], timeout: float = 15.0
+) -> None:
+    """Connect and wait for the session to start (and SM to be enabled when tracked)."""
+    started = asyncio.get_running_loop().create_future()
+
+    def on_start(_event: Any) -> None:
+        xmpp.send_presence()  # without it the server keeps messages to the bare JID offline
+        if not started.done():
+            started.set_result(True)
+
+    xmpp.add_event_handler("session_start", on_start, disposable=True)
+    xmpp.connect(*address)
+    await asyncio.wait_for(started, timeout)
+    if "sm_tracker" in xmpp.plugin:
+        await wait_for(lambda: tracker_of(xmpp).core.session.enabled_in, timeout)
+
+
+def tracker_of(xmpp: slixmpp.ClientXMPP) -> SMTracker:
+    """The client's sm_tracker plugin."""
+    plugin: SMTracker = xmpp.plugin["sm_tracker"]
+    return plugin
+
+
+async def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.02) -> None:
+    """Poll ``predicate()`` until true; TimeoutError says what was awaited."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise TimeoutError(f"condition not met within {timeout}s: {predicate!r}")
+        await asyncio.sleep(interval)
+
+
+@dataclass
+class EventLog:
+    """Every tracker event of a client, in order: (event name, message id or stanza)."""
+
+    entries: list[tuple[str, Any]] = field(default_factory=list)
+
+    def attach(self, xmpp: slixmpp.ClientXMPP, names: list[str]) -> None:
+        for name in names:
+            xmpp.add_event_handler(name, lambda payload, n=name: self._add(n, payload))
+
+    def _add(self, name: str, payload: Any) -> None:
+        self.entries.append((name, getattr(payload, "id", payload)))
+
+    def names_for(self, message_id: str) -> list[str]:
+        return [n for n, p in self.entries if p == message_id]
+
+    def ids(self, name: str) -> list[str]:
+        return [p for n, p in self.entries if n == name]
+
+    def count(self, name: str) -> int:
+        return sum(1 for n, _ in self.entries if n == name)
+
+
+@dataclass
+class Received:
+    """Message bodies a client received live, with how often each came.
+
+    Offline messages (stamped with ``<delay/>``) from earlier runs are left out.
+    """
+
+    bodies: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def attach(self, xmpp: slixmpp.ClientXMPP) -> None:
+        def on_message(msg: Any) -> None:
+            if msg.xml.find("{urn:xmpp:delay}delay") is not None:
+                return
+            if msg["body"] and msg["type"] in ("chat", "normal", "groupchat"):
+                self.bodies.append(msg["body"])
+                self.counts[msg["body"]] += 1
+
+        xmpp.add_event_handler("message", on_message)
