@@ -14,6 +14,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
 from typing import Any, ClassVar
 from xml.etree import ElementTree as ET
 
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 SM_NS = "urn:xmpp:sm:3"
 SID_NS = "urn:xmpp:sid:0"
 HINTS_NS = "urn:xmpp:hints"
+DELAY_NS = "urn:xmpp:delay"
 _FAILED_TAG = f"{{{SM_NS}}}failed"
 
 #: xep_0198's stream handlers: (handler name, tag, xep_0198 method). Used both to
@@ -253,6 +255,25 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         self._hand_over(message)
         return record
 
+    async def resend(self, message_id: str) -> TrackedMessage:
+        """Send a failed message again, with the same id and origin-id so receivers can
+        drop a duplicate, and a ``<delay/>`` with its original time (XEP-0198 §4)."""
+        record = await self.get(message_id)
+        if record is None:
+            raise KeyError(f"no tracked message with id {message_id!r}")
+        events = self.core.resend(record)
+        message = Message(self.xmpp, xml=ET.fromstring(record.xml))
+        if message.xml.find(f"{{{DELAY_NS}}}delay") is None:
+            stamp = datetime.fromtimestamp(record.created_at, UTC)
+            ET.SubElement(
+                message.xml,
+                f"{{{DELAY_NS}}}delay",
+                {"stamp": stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")},
+            )
+        self._dispatch(events)
+        self._hand_over(message)
+        return self.core.records[message_id]
+
     # ---------------------------------------------------------------- events out
 
     def _dispatch(self, events: Iterable[Event]) -> None:
@@ -302,7 +323,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             to=xml.get("to", ""),
             type=xml.get("type", "normal"),
             body=(body.text or "") if body is not None else "",
-            xml=tostring(xml, xmlns=self.xmpp.default_ns, stream=self.xmpp, top_level=True),
+            xml=tostring(xml, top_level=True),
         )
         events = self.core.track(outgoing, link_up=self._session_live)
         self._dispatch(events)

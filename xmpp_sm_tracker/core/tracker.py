@@ -91,6 +91,9 @@ class Tracker(Generic[P]):
         self.ledger: Ledger[P] = Ledger()
         #: Tracked messages that can still change, by id.
         self.records: dict[str, TrackedMessage] = {}
+        #: Failed messages that never reached the wire but may still sit in the
+        #: client's queue: they must not go out unless resent explicitly.
+        self.withheld: set[str] = set()
 
     # ------------------------------------------------------------------ records
 
@@ -186,10 +189,7 @@ class Tracker(Generic[P]):
         A failed record goes out again only through an explicit resend, which moves
         it to RESENT first; anything else would be an unasked resend.
         """
-        if message_id is None:
-            return False
-        record = self.records.get(message_id)
-        return record is not None and record.state is _S.FAILED
+        return message_id is not None and message_id in self.withheld
 
     def counted(self, payload: P, message_id: str | None, *, link_up: bool) -> list[Event]:
         """A stanza passed the outgoing filter: count it when SM is on.
@@ -204,7 +204,10 @@ class Tracker(Generic[P]):
         record = self.records.get(message_id) if message_id is not None else None
         if record is not None:
             if record.state is _S.HIBERNATED and link_up:
-                moved = self._move(message_id, _S.RESENT, seq=entry.seq)
+                # Hibernated before it was ever written: this is its first attempt.
+                first = record.seq is None
+                attempts = record.attempts if first else record.attempts + 1
+                moved = self._move(message_id, _S.RESENT, seq=entry.seq, attempts=attempts)
                 if moved is not None:
                     events.append(moved)
             else:
@@ -214,6 +217,18 @@ class Tracker(Generic[P]):
         if not link_up and self.session.can_resume:
             events.extend(self._fate([entry], _S.HIBERNATED))
         return events
+
+    def resend(self, record: TrackedMessage) -> list[Event]:
+        """The user sends a failed message again (same id, same origin-id): RESENT.
+
+        Raises ValueError for a message that has not failed.
+        """
+        if record.state is not _S.FAILED:
+            raise ValueError(f"message {record.id} is {record.state.name}, only FAILED is resent")
+        self.withheld.discard(record.id)
+        self.records[record.id] = record
+        moved = self._move(record.id, _S.RESENT, seq=None)
+        return [moved] if moved is not None else []
 
     def ack(self, h: int) -> list[Event]:
         """``<a h>`` came in. Raises :class:`SMProtocolError` on a bad ``h``."""
@@ -293,7 +308,7 @@ class Tracker(Generic[P]):
             return []
         events = self._fate(list(self.ledger), _S.HIBERNATED)
         for record in list(self.records.values()):
-            if record.seq is None and record.state is _S.SENT:
+            if record.seq is None and record.state is not _S.HIBERNATED:
                 moved = self._move(record.id, _S.HIBERNATED)
                 if moved is not None:
                     events.append(moved)
@@ -313,6 +328,7 @@ class Tracker(Generic[P]):
             if record is not None and record.in_flight:
                 moved = self._move(message_id, _S.FAILED, reason=reason)
                 if moved is not None:
+                    self.withheld.add(message_id)
                     events.append(moved)
         self._forget_session()
         return events

@@ -102,8 +102,9 @@ class Received:
 
     def attach(self, xmpp: slixmpp.ClientXMPP) -> None:
         def on_message(msg: Any) -> None:
-            if msg.xml.find("{urn:xmpp:delay}delay") is not None:
-                return
+            delay = msg.xml.find("{urn:xmpp:delay}delay")
+            if delay is not None and "@" not in delay.get("from", "@"):
+                return  # stored offline by the server (stamped by its domain)
             if msg["body"] and msg["type"] in ("chat", "normal", "groupchat"):
                 self.bodies.append(msg["body"])
                 self.counts[msg["body"]] += 1
