@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 from xml.etree import ElementTree as ET
 
 from pyee.asyncio import AsyncIOEventEmitter
+from slixmpp.jid import JID
 from slixmpp.plugins.base import BasePlugin
 from slixmpp.plugins.base import register_plugin as _register_slixmpp_plugin
 from slixmpp.plugins.xep_0198 import stanza as sm_stanza
@@ -28,9 +29,11 @@ from slixmpp.xmlstream.handler import Callback, Waiter
 from slixmpp.xmlstream.matcher import MatchMany, MatchXPath
 
 from .core.acks import AckClock, AckPolicy
-from .core.ledger import HBackwards, SMProtocolError
+from .core.ledger import Entry, HBackwards, SMProtocolError
 from .core.records import FailureReason, TrackedMessage
+from .core.smstate import SMStateError, parse_state
 from .core.tracker import Event, OutgoingMessage, Tracker
+from .smhooks import SMStateHooks
 from .stores.base import TrackerStore
 from .stores.memory import MemoryStore
 from .writer import StoreWriter
@@ -124,6 +127,8 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         self.events.add_listener("error", self._log_listener_error)
         self.store: TrackerStore = MemoryStore()
         self._writer = StoreWriter(self.store)
+        #: ``sm.load(state)`` before connect, ``sm.cache(fn)`` to persist the SM state.
+        self.sm = SMStateHooks(export=self._export_state, load=self._load_state)
         self._xep = xmpp.plugin["xep_0198"]
 
         self._session_live = False
@@ -220,10 +225,13 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         await self._writer.flush()
         self.store = store
         self._writer = StoreWriter(store)
+        # Records a previous process left in flight settle with the first session.
+        self.core.adopt(await store.pending())
 
     async def flush(self) -> None:
-        """Make every record change so far durable in the store."""
+        """Make every record change so far durable, and hand the SM state to ``sm.cache``."""
         await self._writer.flush()
+        await self.sm.flush()
 
     async def get(self, message_id: str) -> TrackedMessage | None:
         """The latest record of a message."""
@@ -273,6 +281,46 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         self._dispatch(events)
         self._hand_over(message)
         return self.core.records[message_id]
+
+    # ---------------------------------------------------------------- SM state
+
+    def _export_state(self) -> dict[str, Any] | None:
+        return self.core.export_state(self._serialize_entry, now=time.time())
+
+    @staticmethod
+    def _serialize_entry(entry: Entry[StanzaBase]) -> str:
+        if entry.serialized is None:
+            entry.serialized = tostring(entry.payload.xml, top_level=True)
+        return entry.serialized
+
+    def _load_state(self, state: object) -> None:
+        """Check a saved state completely, then install it; on error stay fresh."""
+        if self.xmpp.transport is not None or self.core.session.enabled_out:
+            raise SMStateError("sm.load() must be called before connect()")
+        try:
+            restored = parse_state(state, bare_jid=self.xmpp.boundjid.bare)
+            payloads = [self._stanza_from_xml(entry.xml) for entry in restored.unacked]
+        except SMStateError as exc:
+            log.warning("not resuming from the saved SM state: %s", exc)
+            raise
+        self.core.restore(restored, payloads)
+        log.info(
+            "loaded SM state of stream %s: %d unacked stanzas to resume",
+            restored.stream_id,
+            len(payloads),
+        )
+
+    def _stanza_from_xml(self, xml: str) -> StanzaBase:
+        try:
+            element = ET.fromstring(xml)
+        except ET.ParseError as exc:
+            raise SMStateError(f"SM state: an unacked stanza is not valid XML ({exc})") from exc
+        kind = element.tag.rpartition("}")[2]
+        stanza_class = {"message": Message, "presence": Presence, "iq": Iq}.get(kind)
+        if stanza_class is None:
+            raise SMStateError(f"SM state: <{kind}> is not a stanza that can be resent")
+        stanza: StanzaBase = stanza_class(self.xmpp, xml=element)
+        return stanza
 
     # ---------------------------------------------------------------- events out
 
@@ -382,6 +430,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             return stanza
         link_up = self.xmpp.transport is not None
         self._dispatch(core.counted(stanza, message_id, link_up=link_up))
+        self.sm.changed()
         if not link_up:
             return None  # counted: the server will ask for it back after <resumed/>
         now = self.xmpp.loop.time()
@@ -443,6 +492,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             self._protocol_error(exc)
             return
         self._dispatch(events)
+        self.sm.changed()
         self._arm_ack_timer()
 
     def _on_request_ack(self, _stanza: StanzaBase) -> None:
@@ -454,14 +504,16 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         self.xmpp.send_raw(f"<a xmlns='{SM_NS}' h='{self.core.session.handled}'/>")
 
     def _count_inbound(self, stanza: StanzaBase) -> StanzaBase:
-        if isinstance(stanza, (Message, Presence, Iq)):
+        if isinstance(stanza, (Message, Presence, Iq)) and self.core.session.enabled_in:
             self.core.inbound()
+            self.sm.changed()
         return stanza
 
     def _protocol_error(self, exc: SMProtocolError) -> None:
         """XEP-0198 §4: an ``h`` beyond what we sent ends the stream; nothing is lost."""
         log.error("stream management protocol error: %s; dropping the session", exc)
         self._dispatch(self.core.protocol_error(exc))
+        self.sm.changed()
         if self.xmpp.transport is not None:
             self.xmpp.send_raw(
                 "<stream:error><undefined-condition "
@@ -533,12 +585,15 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         self.xmpp.features.add("stream_management")
         resumable = xml.get("resume", "false").lower() in ("true", "1")
         location = xml.get("location")
-        self.core.enabled(
+        events = self.core.enabled(
             xml.get("id"),
             resumable=resumable and self.allow_resume,
             location=location if _parse_location(location) else None,
             max=_parse_counter(xml.get("max")),
+            jid=self.xmpp.boundjid.full,
         )
+        self._dispatch(events)
+        self.sm.changed()
         if location and _parse_location(location) is None:
             log.warning("ignoring an unusable <enabled location=%r>", location)
         self.xmpp.end_session_on_disconnect = not self.core.session.can_resume
@@ -556,6 +611,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
                 session.sm_id,
             )
             self._dispatch(self.core.session_ended(FailureReason.PROTOCOL_ERROR))
+            self.sm.changed()
             self.xmpp.end_session_on_disconnect = True
             self.xmpp.abort()
             return
@@ -565,6 +621,16 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             self._protocol_error(exc)
             return
         self.xmpp.features.add("stream_management")
+        if session.jid:
+            self.xmpp.boundjid = JID(session.jid)  # a resumed stream keeps its resource
+        result = self.core.last_resume
+        if result is not None and (result.missing or result.ahead):
+            log.warning(
+                "the saved SM state was incomplete: %d unacked stanzas could not be resent, "
+                "%d handled stanzas were unknown to it",
+                result.missing,
+                result.ahead,
+            )
         # Written here, synchronously: nothing queued meanwhile can overtake them.
         write = self.xmpp.send_raw
         for entry in resend:
@@ -574,6 +640,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
                 )
             )
         self._dispatch(events)
+        self.sm.changed()
         if resend:
             for _ in resend:
                 self.ack_clock.counted(self.xmpp.loop.time())
@@ -592,6 +659,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             log.warning("the server refused to enable stream management")
             self._dispatch(self.core.enable_failed())
         self.xmpp.features.discard("stream_management")
+        self.sm.changed()
 
     # ---------------------------------------------------------------- connection
 
@@ -639,6 +707,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             unsent = [i for i in self.core.unsent_ids() if i not in self._parked]
         self._dispatch(self.core.session_ended(FailureReason.SESSION_ENDED, unsent=unsent))
         self.xmpp.features.discard("stream_management")
+        self.sm.changed()
 
     def _on_connection_failed(self, _error: Any) -> None:
         log.debug("connection attempt failed; slixmpp retries it")

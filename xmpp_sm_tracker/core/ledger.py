@@ -52,6 +52,8 @@ class Entry(Generic[P]):
     seq: int
     payload: P
     message_id: str | None = None
+    #: The payload as text, once somebody needed it (saved states reuse it).
+    serialized: str | None = None
 
 
 @dataclass(slots=True)
@@ -63,6 +65,8 @@ class ResumeResult(Generic[P]):
     #: Stanzas the server never handled that we have no entry for (a restored state
     #: that lost part of its queue): they cannot be resent.
     missing: int
+    #: Stanzas the server handled that a restored state did not know about.
+    ahead: int = 0
 
 
 class Ledger(Generic[P]):
@@ -135,19 +139,25 @@ class Ledger(Generic[P]):
         self.last_ack = h
         return acked
 
-    def resume(self, h: int) -> ResumeResult[P]:
+    def resume(self, h: int, *, allow_ahead: bool = False) -> ResumeResult[P]:
         """Apply ``<resumed h>``: ack what it covers, renumber the rest for resending.
 
         The server numbers the resent stanzas h+1, h+2, ...; renumbering keeps our
         counter equal to the server's even when a restored ledger had gaps.
+        ``allow_ahead`` accepts an ``h`` beyond our counter, for a state saved before
+        the last stanzas of a crashed process were counted: those are unknown to us.
         """
+        ahead = 0
+        if allow_ahead and not is_behind(h, self.seq):
+            ahead = distance(self.seq, h)
+            self.seq = h
         acked = self.ack(h)
         missing = self.in_flight - len(self._unacked)
         resend = list(self._unacked)
         for offset, entry in enumerate(resend, start=1):
             entry.seq = seq_add(h, offset)
         self.seq = seq_add(h, len(resend))
-        return ResumeResult(acked, resend, missing)
+        return ResumeResult(acked, resend, missing, ahead)
 
     def fail(self, h: int | None) -> tuple[list[Entry[P]], list[Entry[P]]]:
         """Apply ``<failed h>``: (entries ``h`` acknowledges, entries that failed).

@@ -12,10 +12,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
-from .ledger import Entry, Ledger, SMProtocolError
+from .ledger import Entry, Ledger, ResumeResult, SMProtocolError
 from .records import FailureReason, TrackedMessage
+from .smstate import STATE_VERSION, RestoredState
 from .states import IN_FLIGHT, DeliveryState, next_state
 
 __all__ = ["Event", "OutgoingMessage", "SessionFacts", "Tracker"]
@@ -75,6 +76,10 @@ class SessionFacts:
     resuming: bool = False
     #: Inbound stanzas handled, mod 2**32; survives resumption, reset by ``<enabled/>``.
     handled: int = 0
+    #: The session comes from a saved state (another process); not resumed yet.
+    restored: bool = False
+    #: The full JID the session was bound to (a resumed session keeps it).
+    jid: str | None = None
 
     @property
     def can_resume(self) -> bool:
@@ -94,6 +99,10 @@ class Tracker(Generic[P]):
         #: Failed messages that never reached the wire but may still sit in the
         #: client's queue: they must not go out unless resent explicitly.
         self.withheld: set[str] = set()
+        #: In-flight records taken over from a previous process, not settled yet.
+        self._adopted: set[str] = set()
+        #: What the last ``<resumed h>`` meant (for logging gaps in a restored state).
+        self.last_resume: ResumeResult[P] | None = None
 
     # ------------------------------------------------------------------ records
 
@@ -251,16 +260,28 @@ class Tracker(Generic[P]):
         return self._fate(left, _S.FAILED, reason=FailureReason.SESSION_ENDED)
 
     def enabled(
-        self, sm_id: str | None, *, resumable: bool, location: str | None, max: int | None
-    ) -> None:
-        """``<enabled/>`` came in: start counting inbound stanzas."""
+        self,
+        sm_id: str | None,
+        *,
+        resumable: bool,
+        location: str | None,
+        max: int | None,
+        jid: str | None = None,
+    ) -> list[Event]:
+        """``<enabled/>`` came in: start counting inbound stanzas.
+
+        Records adopted from a previous process cannot ride this new stream: they fail.
+        """
         session = self.session
+        session.jid = jid
+        session.restored = False
         session.sm_id = sm_id
         session.resumable = resumable and sm_id is not None
         session.location = location
         session.max = max
         session.enabled_in = True
         session.handled = 0
+        return self._settle_adopted()
 
     def enable_failed(self) -> list[Event]:
         """``<failed/>`` answered ``<enable/>``: nothing on this stream can be confirmed."""
@@ -279,15 +300,18 @@ class Tracker(Generic[P]):
 
         Raises :class:`SMProtocolError` on a bad ``h``; the caller then drops the session.
         """
-        result = self.ledger.resume(h)
+        result = self.ledger.resume(h, allow_ahead=self.session.restored)
         self.session.resuming = False
+        self.session.restored = False
         self.session.enabled_in = True
+        self.last_resume = result
         events = self._fate(result.acked, _S.ACKED)
         for entry in result.resend:
             events.append(Event(STANZA_RESENT, entry.payload))
             moved = self._move(entry.message_id, _S.RESENT, seq=entry.seq)
             if moved is not None:
                 events.append(moved)
+        events += self._settle_adopted()
         return events, result.resend
 
     def resume_failed(self, h: int | None) -> list[Event]:
@@ -295,6 +319,7 @@ class Tracker(Generic[P]):
         acked, failed = self.ledger.fail(h)
         events = self._fate(acked, _S.ACKED)
         events += self._fate(failed, _S.FAILED, reason=FailureReason.RESUME_FAILED)
+        events += self._settle_adopted()
         self._forget_session()
         return events
 
@@ -340,6 +365,78 @@ class Tracker(Generic[P]):
     def unsent_ids(self) -> list[str]:
         """Tracked messages in flight that have not reached the wire yet, oldest first."""
         return [r.id for r in self.records.values() if r.in_flight and r.seq is None]
+
+    # ------------------------------------------------------------------ restarts
+
+    def adopt(self, records: Iterable[TrackedMessage]) -> None:
+        """Take over in-flight records a previous process left in the store.
+
+        They settle with the first session: resent and acked if the restored stream
+        resumes and still lists them, otherwise failed with ``resume-failed``.
+        """
+        for record in records:
+            if record.in_flight and record.id not in self.records:
+                self.records[record.id] = record
+                self._adopted.add(record.id)
+
+    def restore(self, state: RestoredState, payloads: list[P]) -> None:
+        """Install a checked saved state; ``payloads`` match ``state.unacked`` one to one."""
+        if len(payloads) != len(state.unacked):
+            raise ValueError("restore: one payload per unacked entry is required")
+        self.session = SessionFacts(
+            sm_id=state.stream_id,
+            resumable=True,
+            location=state.location,
+            max=state.max,
+            handled=state.handled,
+            restored=True,
+            jid=state.jid,
+        )
+        self.ledger = Ledger(seq=state.seq, last_ack=state.last_ack)
+        for saved, payload in zip(state.unacked, payloads, strict=True):
+            self.ledger.restore(Entry(saved.seq, payload, saved.message_id))
+
+    def export_state(
+        self, serialize: Callable[[Entry[P]], str], *, now: float
+    ) -> dict[str, Any] | None:
+        """The JSON-safe state ``sm.cache`` hands out; None when nothing can be resumed."""
+        session = self.session
+        if not session.can_resume or session.jid is None:
+            return None
+        return {
+            "version": STATE_VERSION,
+            "jid": session.jid,
+            "stream_id": session.sm_id,
+            "location": session.location,
+            "max": session.max,
+            "handled": session.handled,
+            "seq": self.ledger.seq,
+            "last_ack": self.ledger.last_ack,
+            "unacked": [
+                {"seq": entry.seq, "xml": serialize(entry), "id": entry.message_id}
+                for entry in self.ledger
+            ],
+            "saved_at": now,
+        }
+
+    def _settle_adopted(self) -> list[Event]:
+        """Fail adopted records that the current stream does not carry."""
+        if not self._adopted:
+            return []
+        carried = {entry.message_id for entry in self.ledger}
+        events: list[Event] = []
+        for message_id in sorted(self._adopted, key=self._created_at):
+            if message_id in carried:
+                continue
+            moved = self._move(message_id, _S.FAILED, reason=FailureReason.RESUME_FAILED)
+            if moved is not None:
+                events.append(moved)
+        self._adopted.clear()
+        return events
+
+    def _created_at(self, message_id: str) -> float:
+        record = self.records.get(message_id)
+        return record.created_at if record is not None else 0.0
 
     def _forget_session(self) -> None:
         self.session = SessionFacts()

@@ -1,0 +1,140 @@
+"""The stream-management state that ``sm.cache`` hands out and ``sm.load`` takes back.
+
+A JSON-safe dict with a ``version`` key, so an app can keep it anywhere (a file,
+SQLite, a key-value store) and a future version of this library can refuse or
+migrate it knowingly. Parsing checks everything before anything is applied: a
+corrupt, foreign or unknown state raises :class:`SMStateError` and changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .counters import MAX_SEQ, distance
+
+__all__ = ["STATE_VERSION", "RestoredEntry", "RestoredState", "SMStateError", "parse_state"]
+
+#: Bumped whenever the layout changes; older layouts get a migration, newer ones an error.
+STATE_VERSION = 1
+
+
+class SMStateError(ValueError):
+    """A saved SM state that cannot be used: corrupt, from another account, or another version.
+
+    The tracker stays on a fresh session when it is raised.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class RestoredEntry:
+    """One unacked stanza of a saved state."""
+
+    seq: int
+    xml: str
+    message_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class RestoredState:
+    """A saved state that passed every check."""
+
+    jid: str
+    stream_id: str
+    location: str | None
+    max: int | None
+    handled: int
+    seq: int
+    last_ack: int
+    unacked: tuple[RestoredEntry, ...]
+    saved_at: float
+
+
+def _bare(jid: str) -> str:
+    return jid.split("/", 1)[0].lower()
+
+
+def _counter(state: Mapping[str, Any], key: str) -> int:
+    value = state.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < MAX_SEQ:
+        raise SMStateError(f"SM state: {key!r} must be an integer in [0, 2**32), got {value!r}")
+    return value
+
+
+def _optional_str(state: Mapping[str, Any], key: str) -> str | None:
+    value = state.get(key)
+    if value is not None and not isinstance(value, str):
+        raise SMStateError(f"SM state: {key!r} must be a string or null, got {value!r}")
+    return value
+
+
+def parse_state(state: object, *, bare_jid: str) -> RestoredState:
+    """Check a saved state for the account ``bare_jid``; raises :class:`SMStateError`."""
+    if not isinstance(state, Mapping):
+        raise SMStateError(f"SM state must be a dict, got {type(state).__name__}")
+    version = state.get("version")
+    if version != STATE_VERSION:
+        raise SMStateError(
+            f"SM state version {version!r} is not supported (this library reads version "
+            f"{STATE_VERSION}); starting a fresh session"
+        )
+    jid = state.get("jid")
+    if not isinstance(jid, str) or "@" not in jid:
+        raise SMStateError(f"SM state: 'jid' must be a JID, got {jid!r}")
+    if _bare(jid) != _bare(bare_jid):
+        raise SMStateError(
+            f"SM state belongs to {_bare(jid)}, not to {_bare(bare_jid)}: refusing to resume "
+            "another account's stream"
+        )
+    stream_id = state.get("stream_id")
+    if not isinstance(stream_id, str) or not stream_id:
+        raise SMStateError(f"SM state: 'stream_id' must be a non-empty string, got {stream_id!r}")
+    max_value = state.get("max")
+    if max_value is not None and (
+        isinstance(max_value, bool) or not isinstance(max_value, int) or max_value < 0
+    ):
+        raise SMStateError(f"SM state: 'max' must be a non-negative integer, got {max_value!r}")
+    saved_at = state.get("saved_at", 0.0)
+    if isinstance(saved_at, bool) or not isinstance(saved_at, int | float):
+        raise SMStateError(f"SM state: 'saved_at' must be a number, got {saved_at!r}")
+    handled = _counter(state, "handled")
+    seq = _counter(state, "seq")
+    last_ack = _counter(state, "last_ack")
+    unacked = _parse_unacked(state.get("unacked"), seq=seq, last_ack=last_ack)
+    return RestoredState(
+        jid=jid,
+        stream_id=stream_id,
+        location=_optional_str(state, "location"),
+        max=max_value,
+        handled=handled,
+        seq=seq,
+        last_ack=last_ack,
+        unacked=unacked,
+        saved_at=float(saved_at),
+    )
+
+
+def _parse_unacked(raw: object, *, seq: int, last_ack: int) -> tuple[RestoredEntry, ...]:
+    if not isinstance(raw, list):
+        raise SMStateError(f"SM state: 'unacked' must be a list, got {type(raw).__name__}")
+    window = distance(last_ack, seq)
+    entries: list[RestoredEntry] = []
+    previous = 0
+    for index, item in enumerate(raw):
+        if not isinstance(item, Mapping):
+            raise SMStateError(f"SM state: unacked[{index}] must be a dict")
+        entry_seq = _counter(item, "seq")
+        offset = distance(last_ack, entry_seq)
+        if not 0 < offset <= window or offset <= previous:
+            raise SMStateError(
+                f"SM state: unacked[{index}] has seq {entry_seq}, outside the unacked window "
+                f"({last_ack}, {seq}] or out of order"
+            )
+        previous = offset
+        xml = item.get("xml")
+        if not isinstance(xml, str) or not xml.startswith("<"):
+            raise SMStateError(f"SM state: unacked[{index}].xml must be a stanza as XML text")
+        message_id = _optional_str(item, "id")
+        entries.append(RestoredEntry(entry_seq, xml, message_id))
+    return tuple(entries)

@@ -1,0 +1,101 @@
+"""``tracker.sm``: the StanzaJS-style ``load`` / ``cache`` hooks for the SM state.
+
+``cache(fn)`` calls ``fn(state)`` (or awaits it) after changes: never two calls at
+once, never out of order, one call for a whole burst of changes, and ``fn(None)``
+once the session has ended cleanly. A failing ``fn`` is logged and called again
+with the next change (or after ``retry_delay``); it never touches the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .core.smstate import SMStateError
+from .stores.base import SMState
+
+__all__ = ["CacheFn", "SMStateError", "SMStateHooks"]
+
+log = logging.getLogger(__name__)
+
+CacheFn = Callable[[SMState | None], Awaitable[None] | None]
+
+
+class SMStateHooks:
+    """Loads a saved state before connect; hands the current one to ``fn`` on change."""
+
+    def __init__(
+        self,
+        export: Callable[[], SMState | None],
+        load: Callable[[object], None],
+        retry_delay: float = 1.0,
+    ) -> None:
+        self._export = export
+        self._load = load
+        self.retry_delay = retry_delay
+        self._fn: CacheFn | None = None
+        self._dirty = False
+        self._task: asyncio.Task[None] | None = None
+        self._last_sent: object = object()
+        #: How many times ``fn`` ran, and how many of those raised.
+        self.calls = 0
+        self.errors = 0
+
+    def load(self, state: SMState | None) -> None:
+        """Restore a saved state before ``connect()``; None keeps a fresh session.
+
+        Raises :class:`SMStateError` for a corrupt, foreign or unknown state; the
+        client then starts a fresh session.
+        """
+        if state is not None:
+            self._load(state)
+
+    def cache(self, fn: CacheFn | None) -> None:
+        """Call ``fn(state)`` (sync or async) on every change; None stops caching."""
+        self._fn = fn
+        self._last_sent = object()
+        if fn is not None:
+            self.changed()
+
+    def changed(self) -> None:
+        """Note a change; cheap, it only schedules one call per burst."""
+        if self._fn is None:
+            return
+        self._dirty = True
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        try:
+            while self._dirty:
+                await asyncio.sleep(0)  # let the rest of this burst happen first
+                self._dirty = False
+                await self._call(self._export())
+        finally:
+            self._task = None
+
+    async def _call(self, state: SMState | None) -> None:
+        fn = self._fn
+        if fn is None or (state is None and self._last_sent is None):
+            return  # "ended" is said once
+        self.calls += 1
+        try:
+            result: Any = fn(state)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            self.errors += 1
+            log.exception("sm.cache callback raised; it is called again with the next change")
+            asyncio.get_running_loop().call_later(self.retry_delay, self.changed)
+            return
+        self._last_sent = state
+
+    async def flush(self) -> None:
+        """Wait until ``fn`` has seen the latest state."""
+        while self._task is not None or self._dirty:
+            if self._task is None:
+                self._task = asyncio.ensure_future(self._run())
+            await asyncio.shield(self._task)
