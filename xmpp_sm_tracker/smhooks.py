@@ -39,7 +39,7 @@ class SMStateHooks:
         self._fn: CacheFn | None = None
         self._dirty = False
         self._task: asyncio.Task[None] | None = None
-        self._last_sent: object = object()
+        self._last_sent: object = None  # None: there is no saved state to retract
         #: How many times ``fn`` ran, and how many of those raised.
         self.calls = 0
         self.errors = 0
@@ -56,7 +56,7 @@ class SMStateHooks:
     def cache(self, fn: CacheFn | None) -> None:
         """Call ``fn(state)`` (sync or async) on every change; None stops caching."""
         self._fn = fn
-        self._last_sent = object()
+        self._last_sent = None
         if fn is not None:
             self.changed()
 

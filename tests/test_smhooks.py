@@ -1,0 +1,123 @@
+"""sm.cache semantics: ordered, never concurrent, coalesced, None once, errors retried."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import pytest
+
+from xmpp_sm_tracker.smhooks import SMStateHooks
+
+
+class Source:
+    """A stand-in for the plugin: a state that changes when told to."""
+
+    def __init__(self) -> None:
+        self.version = 0
+        self.ended = False
+        self.loaded: list[object] = []
+
+    def export(self) -> dict[str, Any] | None:
+        return None if self.ended else {"version": 1, "n": self.version}
+
+    def load(self, state: object) -> None:
+        self.loaded.append(state)
+
+
+async def settle(hooks: SMStateHooks) -> None:
+    await hooks.flush()
+
+
+async def test_a_burst_of_changes_costs_one_call_with_the_latest_state() -> None:
+    source = Source()
+    hooks = SMStateHooks(source.export, source.load)
+    seen: list[Any] = []
+    hooks.cache(seen.append)
+    await settle(hooks)
+    for _ in range(1000):
+        source.version += 1
+        hooks.changed()
+    await settle(hooks)
+    assert seen[-1] == {"version": 1, "n": 1000}
+    assert hooks.calls <= 3
+
+
+async def test_async_fn_is_never_run_twice_at_once_and_sees_states_in_order() -> None:
+    source = Source()
+    hooks = SMStateHooks(source.export, source.load)
+    running = 0
+    overlap = False
+    seen: list[int] = []
+
+    async def slow(state: dict[str, Any] | None) -> None:
+        nonlocal running, overlap
+        running += 1
+        overlap = overlap or running > 1
+        await asyncio.sleep(0.01)
+        assert state is not None
+        seen.append(state["n"])
+        running -= 1
+
+    hooks.cache(slow)
+    for _ in range(20):
+        source.version += 1
+        hooks.changed()
+        await asyncio.sleep(0.003)
+    await settle(hooks)
+    assert not overlap
+    assert seen == sorted(seen)
+    assert seen[-1] == 20
+
+
+async def test_end_of_session_is_reported_once_as_none() -> None:
+    source = Source()
+    hooks = SMStateHooks(source.export, source.load)
+    seen: list[Any] = []
+    hooks.cache(seen.append)
+    await settle(hooks)
+    source.ended = True
+    hooks.changed()
+    await settle(hooks)
+    hooks.changed()
+    await settle(hooks)
+    assert seen == [{"version": 1, "n": 0}, None]
+
+
+async def test_registering_before_any_session_does_not_wipe_a_saved_state() -> None:
+    source = Source()
+    source.ended = True
+    hooks = SMStateHooks(source.export, source.load)
+    seen: list[Any] = []
+    hooks.cache(seen.append)
+    await settle(hooks)
+    assert seen == []
+
+
+async def test_a_raising_fn_is_logged_and_called_again(caplog: pytest.LogCaptureFixture) -> None:
+    source = Source()
+    hooks = SMStateHooks(source.export, source.load, retry_delay=0.01)
+    calls: list[Any] = []
+
+    def flaky(state: dict[str, Any] | None) -> None:
+        calls.append(state)
+        if len(calls) == 1:
+            raise OSError("disk full")
+
+    with caplog.at_level(logging.ERROR):
+        hooks.cache(flaky)
+        await settle(hooks)
+        await asyncio.sleep(0.05)
+        await settle(hooks)
+    assert "disk full" in caplog.text
+    assert hooks.errors == 1
+    assert len(calls) == 2 and calls[1] == {"version": 1, "n": 0}
+
+
+async def test_load_none_keeps_a_fresh_session() -> None:
+    source = Source()
+    hooks = SMStateHooks(source.export, source.load)
+    hooks.load(None)
+    hooks.load({"version": 1})
+    assert source.loaded == [{"version": 1}]
