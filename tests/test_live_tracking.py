@@ -348,3 +348,27 @@ async def test_a_raising_event_handler_breaks_nothing(
     await wait_for(lambda: alice.log.count("message:acked") == 3)
     assert alice.log.ids("message:acked") == ids
     assert "user bug" in caplog.text
+
+
+async def test_sm_cache_coalesces_a_burst_and_reports_the_end_with_none(
+    prosody: ProsodyServer, proxy: FaultProxy, clients: ClientFactory
+) -> None:
+    alice = await clients("alice", (proxy.host, proxy.port), **FAST)
+    states: list[Any] = []
+    alice.tracker.sm.cache(states.append)
+    await alice.tracker.flush()
+    assert states and states[-1]["stream_id"] == alice.tracker.core.session.sm_id
+    calls_before = alice.tracker.sm.calls
+    ids = [alice.send("bob@localhost", f"burst {i}") for i in range(1000)]
+    await wait_for(lambda: alice.log.count("message:acked") == 1000, timeout=20)
+    await alice.tracker.flush()
+    calls = alice.tracker.sm.calls - calls_before
+    assert calls < 200, f"{calls} sm.cache calls for 1000 stanzas"
+    final = states[-1]
+    assert final["unacked"] == [] and final["seq"] == final["last_ack"]
+    assert final["jid"] == alice.xmpp.boundjid.full
+    assert len(ids) == 1000
+
+    await alice.xmpp.disconnect(wait=1)
+    await alice.tracker.flush()
+    assert states[-1] is None
