@@ -372,3 +372,25 @@ async def test_sm_cache_coalesces_a_burst_and_reports_the_end_with_none(
     await alice.xmpp.disconnect(wait=1)
     await alice.tracker.flush()
     assert states[-1] is None
+
+
+async def test_messages_failed_while_queued_never_go_out_unless_resent(
+    prosody: ProsodyServer, proxy: FaultProxy, clients: ClientFactory
+) -> None:
+    bob = await clients("bob", prosody.address, tracked=False)
+    alice = await clients("alice", (proxy.host, proxy.port), **FAST)
+    proxy.refuse(True)
+    proxy.cut()
+    await wait_for(lambda: alice.xmpp.transport is None)
+    ids = [alice.send("bob@localhost", f"queued {i}") for i in range(3)]
+    await alice.xmpp.disconnect()  # the user gives up: the session ends here
+    assert alice.log.ids("message:failed") == ids
+    proxy.refuse(False)
+
+    await connect_client(alice.xmpp, (proxy.host, proxy.port))
+    await alice.tracker.resend(ids[1])
+    await wait_for(lambda: alice.log.count("message:acked") == 1)
+    await wait_for(lambda: len(bob.received.bodies) == 1)
+    await asyncio.sleep(0.3)  # room for a stray copy to arrive, which must not
+    assert bob.received.bodies == ["queued 1"]
+    assert [r.id for r in await alice.tracker.failed()] == [ids[0], ids[2]]

@@ -135,7 +135,10 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         self._closing = False
         self._sm_offered = False
         self._enable_sent_here = False
-        self._parked: set[str] = set()
+        #: Tracked messages slixmpp holds until the next session start, by id.
+        self._parked: dict[str, StanzaBase] = {}
+        #: Parked copies of messages that failed meanwhile (by object id): never sent.
+        self._withheld_copies: set[int] = set()
         self._ack_timer: asyncio.TimerHandle | None = None
         self._ack_timer_at: float | None = None
         self._reconnect_timer: asyncio.TimerHandle | None = None
@@ -400,7 +403,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         if isinstance(data, Message):
             message_id = data.xml.get("id")
             if message_id in self.core.records:
-                self._parked.add(message_id)
+                self._parked[message_id] = data
 
     def _on_outgoing(self, stanza: StanzaBase) -> StanzaBase | None:
         """out_sync filter: the last look at a stanza before it is written."""
@@ -416,16 +419,16 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
 
     def _count_outgoing(self, stanza: StanzaBase) -> StanzaBase | None:
         core = self.core
+        if self._withheld_copies and id(stanza) in self._withheld_copies:
+            # Failed while parked in slixmpp's queue: only an explicit resend sends it.
+            self._withheld_copies.discard(id(stanza))
+            return None
         message_id = stanza.xml.get("id") if isinstance(stanza, Message) else None
         if message_id is not None:
+            if self._parked.get(message_id) is stanza:
+                del self._parked[message_id]
             if message_id not in core.records:
                 message_id = None
-            elif core.should_drop(message_id):
-                # Failed while parked in slixmpp's queue: only an explicit resend sends it.
-                self._parked.discard(message_id)
-                return None
-            else:
-                self._parked.discard(message_id)
         if not core.session.enabled_out:
             return stanza
         link_up = self.xmpp.transport is not None
@@ -706,6 +709,10 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             # for the next session start is still going out.
             unsent = [i for i in self.core.unsent_ids() if i not in self._parked]
         self._dispatch(self.core.session_ended(FailureReason.SESSION_ENDED, unsent=unsent))
+        for message_id in unsent:
+            parked = self._parked.pop(message_id, None)
+            if parked is not None:
+                self._withheld_copies.add(id(parked))
         self.xmpp.features.discard("stream_management")
         self.sm.changed()
 

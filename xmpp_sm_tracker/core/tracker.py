@@ -208,9 +208,15 @@ class Tracker(Generic[P]):
         """
         if not self.session.enabled_out:
             return []
+        record = self.records.get(message_id) if message_id is not None else None
+        if record is not None and (not record.in_flight or record.seq is not None):
+            # A second copy of a message that is settled (acked groupchat waiting for its
+            # reflection) or already on the wire (a parked copy going out after an explicit
+            # resend): a plain stanza. One ledger entry per record, or a drop or ack of the
+            # copy would move the record backwards or give it the wrong seq.
+            record, message_id = None, None
         entry = self.ledger.record(payload, message_id)
         events: list[Event] = []
-        record = self.records.get(message_id) if message_id is not None else None
         if record is not None:
             if record.state is _S.HIBERNATED and link_up:
                 # Hibernated before it was ever written: this is its first attempt.
@@ -255,8 +261,13 @@ class Tracker(Generic[P]):
     def enable_sent(self) -> list[Event]:
         """``<enable/>`` went out: count from zero. Leftovers cannot be confirmed any more."""
         left = self.ledger.reset()
-        self.session.enabled_out = True
-        self.session.resuming = False
+        session = self.session
+        session.enabled_out = True
+        session.resuming = False
+        # The old stream is abandoned: until <enabled/> there is nothing to resume.
+        session.sm_id = None
+        session.resumable = False
+        session.restored = False
         return self._fate(left, _S.FAILED, reason=FailureReason.SESSION_ENDED)
 
     def enabled(

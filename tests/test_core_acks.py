@@ -1,0 +1,173 @@
+"""AckClock: ask after N stanzas or T seconds, declare the link dead after a silent <r/>."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from xmpp_sm_tracker.core.acks import AckClock, AckPolicy
+
+
+def test_default_policy() -> None:
+    policy = AckPolicy()
+    assert (policy.every, policy.delay, policy.timeout) == (10, 0.2, 15.0)
+    assert AckClock().policy == policy
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"every": 0}, "every"),
+        ({"every": -3}, "every"),
+        ({"delay": -0.1}, "delay"),
+        ({"timeout": 0}, "timeout"),
+        ({"timeout": -1.0}, "timeout"),
+    ],
+)
+def test_policy_validation(kwargs: dict[str, float], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        AckPolicy(**kwargs)  # type: ignore[arg-type]
+
+
+def test_policy_edge_values_are_accepted() -> None:
+    policy = AckPolicy(every=1, delay=0, timeout=0.001)
+    assert policy.every == 1
+
+
+def test_policy_is_frozen() -> None:
+    policy = AckPolicy()
+    with pytest.raises(AttributeError):
+        policy.every = 3  # type: ignore[misc]
+
+
+def test_fresh_clock_has_nothing_to_do() -> None:
+    clock = AckClock(AckPolicy(every=3, delay=1.0, timeout=5.0))
+    assert clock.next_deadline() is None
+    assert not clock.request_due(1e9)
+    assert not clock.link_dead(1e9)
+
+
+def test_asks_after_every_counted_stanzas() -> None:
+    clock = AckClock(AckPolicy(every=3, delay=100.0, timeout=5.0))
+    assert [clock.counted(0.0), clock.counted(0.1)] == [False, False]
+    assert clock.counted(0.2) is True
+    clock.request_sent(0.2)
+    # The window starts over after the <r/>.
+    assert [clock.counted(0.3), clock.counted(0.4), clock.counted(0.5)] == [False, False, True]
+
+
+def test_every_one_asks_after_each_stanza() -> None:
+    clock = AckClock(AckPolicy(every=1))
+    assert clock.counted(0.0)
+    clock.request_sent(0.0)
+    assert clock.counted(0.1)
+
+
+def test_window_stays_full_until_the_request_goes_out() -> None:
+    clock = AckClock(AckPolicy(every=2))
+    clock.counted(0.0)
+    assert clock.counted(0.0)
+    assert clock.counted(0.0)  # still asked for: nobody sent the <r/> yet
+
+
+def test_request_due_after_delay_from_first_unasked_stanza() -> None:
+    clock = AckClock(AckPolicy(every=100, delay=0.5, timeout=10.0))
+    clock.counted(10.0)
+    clock.counted(10.3)  # a later stanza does not push the deadline back
+    assert clock.next_deadline() == pytest.approx(10.5)
+    assert not clock.request_due(10.49)
+    assert clock.request_due(10.5)
+    assert clock.request_due(11.0)
+    clock.request_sent(11.0)
+    assert not clock.request_due(50.0)
+
+
+def test_zero_delay_is_due_at_once() -> None:
+    clock = AckClock(AckPolicy(delay=0))
+    clock.counted(3.0)
+    assert clock.request_due(3.0)
+
+
+def test_link_dead_only_with_an_outstanding_request() -> None:
+    clock = AckClock(AckPolicy(every=100, delay=0.2, timeout=5.0))
+    clock.counted(0.0)
+    assert not clock.link_dead(100.0)  # stanzas but no <r/>: nothing to time out
+    clock.request_sent(1.0)
+    assert not clock.link_dead(5.99)
+    assert clock.link_dead(6.0)
+
+
+def test_ack_received_clears_the_outstanding_request() -> None:
+    clock = AckClock(AckPolicy(every=100, delay=0.2, timeout=5.0))
+    clock.counted(0.0)
+    clock.request_sent(0.5)
+    clock.ack_received(2.0)
+    assert not clock.link_dead(100.0)
+    assert clock.next_deadline() is None
+
+
+def test_several_requests_wait_for_as_many_answers() -> None:
+    clock = AckClock(AckPolicy(every=1, delay=0.2, timeout=5.0))
+    clock.counted(0.0)
+    clock.request_sent(0.0)
+    clock.counted(1.0)
+    clock.request_sent(1.0)  # waiting since the first one still
+    assert clock.next_deadline() == pytest.approx(5.0)
+    clock.ack_received(2.0)  # one answered: the link is alive, wait afresh for the other
+    assert not clock.link_dead(6.9)
+    assert clock.next_deadline() == pytest.approx(7.0)
+    assert clock.link_dead(7.0)
+    clock.ack_received(3.0)
+    assert not clock.link_dead(1e9)
+    assert clock.next_deadline() is None
+
+
+def test_unsolicited_ack_does_not_go_negative() -> None:
+    clock = AckClock(AckPolicy(every=1, timeout=5.0))
+    clock.ack_received(0.0)
+    clock.ack_received(0.0)
+    clock.counted(1.0)
+    clock.request_sent(1.0)
+    assert clock.link_dead(6.0)  # the earlier spare acks did not pre-answer this request
+
+
+def test_next_deadline_is_the_earlier_of_request_and_timeout() -> None:
+    clock = AckClock(AckPolicy(every=100, delay=2.0, timeout=3.0))
+    clock.counted(0.0)
+    clock.request_sent(0.0)  # timeout at 3.0
+    clock.counted(0.5)  # request due at 2.5
+    assert clock.next_deadline() == pytest.approx(2.5)
+    clock.request_sent(2.5)
+    assert clock.next_deadline() == pytest.approx(3.0)  # waiting since 0.0, not 2.5
+
+
+def test_next_deadline_with_timeout_sooner_than_delay() -> None:
+    clock = AckClock(AckPolicy(every=100, delay=10.0, timeout=1.0))
+    clock.counted(0.0)
+    clock.request_sent(0.0)
+    clock.counted(0.5)
+    assert clock.next_deadline() == pytest.approx(1.0)
+
+
+def test_deadline_is_consistent_with_the_predicates() -> None:
+    clock = AckClock(AckPolicy(every=100, delay=0.25, timeout=2.0))
+    for t in (0.0, 0.1, 0.2):
+        clock.counted(t)
+    deadline = clock.next_deadline()
+    assert deadline is not None
+    assert not clock.request_due(math.nextafter(deadline, -math.inf))
+    assert clock.request_due(deadline)
+
+
+def test_reset_forgets_everything() -> None:
+    clock = AckClock(AckPolicy(every=2, delay=0.2, timeout=1.0))
+    clock.counted(0.0)
+    clock.request_sent(0.0)
+    clock.counted(0.1)
+    clock.reset()
+    assert clock.next_deadline() is None
+    assert not clock.link_dead(100.0)
+    assert not clock.request_due(100.0)
+    assert not clock.counted(200.0)  # the window restarted from zero
+    assert clock.counted(200.0)

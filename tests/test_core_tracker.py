@@ -1,0 +1,1093 @@
+"""The tracker, driven through whole stories with a fake clock and plain payloads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from xmpp_sm_tracker.core.counters import MAX_SEQ, seq_add
+from xmpp_sm_tracker.core.ledger import Entry, HBackwards, HTooHigh
+from xmpp_sm_tracker.core.records import FailureReason, TrackedMessage
+from xmpp_sm_tracker.core.smstate import RestoredEntry, RestoredState
+from xmpp_sm_tracker.core.states import DeliveryState, IllegalTransition, next_state
+from xmpp_sm_tracker.core.tracker import Event, OutgoingMessage, Tracker
+
+S = DeliveryState
+RESUME_FAILED = FailureReason.RESUME_FAILED
+SESSION_ENDED = FailureReason.SESSION_ENDED
+
+
+class Clock:
+    """A clock that only moves when told to."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def tick(self, seconds: float = 1.0) -> None:
+        self.now += seconds
+
+
+@dataclass(frozen=True)
+class Stanza:
+    """A stand-in for a slixmpp stanza: the core never looks inside."""
+
+    name: str
+
+
+def outgoing(mid: str, kind: str = "chat", *, via_carbon: bool = False) -> OutgoingMessage:
+    return OutgoingMessage(
+        id=mid,
+        origin_id=f"o-{mid}",
+        to="room@muc.example/nick" if kind == "groupchat" else "bob@example.org/phone",
+        type=kind,
+        body=f"body of {mid}",
+        xml=f"<message id='{mid}'/>",
+        via_carbon=via_carbon,
+    )
+
+
+Shown = tuple[object, ...]
+
+
+def show(events: list[Event]) -> list[Shown]:
+    """Events as comparable tuples: the stanza's name, or the record's id/state/reason/..."""
+    shown: list[Shown] = []
+    for event in events:
+        payload = event.payload
+        if isinstance(payload, TrackedMessage):
+            assert event.name == f"message:{payload.state.value}" or (
+                event.name == "message:sent" and payload.via_carbon
+            )
+            shown.append((event.name, payload.id, payload.reason, payload.attempts, payload.seq))
+        else:
+            assert isinstance(payload, Stanza)
+            assert event.name.startswith("stanza:")
+            shown.append((event.name, payload.name))
+    return shown
+
+
+def new_tracker(clock: Clock | None = None) -> Tracker[Stanza]:
+    return Tracker(clock=clock or Clock())
+
+
+def enable(tracker: Tracker[Stanza], *, resumable: bool = True, sm_id: str = "sm-1") -> None:
+    """<enable/> out, <enabled/> in (nothing left over from before)."""
+    assert tracker.enable_sent() == []
+    assert tracker.enabled(sm_id, resumable=resumable, location=None, max=None) == []
+
+
+def send(tracker: Tracker[Stanza], mid: str, kind: str = "chat") -> list[Event]:
+    """A message tracked and written with the link up."""
+    events = tracker.track(outgoing(mid, kind), link_up=True)
+    events += tracker.counted(Stanza(mid), mid, link_up=True)
+    return events
+
+
+def send_all(tracker: Tracker[Stanza], *mids: str) -> None:
+    for mid in mids:
+        send(tracker, mid)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def tracker(clock: Clock) -> Tracker[Stanza]:
+    t = new_tracker(clock)
+    enable(t)
+    return t
+
+
+# ---------------------------------------------------------------- the happy path
+
+
+def test_track_count_ack(tracker: Tracker[Stanza], clock: Clock) -> None:
+    events = tracker.track(outgoing("m1"), link_up=True)
+    assert show(events) == [("message:sent", "m1", None, 1, None)]
+    sent = events[0].payload
+    assert isinstance(sent, TrackedMessage)
+    assert sent.state is S.SENT
+    assert (sent.origin_id, sent.to, sent.body, sent.xml) == (
+        "o-m1",
+        "bob@example.org/phone",
+        "body of m1",
+        "<message id='m1'/>",
+    )
+    assert sent.created_at == sent.updated_at == 1000.0
+    assert sent.in_flight
+    assert sent.conversation == "bob@example.org"
+
+    assert tracker.counted(Stanza("m1"), "m1", link_up=True) == []
+    record = tracker.get("m1")
+    assert record is not None
+    assert (record.state, record.seq) == (S.SENT, 1)
+    assert tracker.unsent_ids() == []
+
+    clock.tick(2.5)
+    events = tracker.ack(1)
+    assert show(events) == [("stanza:acked", "m1"), ("message:acked", "m1", None, 1, 1)]
+    acked = events[1].payload
+    assert isinstance(acked, TrackedMessage)
+    assert acked.state is S.ACKED
+    assert (acked.created_at, acked.updated_at) == (1000.0, 1002.5)
+    assert tracker.records == {}  # a chat message leaves memory once acked
+
+
+def test_ack_covers_several_and_interleaved_stanzas(tracker: Tracker[Stanza]) -> None:
+    send(tracker, "m1")
+    assert tracker.counted(Stanza("iq1"), None, link_up=True) == []
+    send(tracker, "m2")
+    send(tracker, "m3")
+    assert show(tracker.ack(3)) == [
+        ("stanza:acked", "m1"),
+        ("message:acked", "m1", None, 1, 1),
+        ("stanza:acked", "iq1"),
+        ("stanza:acked", "m2"),
+        ("message:acked", "m2", None, 1, 3),
+    ]
+    assert tracker.ack(3) == []
+    assert show(tracker.ack(4)) == [("stanza:acked", "m3"), ("message:acked", "m3", None, 1, 4)]
+
+
+def test_bad_ack_raises_and_changes_nothing(tracker: Tracker[Stanza]) -> None:
+    send_all(tracker, "m1", "m2")
+    tracker.ack(1)
+    before = dict(tracker.records)
+    with pytest.raises(HTooHigh):
+        tracker.ack(3)
+    with pytest.raises(HBackwards):
+        tracker.ack(0)
+    assert tracker.records == before
+    assert [e.payload.name for e in tracker.ledger] == ["m2"]
+    assert show(tracker.ack(2)) == [("stanza:acked", "m2"), ("message:acked", "m2", None, 1, 2)]
+
+
+def test_groupchat_record_stays_after_acked_chat_leaves(tracker: Tracker[Stanza]) -> None:
+    send(tracker, "g1", "groupchat")
+    send(tracker, "c1", "chat")
+    events = tracker.ack(2)
+    assert [e.name for e in events] == [
+        "stanza:acked",
+        "message:acked",
+        "stanza:acked",
+        "message:acked",
+    ]
+    assert set(tracker.records) == {"g1"}
+    kept = tracker.records["g1"]
+    assert kept.state is S.ACKED
+    assert not kept.in_flight
+    assert kept.conversation == "room@muc.example"
+    # Stream trouble after the ack does not touch it.
+    assert tracker.link_lost() == []
+    assert tracker.records["g1"] is kept
+    assert tracker.unsent_ids() == []
+
+
+def test_bodyless_stanzas_only_give_stanza_events(tracker: Tracker[Stanza]) -> None:
+    for name in ("iq1", "presence1", "chatstate1"):
+        assert tracker.counted(Stanza(name), None, link_up=True) == []
+    assert show(tracker.ack(1)) == [("stanza:acked", "iq1")]
+    assert show(tracker.link_lost()) == [
+        ("stanza:hibernated", "presence1"),
+        ("stanza:hibernated", "chatstate1"),
+    ]
+    tracker.resume_sent()
+    events, resend = tracker.resumed(2)
+    assert show(events) == [("stanza:acked", "presence1"), ("stanza:resent", "chatstate1")]
+    assert [(e.payload.name, e.seq) for e in resend] == [("chatstate1", 3)]
+    assert show(tracker.session_ended()) == [("stanza:failed", "chatstate1")]
+    assert tracker.records == {}
+
+
+def test_counted_ignores_untracked_message_ids(tracker: Tracker[Stanza]) -> None:
+    # An id the tracker does not know (never tracked) is counted as a plain stanza.
+    assert tracker.counted(Stanza("x"), "unknown", link_up=True) == []
+    assert show(tracker.ack(1)) == [("stanza:acked", "x")]
+
+
+def test_nothing_counted_before_enable() -> None:
+    tracker = new_tracker()
+    events = tracker.track(outgoing("m1"), link_up=True)
+    assert show(events) == [("message:sent", "m1", None, 1, None)]
+    assert tracker.counted(Stanza("m1"), "m1", link_up=True) == []
+    assert len(tracker.ledger) == 0
+    assert tracker.ledger.seq == 0
+    assert tracker.records["m1"].seq is None
+    assert tracker.unsent_ids() == ["m1"]
+
+
+def test_stanzas_between_enable_and_enabled_count(clock: Clock) -> None:
+    tracker = new_tracker(clock)
+    tracker.enable_sent()
+    send(tracker, "early")
+    tracker.enabled("sm-1", resumable=True, location=None, max=None)
+    send(tracker, "late")
+    assert [e.seq for e in tracker.ledger] == [1, 2]
+    assert [e.name for e in tracker.ack(2)].count("message:acked") == 2
+
+
+def test_via_carbon_is_sent_already_acked_and_not_kept(tracker: Tracker[Stanza]) -> None:
+    events = tracker.track(outgoing("c1", via_carbon=True), link_up=True)
+    assert [e.name for e in events] == ["message:sent"]
+    record = events[0].payload
+    assert isinstance(record, TrackedMessage)
+    assert record.via_carbon
+    assert record.state is S.ACKED
+    assert "c1" not in tracker.records
+
+
+# ---------------------------------------------------------------- a new <enable/>
+
+
+def test_enable_sent_fails_leftovers_with_session_ended(tracker: Tracker[Stanza]) -> None:
+    send_all(tracker, "m1", "m2")
+    tracker.counted(Stanza("iq1"), None, link_up=True)
+    tracker.ack(1)
+    assert tracker.link_lost() != []
+    events = tracker.enable_sent()
+    assert show(events) == [
+        ("stanza:failed", "m2"),
+        ("message:failed", "m2", SESSION_ENDED, 1, 2),
+        ("stanza:failed", "iq1"),
+    ]
+    assert tracker.records == {}
+    assert (tracker.ledger.seq, tracker.ledger.last_ack, len(tracker.ledger)) == (0, 0, 0)
+    assert tracker.session.enabled_out
+    # Counting starts again from one.
+    send(tracker, "m3")
+    assert tracker.records["m3"].seq == 1
+
+
+def test_enable_failed_fails_everything_with_sm_unavailable(tracker: Tracker[Stanza]) -> None:
+    send_all(tracker, "m1")
+    tracker.link_lost()
+    events = tracker.enable_failed()
+    assert show(events) == [
+        ("stanza:failed", "m1"),
+        ("message:failed", "m1", FailureReason.SM_UNAVAILABLE, 1, 1),
+    ]
+    assert not tracker.session.enabled_out
+    assert not tracker.session.enabled_in
+    assert tracker.counted(Stanza("m2"), None, link_up=True) == []
+    assert len(tracker.ledger) == 0
+
+
+def test_enabled_records_the_session_facts(clock: Clock) -> None:
+    tracker = new_tracker(clock)
+    tracker.enable_sent()
+    tracker.enabled("abc", resumable=True, location="[::1]:5222", max=300, jid="a@b/c")
+    session = tracker.session
+    assert (session.sm_id, session.location, session.max, session.jid) == (
+        "abc",
+        "[::1]:5222",
+        300,
+        "a@b/c",
+    )
+    assert session.can_resume and session.enabled_in and session.enabled_out
+    tracker.enabled(None, resumable=True, location=None, max=None)
+    assert not tracker.session.resumable  # no id: nothing to resume
+    assert not tracker.session.can_resume
+    tracker.enabled("abc", resumable=False, location=None, max=None)
+    assert not tracker.session.can_resume
+
+
+# ---------------------------------------------------------------- link lost
+
+
+def test_link_lost_resumable_hibernates_everything_unacked(tracker: Tracker[Stanza]) -> None:
+    send_all(tracker, "m1", "m2")
+    tracker.counted(Stanza("iq1"), None, link_up=True)
+    tracker.ack(1)
+    # Tracked but still queued in the client: never counted.
+    tracker.track(outgoing("q1"), link_up=True)
+    events = tracker.link_lost()
+    assert show(events) == [
+        ("stanza:hibernated", "m2"),
+        ("message:hibernated", "m2", None, 1, 2),
+        ("stanza:hibernated", "iq1"),
+        ("message:hibernated", "q1", None, 1, None),
+    ]
+    assert {mid: r.state for mid, r in tracker.records.items()} == {
+        "m2": S.HIBERNATED,
+        "q1": S.HIBERNATED,
+    }
+    assert not tracker.session.enabled_in
+    assert not tracker.session.enabled_out
+    assert tracker.session.can_resume  # the session itself is not forgotten
+    # A second drop (the resumption attempt's connection died too) moves nothing again.
+    assert show(tracker.link_lost()) == [
+        ("stanza:hibernated", "m2"),
+        ("stanza:hibernated", "iq1"),
+    ]
+
+
+def test_link_lost_without_resumable_session_emits_nothing(clock: Clock) -> None:
+    tracker = new_tracker(clock)
+    enable(tracker, resumable=False)
+    send_all(tracker, "m1")
+    tracker.track(outgoing("q1"), link_up=True)
+    assert tracker.link_lost() == []
+    assert {mid: r.state for mid, r in tracker.records.items()} == {"m1": S.SENT, "q1": S.SENT}
+    assert not tracker.session.enabled_out
+    # They settle when the session is known to be over.
+    events = tracker.session_ended(unsent=tracker.unsent_ids())
+    assert show(events) == [
+        ("stanza:failed", "m1"),
+        ("message:failed", "m1", SESSION_ENDED, 1, 1),
+        ("message:failed", "q1", SESSION_ENDED, 1, None),
+    ]
+    assert tracker.records == {}
+
+
+def test_tracked_while_down_is_hibernated_then_resent_once_counted(
+    tracker: Tracker[Stanza],
+) -> None:
+    send_all(tracker, "m1")
+    tracker.link_lost()
+    events = tracker.track(outgoing("d1"), link_up=False)
+    assert show(events) == [
+        ("message:sent", "d1", None, 1, None),
+        ("message:hibernated", "d1", None, 1, None),
+    ]
+    tracker.resume_sent()
+    events, resend = tracker.resumed(0)
+    assert show(events) == [("stanza:resent", "m1"), ("message:resent", "m1", None, 2, 1)]
+    assert [e.payload.name for e in resend] == ["m1"]
+    # The message parked in the client goes out after the session restarts: its first write.
+    events = tracker.counted(Stanza("d1"), "d1", link_up=True)
+    assert show(events) == [("message:resent", "d1", None, 1, 2)]
+    assert show(tracker.ack(2)) == [
+        ("stanza:acked", "m1"),
+        ("message:acked", "m1", None, 2, 1),
+        ("stanza:acked", "d1"),
+        ("message:acked", "d1", None, 1, 2),
+    ]
+
+
+def test_tracked_while_down_without_resumable_session_stays_sent(clock: Clock) -> None:
+    tracker = new_tracker(clock)
+    enable(tracker, resumable=False)
+    tracker.link_lost()
+    events = tracker.track(outgoing("d1"), link_up=False)
+    assert show(events) == [("message:sent", "d1", None, 1, None)]
+    assert tracker.records["d1"].state is S.SENT
+
+
+def test_counted_with_the_link_down_is_hibernated(tracker: Tracker[Stanza]) -> None:
+    # The transport is gone but the disconnect has not been processed yet.
+    tracker.track(outgoing("m1"), link_up=True)
+    events = tracker.counted(Stanza("m1"), "m1", link_up=False)
+    assert show(events) == [("stanza:hibernated", "m1"), ("message:hibernated", "m1", None, 1, 1)]
+    assert show(tracker.counted(Stanza("iq"), None, link_up=False)) == [("stanza:hibernated", "iq")]
+
+
+# ---------------------------------------------------------------- resumption
+
+
+def test_resumed_acks_covered_and_resends_the_rest(tracker: Tracker[Stanza]) -> None:
+    send_all(tracker, "m1", "m2", "m3")
+    for _ in range(5):
+        tracker.inbound()
+    tracker.link_lost()
+    tracker.resume_sent()
+    assert tracker.session.resuming
+    events, resend = tracker.resumed(1)
+    assert show(events) == [
+        ("stanza:acked", "m1"),
+        ("message:acked", "m1", None, 1, 1),
+        ("stanza:resent", "m2"),
+        ("message:resent", "m2", None, 2, 2),
+        ("stanza:resent", "m3"),
+        ("message:resent", "m3", None, 2, 3),
+    ]
+    assert [(e.payload.name, e.seq, e.message_id) for e in resend] == [
+        ("m2", 2, "m2"),
+        ("m3", 3, "m3"),
+    ]
+    session = tracker.session
+    assert session.enabled_in and session.enabled_out and not session.resuming
+    assert session.handled == 5  # inbound "handled" survives resumption
+    assert tracker.ledger.seq == 3
+    assert show(tracker.ack(3))[-1] == ("message:acked", "m3", None, 2, 3)
+    assert tracker.records == {}
+
+
+def test_resumed_with_bad_h_raises_and_loses_nothing(tracker: Tracker[Stanza]) -> None:
+    send_all(tracker, "m1", "m2")
+    tracker.link_lost()
+    tracker.resume_sent()
+    before = dict(tracker.records)
+    with pytest.raises(HTooHigh):
+        tracker.resumed(5)
+    assert tracker.records == before
+    assert [e.payload.name for e in tracker.ledger] == ["m1", "m2"]
+    events = tracker.protocol_error(HTooHigh("too high", 5, 0, 2))
+    assert show(events) == [
+        ("stanza:failed", "m1"),
+        ("message:failed", "m1", FailureReason.PROTOCOL_ERROR, 1, 1),
+        ("stanza:failed", "m2"),
+        ("message:failed", "m2", FailureReason.PROTOCOL_ERROR, 1, 2),
+    ]
+    assert not tracker.session.can_resume
+    assert tracker.records == {}
+
+
+def test_resume_failed_acks_what_h_covers_and_fails_the_rest(tracker: Tracker[Stanza]) -> None:
+    send_all(tracker, "m1", "m2", "m3")
+    tracker.link_lost()
+    tracker.resume_sent()
+    events = tracker.resume_failed(2)
+    assert show(events) == [
+        ("stanza:acked", "m1"),
+        ("message:acked", "m1", None, 1, 1),
+        ("stanza:acked", "m2"),
+        ("message:acked", "m2", None, 1, 2),
+        ("stanza:failed", "m3"),
+        ("message:failed", "m3", RESUME_FAILED, 1, 3),
+    ]
+    assert tracker.records == {}
+    assert len(tracker.ledger) == 0
+    session = tracker.session
+    assert not session.can_resume and not session.resuming and not session.enabled_out
+    assert session.sm_id is None
+
+
+@pytest.mark.parametrize("h", [None, 7, MAX_SEQ - 1], ids=["no-h", "too-high", "backwards"])
+def test_resume_failed_without_usable_h_fails_all(tracker: Tracker[Stanza], h: int | None) -> None:
+    send_all(tracker, "m1", "m2")
+    tracker.link_lost()
+    tracker.resume_sent()
+    events = tracker.resume_failed(h)
+    assert show(events) == [
+        ("stanza:failed", "m1"),
+        ("message:failed", "m1", RESUME_FAILED, 1, 1),
+        ("stanza:failed", "m2"),
+        ("message:failed", "m2", RESUME_FAILED, 1, 2),
+    ]
+
+
+def test_failed_record_can_be_resent_explicitly(tracker: Tracker[Stanza], clock: Clock) -> None:
+    send_all(tracker, "m1")
+    tracker.link_lost()
+    tracker.resume_sent()
+    failed = tracker.resume_failed(None)[-1].payload
+    assert isinstance(failed, TrackedMessage)
+    enable(tracker)
+    clock.tick()
+    events = tracker.resend(failed)
+    assert show(events) == [("message:resent", "m1", None, 2, None)]
+    assert tracker.counted(Stanza("m1"), "m1", link_up=True) == []
+    assert tracker.records["m1"].seq == 1
+    assert show(tracker.ack(1)) == [("stanza:acked", "m1"), ("message:acked", "m1", None, 2, 1)]
+    with pytest.raises(ValueError, match="only FAILED"):
+        tracker.resend(events[0].payload)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- session end
+
+
+def test_session_ended_fails_ledger_and_unsent_records(tracker: Tracker[Stanza]) -> None:
+    send_all(tracker, "m1")
+    tracker.track(outgoing("q1"), link_up=True)
+    tracker.track(outgoing("q2"), link_up=True)
+    assert tracker.unsent_ids() == ["q1", "q2"]
+    events = tracker.session_ended(unsent=["q2", "nope", "m1"])
+    assert show(events) == [
+        ("stanza:failed", "m1"),
+        ("message:failed", "m1", SESSION_ENDED, 1, 1),
+        ("message:failed", "q2", SESSION_ENDED, 1, None),
+    ]
+    # q1 is still queued in the client (it goes out with the next session): in flight.
+    assert set(tracker.records) == {"q1"}
+    assert tracker.session.sm_id is None
+    assert not tracker.session.enabled_out
+
+
+def test_should_drop_a_failed_message_still_queued_in_the_client(tracker: Tracker[Stanza]) -> None:
+    tracker.track(outgoing("q1"), link_up=True)
+    assert not tracker.should_drop("q1")
+    failed = tracker.session_ended(unsent=["q1"])[0].payload
+    assert isinstance(failed, TrackedMessage)
+    assert failed.state is S.FAILED
+    assert tracker.should_drop("q1")
+    assert not tracker.should_drop("other")
+    assert not tracker.should_drop(None)
+    # An explicit resend lets it out again.
+    tracker.resend(failed)
+    assert not tracker.should_drop("q1")
+
+
+def test_protocol_error_fails_with_protocol_error(tracker: Tracker[Stanza]) -> None:
+    send_all(tracker, "m1")
+    try:
+        tracker.ack(9)
+    except HTooHigh as exc:
+        events = tracker.protocol_error(exc)
+    else:
+        pytest.fail("h=9 beyond seq=1 must raise")
+    assert show(events) == [
+        ("stanza:failed", "m1"),
+        ("message:failed", "m1", FailureReason.PROTOCOL_ERROR, 1, 1),
+    ]
+    assert not tracker.session.can_resume
+
+
+# ---------------------------------------------------------------- inbound
+
+
+def test_inbound_counts_only_when_enabled_in() -> None:
+    tracker = new_tracker()
+    tracker.inbound()
+    assert tracker.session.handled == 0
+    tracker.enable_sent()
+    tracker.inbound()
+    assert tracker.session.handled == 0  # <enabled/> not in yet
+    tracker.enabled("sm", resumable=True, location=None, max=None)
+    for _ in range(3):
+        tracker.inbound()
+    assert tracker.session.handled == 3
+    tracker.link_lost()
+    tracker.inbound()
+    assert tracker.session.handled == 3
+    tracker.resume_sent()
+    tracker.inbound()
+    assert tracker.session.handled == 3  # <resumed/> not in yet
+    tracker.resumed(0)
+    tracker.inbound()
+    assert tracker.session.handled == 4  # not reset by resumption
+    tracker.enable_sent()
+    tracker.enabled("sm2", resumable=True, location=None, max=None)
+    assert tracker.session.handled == 0  # reset by a new <enabled/>
+
+
+def test_inbound_wraps_at_2_32(tracker: Tracker[Stanza]) -> None:
+    tracker.session.handled = MAX_SEQ - 2
+    tracker.inbound()
+    assert tracker.session.handled == MAX_SEQ - 1
+    tracker.inbound()
+    assert tracker.session.handled == 0
+    tracker.inbound()
+    assert tracker.session.handled == 1
+
+
+def test_outbound_seq_wraps_at_2_32(tracker: Tracker[Stanza]) -> None:
+    tracker.ledger.seq = tracker.ledger.last_ack = MAX_SEQ - 1
+    send_all(tracker, "m1", "m2")
+    assert [tracker.records[m].seq for m in ("m1", "m2")] == [0, 1]
+    tracker.link_lost()
+    tracker.resume_sent()
+    events, resend = tracker.resumed(0)
+    assert show(events) == [
+        ("stanza:acked", "m1"),
+        ("message:acked", "m1", None, 1, 0),
+        ("stanza:resent", "m2"),
+        ("message:resent", "m2", None, 2, 1),
+    ]
+    assert [(e.payload.name, e.seq) for e in resend] == [("m2", 1)]
+    assert show(tracker.ack(1))[-1] == ("message:acked", "m2", None, 2, 1)
+
+
+# ---------------------------------------------------------------- restarts
+
+
+def restored_state(**changes: object) -> RestoredState:
+    fields: dict[str, object] = {
+        "jid": "alice@example.org/r",
+        "stream_id": "old-stream",
+        "location": None,
+        "max": None,
+        "handled": 7,
+        "seq": 14,
+        "last_ack": 10,
+        "unacked": (
+            RestoredEntry(12, "<message id='a'/>", "a"),
+            RestoredEntry(14, "<iq id='q'/>", None),
+        ),
+        "saved_at": 1.0,
+    }
+    fields.update(changes)
+    return RestoredState(**fields)  # type: ignore[arg-type]
+
+
+def adopted_record(mid: str, seq: int | None, created_at: float) -> TrackedMessage:
+    return TrackedMessage(
+        id=mid,
+        origin_id=mid,
+        to="bob@example.org",
+        type="chat",
+        body="b",
+        state=S.HIBERNATED,
+        xml=f"<message id='{mid}'/>",
+        created_at=created_at,
+        updated_at=created_at,
+        seq=seq,
+    )
+
+
+def test_restored_state_resumes_with_gaps_and_settles_adopted_records() -> None:
+    tracker = new_tracker()
+    tracker.adopt(
+        [adopted_record("a", 12, 2.0), adopted_record("lost", 13, 1.0), adopted_record("b", 11, 3)]
+    )
+    tracker.restore(restored_state(), [Stanza("a"), Stanza("iq")])
+    assert tracker.session.can_resume and tracker.session.handled == 7
+    tracker.resume_sent()
+    events, resend = tracker.resumed(11)
+    assert show(events) == [
+        ("stanza:resent", "a"),
+        ("message:resent", "a", None, 2, 12),
+        ("stanza:resent", "iq"),
+        ("message:failed", "lost", RESUME_FAILED, 1, 13),  # oldest first
+        ("message:failed", "b", RESUME_FAILED, 1, 11),
+    ]
+    assert [(e.payload.name, e.seq) for e in resend] == [("a", 12), ("iq", 13)]
+    assert tracker.last_resume is not None
+    assert tracker.last_resume.missing == 1  # seq 13 was never saved
+    assert tracker.ledger.seq == 13
+
+
+def test_restored_state_refused_fails_adopted_records() -> None:
+    tracker = new_tracker()
+    tracker.adopt([adopted_record("a", 12, 2.0)])
+    tracker.restore(restored_state(), [Stanza("a"), Stanza("iq")])
+    tracker.resume_sent()
+    events = tracker.resume_failed(12)
+    assert show(events) == [
+        ("stanza:acked", "a"),
+        ("message:acked", "a", None, 1, 12),
+        ("stanza:failed", "iq"),
+    ]
+    assert tracker.records == {}
+
+
+def test_restored_state_accepts_an_h_ahead_of_the_saved_counter() -> None:
+    # The process crashed after writing stanzas it had not saved yet.
+    tracker = new_tracker()
+    tracker.restore(restored_state(), [Stanza("a"), Stanza("iq")])
+    tracker.resume_sent()
+    events, resend = tracker.resumed(16)
+    assert show(events) == [("stanza:acked", "a"), ("stanza:acked", "iq")]
+    assert resend == []
+    assert tracker.last_resume is not None and tracker.last_resume.ahead == 2
+    assert (tracker.ledger.seq, tracker.ledger.last_ack) == (16, 16)
+    # Live sessions never accept that.
+    tracker.link_lost()
+    tracker.resume_sent()
+    with pytest.raises(HTooHigh):
+        tracker.resumed(17)
+
+
+def test_restore_needs_one_payload_per_entry() -> None:
+    with pytest.raises(ValueError, match="one payload"):
+        new_tracker().restore(restored_state(), [Stanza("a")])
+
+
+def test_export_state_round_trips_the_counters(tracker: Tracker[Stanza]) -> None:
+    assert tracker.export_state(lambda e: "<x/>", now=5.0) is None  # no jid: nothing to save
+    tracker.enabled("sm-9", resumable=True, location="h:1", max=60, jid="a@b/c")
+    send_all(tracker, "m1", "m2")
+    tracker.ack(1)
+    state = tracker.export_state(lambda e: f"<message id='{e.message_id}'/>", now=5.0)
+    assert state is not None
+    assert {k: state[k] for k in ("jid", "stream_id", "location", "max", "seq", "last_ack")} == {
+        "jid": "a@b/c",
+        "stream_id": "sm-9",
+        "location": "h:1",
+        "max": 60,
+        "seq": 2,
+        "last_ack": 1,
+    }
+    assert state["unacked"] == [{"seq": 2, "xml": "<message id='m2'/>", "id": "m2"}]
+    tracker.enabled("sm-9", resumable=False, location=None, max=None, jid="a@b/c")
+    assert tracker.export_state(lambda e: "", now=5.0) is None
+
+
+def test_illegal_transition_is_raised_not_swallowed(tracker: Tracker[Stanza]) -> None:
+    # The table guards the tracker: an ACKED groupchat record cannot be hibernated.
+    send(tracker, "g1", "groupchat")
+    tracker.ack(1)
+    with pytest.raises(IllegalTransition):
+        tracker._move("g1", S.HIBERNATED)
+
+
+def test_entry_payload_is_what_was_counted(tracker: Tracker[Stanza]) -> None:
+    stanza = Stanza("m1")
+    tracker.track(outgoing("m1"), link_up=True)
+    tracker.counted(stanza, "m1", link_up=True)
+    entries: list[Entry[Stanza]] = list(tracker.ledger)
+    assert entries[0].payload is stanza
+    assert tracker.ack(1)[0].payload is stanza
+
+
+# ---------------------------------------------------------------- regressions
+
+
+def test_enable_abandons_the_old_stream(tracker: Tracker[Stanza]) -> None:
+    # Regression: <enable/> reset the ledger but kept the old stream's id, so a drop
+    # before <enabled/> hibernated the new stream's stanzas under the old id, and
+    # resuming the old stream then acked them with the old stream's h (false acks).
+    send_all(tracker, "m1")
+    tracker.ack(1)
+    tracker.link_lost()
+    assert tracker.enable_sent() == []
+    assert not tracker.session.can_resume
+    assert tracker.session.sm_id is None
+    send_all(tracker, "n1", "n2")
+    assert tracker.link_lost() == []  # nothing can be resumed: nothing hibernates
+    assert {mid: r.state for mid, r in tracker.records.items()} == {"n1": S.SENT, "n2": S.SENT}
+    events = tracker.enable_sent()
+    assert [e.name for e in events].count("message:failed") == 2
+
+
+def test_enable_after_a_restored_state_does_not_resume_it() -> None:
+    tracker = new_tracker()
+    tracker.restore(restored_state(), [Stanza("a"), Stanza("iq")])
+    events = tracker.enable_sent()
+    assert show(events) == [("stanza:failed", "a"), ("stanza:failed", "iq")]
+    assert not tracker.session.can_resume
+    assert not tracker.session.restored
+
+
+def test_a_second_copy_of_a_settled_message_is_a_plain_stanza(tracker: Tracker[Stanza]) -> None:
+    # Regression: the app writes an acked groupchat message again (same id) while the
+    # record waits for the room's reflection. The copy was tied to the ACKED record, so
+    # the next drop or resumption raised IllegalTransition (ACKED -> HIBERNATED/RESENT)
+    # in the middle of the event list.
+    send(tracker, "g1", "groupchat")
+    tracker.ack(1)
+    kept = tracker.records["g1"]
+    assert tracker.counted(Stanza("g1-copy"), "g1", link_up=True) == []
+    assert tracker.records["g1"] is kept
+    send(tracker, "m2")
+    assert show(tracker.link_lost()) == [
+        ("stanza:hibernated", "g1-copy"),
+        ("stanza:hibernated", "m2"),
+        ("message:hibernated", "m2", None, 1, 3),
+    ]
+    tracker.resume_sent()
+    events, _ = tracker.resumed(1)
+    assert show(events) == [
+        ("stanza:resent", "g1-copy"),
+        ("stanza:resent", "m2"),
+        ("message:resent", "m2", None, 2, 3),
+    ]
+    assert show(tracker.ack(3)) == [
+        ("stanza:acked", "g1-copy"),
+        ("stanza:acked", "m2"),
+        ("message:acked", "m2", None, 2, 3),
+    ]
+    assert tracker.records["g1"] is kept
+
+
+def test_a_parked_copy_after_an_explicit_resend_is_a_plain_stanza(
+    tracker: Tracker[Stanza],
+) -> None:
+    # Regression: a message failed while parked in the client's queue, the user resent
+    # it, and both copies went out. Both were tied to the record: the record's seq
+    # pointed at the second copy while the first one acked it, and once acked (a
+    # groupchat record stays) the next drop raised IllegalTransition.
+    tracker.track(outgoing("g1", "groupchat"), link_up=True)
+    failed = tracker.session_ended(unsent=["g1"])[0].payload
+    assert isinstance(failed, TrackedMessage)
+    enable(tracker)
+    tracker.resend(failed)
+    assert tracker.counted(Stanza("parked-copy"), "g1", link_up=True) == []
+    assert tracker.counted(Stanza("resent-copy"), "g1", link_up=True) == []
+    assert tracker.records["g1"].seq == 1
+    assert show(tracker.ack(1)) == [
+        ("stanza:acked", "parked-copy"),
+        ("message:acked", "g1", None, 2, 1),
+    ]
+    assert show(tracker.link_lost()) == [("stanza:hibernated", "resent-copy")]
+    assert tracker.records["g1"].state is S.ACKED
+
+
+# ---------------------------------------------------------------- stateful
+
+
+TERMINAL = {"message:acked", "message:failed"}
+STARTS = {"message:sent", "message:resent"}
+
+
+class TrackerMachine(RuleBasedStateMachine):
+    """Random interleavings of the facts the plugin feeds the tracker, against a model
+    of the server that knows which stanzas each stream really received.
+
+    The client side keeps its send queue (tracked but not written yet, including what
+    is parked while the link is down); the wire loses what is on it when the link
+    drops; the server answers ``<a h>``, ``<resumed h>`` and ``<failed h>`` truthfully.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock = Clock()
+        self.tracker: Tracker[Stanza] = Tracker(clock=self.clock)
+        self.phase = "down"  # "down", "negotiating" (<enable/> out), "up"
+        self.queue: list[tuple[str, str | None]] = []  # (stanza name, message id)
+        self.history: dict[str, list[TrackedMessage]] = {}
+        self.events: dict[str, list[str]] = {}
+        self.serial = 0
+        # The server: what each stream received, which ones it would resume, the
+        # stream on the current connection, what is still on the wire, the last h sent.
+        self.received: dict[str, list[str]] = {}
+        self.resumable_streams: set[str] = set()
+        self.stream: str | None = None
+        self.wire: list[str] = []
+        self.last_h: dict[str, int] = {}
+        self.enable()
+        self.enabled_arrives(resumable=True)
+
+    # ------------------------------------------------------------ bookkeeping
+
+    def new_name(self, prefix: str) -> str:
+        self.serial += 1
+        return f"{prefix}{self.serial}"
+
+    def apply(self, events: list[Event], *, acked_on: str | None = None) -> None:
+        """Check and record events; ``acked_on`` is the stream whose h acks them."""
+        for event in events:
+            payload = event.payload
+            if not isinstance(payload, TrackedMessage):
+                assert isinstance(payload, Stanza)
+                if event.name == "stanza:acked":
+                    # Never a false ack: the stream acking it really received it.
+                    assert acked_on is not None
+                    assert payload.name in self.received[acked_on], (payload, acked_on)
+                continue
+            assert event.name == f"message:{payload.state.value}"
+            history = self.history.setdefault(payload.id, [])
+            if history:
+                previous = history[-1].state
+                # No event without a move, and only moves the table allows.
+                assert next_state(previous, payload.state) is payload.state, (
+                    previous,
+                    payload.state,
+                )
+            else:
+                assert event.name == "message:sent"
+            history.append(payload)
+            self.events.setdefault(payload.id, []).append(event.name)
+            self.clock.tick(0.001)
+
+    def last_state(self, message_id: str) -> DeliveryState:
+        return self.history[message_id][-1].state
+
+    def write(self, count: int) -> None:
+        """The client writes the first ``count`` queued stanzas (the plugin's filter)."""
+        tracker = self.tracker
+        for _ in range(min(count, len(self.queue))):
+            name, message_id = self.queue.pop(0)
+            if message_id is not None and self.last_state(message_id) is S.FAILED:
+                # Failed while queued: only an explicit resend may send it.
+                assert tracker.should_drop(message_id), message_id
+                continue
+            assert not tracker.should_drop(message_id)
+            if message_id not in tracker.records:
+                message_id = None  # no record to tie it to (the plugin does the same)
+            self.apply(tracker.counted(Stanza(name), message_id, link_up=True))
+            self.wire.append(name)
+
+    def enable(self) -> None:
+        """A new connection sends <enable/>: the server opens a new stream for it."""
+        self.stream = self.new_name("stream-")
+        self.received[self.stream] = []
+        self.last_h[self.stream] = 0
+        self.apply(self.tracker.enable_sent())
+        self.phase = "negotiating"
+
+    def connection_gone(self) -> None:
+        self.wire.clear()
+        self.phase = "down"
+
+    # ------------------------------------------------------------ rules: client
+
+    @rule(kind=st.sampled_from(["chat", "chat", "groupchat", "iq"]), now=st.booleans())
+    def track(self, kind: str, now: bool) -> None:
+        """The app sends a message (or a body-less stanza): it joins the client's queue."""
+        if kind == "iq":
+            self.queue.append((self.new_name("iq"), None))
+        else:
+            mid = self.new_name("m")
+            self.apply(self.tracker.track(outgoing(mid, kind), link_up=self.phase != "down"))
+            self.queue.append((mid, mid))
+        if now and self.phase != "down":
+            self.write(len(self.queue))
+
+    @precondition(lambda self: self.phase != "down" and bool(self.queue))
+    @rule(count=st.integers(min_value=1, max_value=4))
+    def send_queued(self, count: int) -> None:
+        self.write(count)
+
+    def resendable(self) -> list[TrackedMessage]:
+        queued = {mid for _, mid in self.queue}
+        return [
+            h[-1]
+            for mid, h in self.history.items()
+            if h[-1].state is S.FAILED and mid not in queued
+        ]
+
+    @precondition(lambda self: self.phase != "down" and bool(self.resendable()))
+    @rule(data=st.data())
+    def resend_failed(self, data: st.DataObject) -> None:
+        record = data.draw(st.sampled_from(self.resendable()), label="resend")
+        self.apply(self.tracker.resend(record))
+        self.queue.append((self.new_name(f"{record.id}.copy"), record.id))
+
+    @precondition(lambda self: self.phase == "up")
+    @rule()
+    def close(self) -> None:
+        """The user disconnects: the session ends, nothing queued goes out."""
+        self.apply(self.tracker.session_ended(unsent=self.tracker.unsent_ids()))
+        self.resumable_streams.discard(self.stream or "")
+        self.connection_gone()
+        for mid in self.tracker.unsent_ids():
+            raise AssertionError(f"{mid} still unsent after the session was closed")
+
+    # ------------------------------------------------------------ rules: server
+
+    @precondition(lambda self: self.phase == "negotiating")
+    @rule(resumable=st.booleans())
+    def enabled_arrives(self, resumable: bool) -> None:
+        assert self.stream is not None
+        self.apply(self.tracker.enabled(self.stream, resumable=resumable, location=None, max=None))
+        if resumable:
+            self.resumable_streams.add(self.stream)
+        self.phase = "up"
+
+    @precondition(lambda self: self.phase != "down" and bool(self.wire))
+    @rule(count=st.integers(min_value=1, max_value=4))
+    def server_receives(self, count: int) -> None:
+        assert self.stream is not None
+        self.received[self.stream] += self.wire[:count]
+        del self.wire[:count]
+
+    @precondition(lambda self: self.phase == "up")
+    @rule(data=st.data())
+    def server_acks(self, data: st.DataObject) -> None:
+        assert self.stream is not None
+        stream, tracker = self.stream, self.tracker
+        if data.draw(st.sampled_from([False] * 9 + [True]), label="broken server"):
+            before = [(e.seq, e.message_id) for e in tracker.ledger]
+            extra = data.draw(st.integers(min_value=1, max_value=5), label="extra")
+            with pytest.raises(HTooHigh) as exc:
+                tracker.ack(seq_add(tracker.ledger.seq, extra))
+            assert [(e.seq, e.message_id) for e in tracker.ledger] == before
+            self.apply(tracker.protocol_error(exc.value))
+            # The plugin aborts the stream; the session is gone for both sides.
+            self.resumable_streams.discard(stream)
+            self.apply(tracker.link_lost())
+            self.connection_gone()
+            return
+        h = data.draw(st.integers(self.last_h[stream], len(self.received[stream])), label="h")
+        self.last_h[stream] = h
+        self.apply(tracker.ack(h), acked_on=stream)
+        assert tracker.ledger.last_ack == h
+
+    @precondition(lambda self: self.phase != "down")
+    @rule()
+    def link_drops(self) -> None:
+        tracker = self.tracker
+        resumable = tracker.session.can_resume
+        self.apply(tracker.link_lost())
+        self.connection_gone()
+        if resumable:
+            unsettled = [r for r in tracker.records.values() if r.in_flight]
+            assert all(r.state is S.HIBERNATED for r in unsettled)
+        else:
+            # slixmpp ends the session; what it parked goes out with the next one.
+            self.apply(tracker.session_ended(unsent=[]))
+
+    @precondition(lambda self: self.phase == "down" and bool(self.resumable_streams))
+    @rule(data=st.data())
+    def server_forgets(self, data: st.DataObject) -> None:
+        """The hibernation timeout ran out on the server."""
+        stream = data.draw(st.sampled_from(sorted(self.resumable_streams)), label="forget")
+        self.resumable_streams.discard(stream)
+
+    @precondition(lambda self: self.phase == "down")
+    @rule(data=st.data())
+    def reconnect(self, data: st.DataObject) -> None:
+        tracker = self.tracker
+        previd = tracker.session.sm_id
+        if not tracker.session.can_resume or not data.draw(st.booleans(), label="resume"):
+            self.enable()
+            return
+        assert previd is not None
+        tracker.resume_sent()
+        received = self.received.get(previd)
+        assert received is not None, f"resuming {previd}, a stream the server never opened"
+        h = len(received)
+        if previd in self.resumable_streams:
+            events, resend = tracker.resumed(h)
+            self.apply(events, acked_on=previd)
+            # Nothing resent twice: none of them reached the server on that stream.
+            assert not {e.payload.name for e in resend} & set(received)
+            assert [e.seq for e in resend] == [seq_add(h, i) for i in range(1, len(resend) + 1)]
+            assert tracker.ledger.seq == seq_add(h, len(resend))
+            self.stream, self.phase = previd, "up"
+            self.last_h[previd] = h
+            self.wire += [e.payload.name for e in resend]
+        else:
+            failed_h = data.draw(st.sampled_from([h, None]), label="<failed h>")
+            self.apply(tracker.resume_failed(failed_h), acked_on=previd)
+            assert len(tracker.ledger) == 0
+            self.apply(tracker.session_ended(unsent=[]))
+            self.enable()
+
+    # ------------------------------------------------------------ invariants
+
+    @invariant()
+    def every_message_is_in_flight_or_settled_once(self) -> None:
+        records = self.tracker.records
+        for mid, names in self.events.items():
+            last_start = max(i for i, n in enumerate(names) if n in STARTS)
+            terminal = sum(1 for n in names[last_start:] if n in TERMINAL)
+            record = records.get(mid)
+            in_flight = record is not None and record.in_flight
+            assert terminal <= 1, (mid, names)
+            assert in_flight != (terminal == 1), (mid, names, record)
+            if record is not None:
+                assert record.state is self.last_state(mid)
+                if not record.in_flight:
+                    assert (record.state, record.type) == (S.ACKED, "groupchat")
+
+    @invariant()
+    def ledger_and_records_agree(self) -> None:
+        records = self.tracker.records
+        carried: dict[str, int] = {}
+        for entry in self.tracker.ledger:
+            if entry.message_id is not None:
+                record = records[entry.message_id]
+                assert record.in_flight
+                assert record.seq == entry.seq
+                assert entry.message_id not in carried  # one entry per record
+                carried[entry.message_id] = entry.seq
+        queued = {mid for _, mid in self.queue if mid is not None}
+        for mid, record in records.items():
+            if not record.in_flight:
+                continue
+            if record.seq is None:
+                assert mid in queued, mid  # still waiting in the client's queue
+            else:
+                assert carried.get(mid) == record.seq, mid
+        ledger = self.tracker.ledger
+        assert ledger.in_flight == len(ledger)  # nothing restored: no gaps
+
+    def teardown(self) -> None:
+        # Closing the session settles everything: nothing is ever left in flight.
+        self.close()
+        assert all(not r.in_flight for r in self.tracker.records.values())
+        self.every_message_is_in_flight_or_settled_once()
+
+
+TrackerMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
+test_tracker_machine = TrackerMachine.TestCase
