@@ -45,6 +45,12 @@ log = logging.getLogger(__name__)
 SM_NS = "urn:xmpp:sm:3"
 SID_NS = "urn:xmpp:sid:0"
 HINTS_NS = "urn:xmpp:hints"
+CARBONS_NS = "urn:xmpp:carbons:2"
+FORWARD_NS = "urn:xmpp:forward:0"
+RECEIPTS_NS = "urn:xmpp:receipts"
+MARKERS_NS = "urn:xmpp:chat-markers:0"
+MUC_USER_NS = "http://jabber.org/protocol/muc#user"
+STANZAS_NS = "urn:ietf:params:xml:ns:xmpp-stanzas"
 DELAY_NS = "urn:xmpp:delay"
 _FAILED_TAG = f"{{{SM_NS}}}failed"
 
@@ -112,6 +118,10 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         "add_origin_id": True,
         #: ``should_track(message) -> bool``; None tracks every message with a body.
         "should_track": None,
+        #: Ask for XEP-0184 receipts on tracked chat messages (``message:delivered``).
+        "request_receipts": False,
+        #: Mark tracked chat messages markable (XEP-0333) to get ``message:displayed``.
+        "request_markers": False,
     }
 
     # ---------------------------------------------------------------- lifecycle
@@ -144,6 +154,9 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         self._reconnect_timer: asyncio.TimerHandle | None = None
         self._negotiation_timer: asyncio.TimerHandle | None = None
         self._reconnect_attempt = 0
+        #: Our nick in each room we are in (from self-presence, status 110).
+        self._room_nicks: dict[str, str] = {}
+        self._late_tasks: set[asyncio.Future[None]] = set()
 
         self._displace_xep_0198()
         self._handlers = (
@@ -367,6 +380,11 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         if origin is None and self.add_origin_id:
             origin = ET.SubElement(xml, f"{{{SID_NS}}}origin-id", {"id": message_id})
         origin_id = origin.get("id", message_id) if origin is not None else message_id
+        if xml.get("type", "normal") in ("chat", "normal"):
+            if self.request_receipts and xml.find(f"{{{RECEIPTS_NS}}}request") is None:
+                ET.SubElement(xml, f"{{{RECEIPTS_NS}}}request")
+            if self.request_markers and xml.find(f"{{{MARKERS_NS}}}markable") is None:
+                ET.SubElement(xml, f"{{{MARKERS_NS}}}markable")
         body = xml.find(f"{{{message.namespace}}}body")
         outgoing = OutgoingMessage(
             id=message_id,
@@ -507,10 +525,141 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         self.xmpp.send_raw(f"<a xmlns='{SM_NS}' h='{self.core.session.handled}'/>")
 
     def _count_inbound(self, stanza: StanzaBase) -> StanzaBase:
-        if isinstance(stanza, (Message, Presence, Iq)) and self.core.session.enabled_in:
+        """in filter: count handled stanzas, and read the proofs peers send back."""
+        if not isinstance(stanza, (Message, Presence, Iq)):
+            return stanza
+        if self.core.session.enabled_in:
             self.core.inbound()
             self.sm.changed()
+        try:
+            if isinstance(stanza, Message):
+                self._read_message(stanza)
+            elif isinstance(stanza, Presence):
+                self._read_presence(stanza)
+        except Exception:  # a malformed stanza must never break the inbound path
+            log.exception("could not read an inbound stanza for delivery proofs")
         return stanza
+
+    def _read_message(self, message: Message) -> None:
+        xml = message.xml
+        kind = xml.get("type")
+        if kind == "error":
+            self._read_bounce(xml)
+            return
+        if kind == "groupchat":
+            self._read_reflection(xml)
+            return
+        sender = xml.get("from", "")
+        if sender.split("/", 1)[0] == self.xmpp.boundjid.bare:
+            carbon = xml.find(f"{{{CARBONS_NS}}}sent/{{{FORWARD_NS}}}forwarded")
+            if carbon is not None:
+                self._read_sent_carbon(carbon)
+                return
+        receipt = xml.find(f"{{{RECEIPTS_NS}}}received")
+        if receipt is not None and receipt.get("id"):
+            self._late_signal(receipt.get("id", ""), self.core.delivered)
+        marker = xml.find(f"{{{MARKERS_NS}}}displayed")
+        if marker is not None and marker.get("id"):
+            self._late_signal(marker.get("id", ""), self.core.displayed)
+
+    def _read_bounce(self, xml: ET.Element) -> None:
+        message_id = xml.get("id")
+        if not message_id:
+            return
+        error = xml.find(f"{{{self.xmpp.default_ns}}}error")
+        error_type, condition, text = "cancel", "undefined-condition", ""
+        if error is not None:
+            error_type = error.get("type", "cancel")
+            for child in error:
+                if not child.tag.startswith(f"{{{STANZAS_NS}}}"):
+                    continue
+                tag = child.tag.rpartition("}")[2]
+                if tag == "text":
+                    text = child.text or ""
+                else:
+                    condition = tag
+        reason = FailureReason.bounce(error_type, condition, text)
+        self._late_signal(message_id, lambda mid: self.core.bounced(mid, reason))
+
+    def _read_reflection(self, xml: ET.Element) -> None:
+        room, _, nick = xml.get("from", "").partition("/")
+        if not nick or self._room_nicks.get(room) != nick:
+            return
+        body = xml.find(f"{{{self.xmpp.default_ns}}}body")
+        origin = xml.find(f"{{{SID_NS}}}origin-id")
+        message_id = self.core.find_reflected(
+            room,
+            origin.get("id") if origin is not None else None,
+            xml.get("id"),
+            body.text if body is not None else None,
+        )
+        if message_id is not None:
+            self._dispatch(self.core.room_received(message_id))
+
+    def _read_sent_carbon(self, forwarded: ET.Element) -> None:
+        inner = forwarded.find(f"{{{self.xmpp.default_ns}}}message")
+        if inner is None:
+            return
+        body = inner.find(f"{{{self.xmpp.default_ns}}}body")
+        message_id = inner.get("id")
+        if body is None or not body.text or not message_id or message_id in self.core.records:
+            return
+        origin = inner.find(f"{{{SID_NS}}}origin-id")
+        outgoing = OutgoingMessage(
+            id=message_id,
+            origin_id=origin.get("id", message_id) if origin is not None else message_id,
+            to=inner.get("to", ""),
+            type=inner.get("type", "normal"),
+            body=body.text,
+            xml=tostring(inner, top_level=True),
+            via_carbon=True,
+        )
+        self._dispatch(self.core.track(outgoing, link_up=True))
+
+    def _read_presence(self, presence: Presence) -> None:
+        """Our own occupant presence (status 110): which nick is ours in which room."""
+        xml = presence.xml
+        muc = xml.find(f"{{{MUC_USER_NS}}}x")
+        if muc is None:
+            return
+        codes = {status.get("code") for status in muc.findall(f"{{{MUC_USER_NS}}}status")}
+        if "110" not in codes:
+            return
+        room, _, nick = xml.get("from", "").partition("/")
+        if xml.get("type") != "unavailable":
+            self._room_nicks[room] = nick
+            return
+        if "303" in codes:  # nick change: the new nick comes in the item
+            item = muc.find(f"{{{MUC_USER_NS}}}item")
+            if item is not None and item.get("nick"):
+                self._room_nicks[room] = item.get("nick", "")
+                return
+        self._room_nicks.pop(room, None)
+        removed = codes & {"301", "307", "321", "322", "332"}
+        reason = FailureReason.REMOVED_FROM_ROOM if removed else FailureReason.LEFT_ROOM
+        self._dispatch(self.core.left_room(room, reason))
+
+    def _late_signal(self, message_id: str, signal: Callable[[str], list[Event]]) -> None:
+        """Apply a peer's proof to a record, fetching it from the store if it was retired."""
+        if message_id in self.core.records:
+            self._dispatch(signal(message_id))
+            return
+
+        async def from_store() -> None:
+            try:
+                await self._writer.flush()
+                record = await self.store.get(message_id)
+            except Exception:
+                log.exception("could not load message %s for a late delivery proof", message_id)
+                return
+            if record is None:
+                return  # not one of ours
+            self.core.reinstate(record)
+            self._dispatch(signal(message_id))
+
+        task = asyncio.ensure_future(from_store())
+        self._late_tasks.add(task)
+        task.add_done_callback(self._late_tasks.discard)
 
     def _protocol_error(self, exc: SMProtocolError) -> None:
         """XEP-0198 §4: an ``h`` beyond what we sent ends the stream; nothing is lost."""

@@ -20,6 +20,19 @@ class FailureReason:
     PROTOCOL_ERROR = "protocol-error"
     #: The server refused ``<enable/>``; nothing on this stream can be confirmed.
     SM_UNAVAILABLE = "sm-unavailable"
+    #: We left the room before it reflected the message.
+    LEFT_ROOM = "left-room"
+    #: The room removed us (kick 307, ban 301, ...) before it reflected the message.
+    REMOVED_FROM_ROOM = "removed-from-room"
+
+    @staticmethod
+    def bounce(error_type: str, condition: str, text: str = "") -> str:
+        """The reason for an error bounce: ``"<type>:<condition>"``, then the text."""
+        reason = f"{error_type or 'cancel'}:{condition or 'undefined-condition'}"
+        return f"{reason} ({text})" if text else reason
+
+    #: Failures worth retrying: nothing refused the message itself.
+    RETRYABLE = frozenset({RESUME_FAILED, SESSION_ENDED, PROTOCOL_ERROR, SM_UNAVAILABLE})
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +61,13 @@ class TrackedMessage:
     def in_flight(self) -> bool:
         """True while the message still depends on the current stream."""
         return self.state in IN_FLIGHT
+
+    @property
+    def retryable(self) -> bool:
+        """True for a failure that a later attempt may fix (never a refusal)."""
+        if self.state is not DeliveryState.FAILED or self.reason is None:
+            return False
+        return self.reason in FailureReason.RETRYABLE or self.reason.startswith("wait:")
 
     @property
     def conversation(self) -> str:

@@ -249,6 +249,71 @@ class Tracker(Generic[P]):
         """``<a h>`` came in. Raises :class:`SMProtocolError` on a bad ``h``."""
         return self._fate(self.ledger.ack(h), _S.ACKED)
 
+    # ------------------------------------------------------------------ proofs from peers
+
+    def reinstate(self, record: TrackedMessage) -> None:
+        """Bring a settled record (from the store) back for one late signal."""
+        self.records.setdefault(record.id, record)
+
+    def find_reflected(
+        self, room: str, origin_id: str | None, stanza_id: str | None, body: str | None
+    ) -> str | None:
+        """Which of our groupchat messages to ``room`` a reflection is: by origin-id,
+        then id, then (for rooms that rewrite both) the oldest unreflected one with
+        the same body."""
+        candidates = [
+            r
+            for r in self.records.values()
+            if r.type == "groupchat"
+            and r.conversation == room
+            and r.state not in (_S.ROOM_RECEIVED, _S.DELIVERED, _S.DISPLAYED)
+        ]
+        for wanted, key in ((origin_id, "origin_id"), (stanza_id, "id")):
+            if wanted:
+                for record in candidates:
+                    if getattr(record, key) == wanted:
+                        return record.id
+        if body:
+            same_body = [r for r in candidates if r.body == body]
+            if same_body:
+                return min(same_body, key=lambda r: r.created_at).id
+        return None
+
+    def room_received(self, message_id: str) -> list[Event]:
+        """The room reflected our message: it has it (and so has our server)."""
+        moved = self._move(message_id, _S.ROOM_RECEIVED)
+        return [moved] if moved is not None else []
+
+    def delivered(self, message_id: str) -> list[Event]:
+        """An XEP-0184 receipt came back from the recipient."""
+        moved = self._move(message_id, _S.DELIVERED)
+        return [moved] if moved is not None else []
+
+    def displayed(self, message_id: str) -> list[Event]:
+        """An XEP-0333 displayed marker came back from the recipient."""
+        moved = self._move(message_id, _S.DISPLAYED)
+        return [moved] if moved is not None else []
+
+    def bounced(self, message_id: str, reason: str) -> list[Event]:
+        """An error bounce: the server, the recipient or the room refused the message.
+
+        It fails even after ``acked`` (the server had it, somebody refused it).
+        """
+        moved = self._move(message_id, _S.FAILED, reason=reason)
+        return [moved] if moved is not None else []
+
+    def left_room(self, room: str, reason: str) -> list[Event]:
+        """We left (or were removed from) ``room``: what it has not reflected fails."""
+        events: list[Event] = []
+        for record in list(self.records.values()):
+            if record.type != "groupchat" or record.conversation != room:
+                continue
+            if record.in_flight or record.state is _S.ACKED:
+                moved = self._move(record.id, _S.FAILED, reason=reason)
+                if moved is not None:
+                    events.append(moved)
+        return events
+
     # ------------------------------------------------------------------ inbound
 
     def inbound(self) -> None:

@@ -334,6 +334,8 @@ class ProsodyServer:
             "",
             f"Component {q(self._muc_domain)} {q('muc')}",
             '    modules_enabled = { "muc_mam" }',
+            # Rooms created by a join are usable at once (no owner configuration step).
+            "    muc_room_locking = false",
             "",
         ]
         self.config_path.write_text("\n".join(lines), encoding="utf-8")
