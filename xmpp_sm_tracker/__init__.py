@@ -7,10 +7,12 @@ Load it with ``xmpp.register_plugin("sm_tracker", module="xmpp_sm_tracker")``
 from .core.acks import AckPolicy
 from .core.ledger import HBackwards, HTooHigh, SMProtocolError
 from .core.records import FailureReason, TrackedMessage
+from .core.smstate import SMStateError
 from .core.states import DeliveryState, IllegalTransition
 from .plugin import SMTracker
 from .stores.base import SMState, StoreError, TrackerStore
 from .stores.memory import MemoryStore
+from .stores.sqlite import SQLiteStore
 
 #: slixmpp's ``register_plugin(name, module=...)`` looks up ``getattr(module, name)``.
 sm_tracker = SMTracker
@@ -27,7 +29,9 @@ __all__ = [
     "MemoryStore",
     "SMProtocolError",
     "SMState",
+    "SMStateError",
     "SMTracker",
+    "SQLiteStore",
     "StoreError",
     "TrackedMessage",
     "TrackerStore",

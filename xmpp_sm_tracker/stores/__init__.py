@@ -2,5 +2,6 @@
 
 from .base import SMState, StoreError, TrackerStore
 from .memory import MemoryStore
+from .sqlite import SQLiteStore
 
-__all__ = ["MemoryStore", "SMState", "StoreError", "TrackerStore"]
+__all__ = ["MemoryStore", "SMState", "SQLiteStore", "StoreError", "TrackerStore"]

@@ -1,0 +1,38 @@
+"""A separate process that sends tracked messages durably, then waits to be killed.
+
+Used by the restart tests: ``python -m tests.helpers.child_sender DB HOST PORT COUNT``.
+It prints READY once connected, reads one line (the go signal), sends COUNT
+messages to bob through ``tracker.send_message`` (durable), flushes records and the
+SM state into the SQLite file, prints FLUSHED and sleeps until SIGKILL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from xmpp_sm_tracker import SQLiteStore
+from xmpp_sm_tracker.testing.client import connect_client, make_client, tracker_of, wait_for
+
+
+async def main(db: str, host: str, port: int, count: int) -> None:
+    xmpp = make_client("alice@localhost/child", "pass", tracker_config={"ack_delay": 0.05})
+    tracker = tracker_of(xmpp)
+    store = SQLiteStore(db)
+    await tracker.attach(store)
+    tracker.sm.load(await store.load_sm_state())
+    tracker.sm.cache(store.save_sm_state)
+    await connect_client(xmpp, (host, port))
+    await wait_for(lambda: tracker.sm.calls > 0)
+    print("READY", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    for i in range(count):
+        await tracker.send_message("bob@localhost", f"durable {i}")
+    await wait_for(lambda: all(r.seq is not None for r in tracker.core.records.values()))
+    await tracker.flush()
+    print("FLUSHED", flush=True)
+    await asyncio.sleep(3600)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
