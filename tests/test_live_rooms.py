@@ -224,3 +224,40 @@ async def test_leaving_a_room_fails_what_it_has_not_reflected(
     assert record.state in (DeliveryState.ROOM_RECEIVED, DeliveryState.FAILED)
     if record.state is DeliveryState.FAILED:
         assert record.reason == "left-room"
+
+
+async def test_being_kicked_fails_messages_the_room_never_reflected(
+    prosody: ProsodyServer, proxy: FaultProxy, clients: Any
+) -> None:
+    room = room_jid(prosody)
+    bob = await clients("bob", prosody.address, tracked=False)
+    await bob.join(room, "Bob")  # bob creates the room: he owns it
+    alice = await clients("alice", proxy.address)
+    await alice.join(room, "Alice")
+    proxy.stall()  # alice's message waits on the wire while bob kicks her
+    message_id = alice.send(room, "too late", "groupchat")
+    await bob.xmpp.plugin["xep_0045"].set_role(slixmpp.JID(room), "Alice", "none")
+    proxy.heal()
+
+    await wait_for(lambda: alice.log.count("message:failed") == 1)
+    record = alice.records[message_id]
+    # Either the kick (307) arrives first, or the room bounces the message of a non-occupant.
+    assert record.reason == "removed-from-room" or record.reason.startswith(
+        ("cancel:", "modify:", "auth:")
+    ), record.reason
+    assert alice.log.count("message:room_received") == 0
+
+
+async def test_should_track_predicate_and_no_store_hint_opt_out(
+    prosody: ProsodyServer, proxy: FaultProxy, clients: Any
+) -> None:
+    def only_important(message: Any) -> bool:
+        return str(message["body"]).startswith("!")
+
+    alice = await clients("alice", proxy.address, should_track=only_important)
+    kept = alice.send("bob@localhost", "! tracked")
+    skipped = alice.send("bob@localhost", "chit-chat")
+    await wait_for(lambda: alice.log.count("message:acked") == 1)
+    await asyncio.sleep(0.2)
+    assert alice.log.ids("message:sent") == [kept]
+    assert await alice.tracker.get(skipped) is None

@@ -121,6 +121,8 @@ class Tracker(Generic[P]):
             return None
         state = next_state(record.state, signal)
         if state is None:
+            if self._settled(record):
+                del self.records[message_id]  # a reinstated record goes back out
             return None
         if state is _S.RESENT:
             changes.setdefault("attempts", record.attempts + 1)
