@@ -7,6 +7,7 @@ Load it with ``xmpp.register_plugin("sm_tracker", module="xmpp_sm_tracker")``
 from .core.acks import AckPolicy
 from .core.ledger import HBackwards, HTooHigh, SMProtocolError
 from .core.records import FailureReason, TrackedMessage
+from .core.retry import RetryPolicy
 from .core.smstate import SMStateError
 from .core.states import DeliveryState, IllegalTransition
 from .plugin import SMTracker
@@ -27,6 +28,7 @@ __all__ = [
     "HTooHigh",
     "IllegalTransition",
     "MemoryStore",
+    "RetryPolicy",
     "SMProtocolError",
     "SMState",
     "SMStateError",

@@ -14,7 +14,6 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime
 from typing import Any, ClassVar
 from xml.etree import ElementTree as ET
 
@@ -31,8 +30,11 @@ from slixmpp.xmlstream.matcher import MatchMany, MatchXPath
 from .core.acks import AckClock, AckPolicy
 from .core.ledger import Entry, HBackwards, SMProtocolError
 from .core.records import FailureReason, TrackedMessage
+from .core.retry import RetryPolicy
 from .core.smstate import SMStateError, parse_state
+from .core.states import DeliveryState
 from .core.tracker import Event, OutgoingMessage, Tracker
+from .resend import Resender
 from .smhooks import SMStateHooks
 from .stores.base import TrackerStore
 from .stores.memory import MemoryStore
@@ -122,6 +124,18 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         "request_receipts": False,
         #: Mark tracked chat messages markable (XEP-0333) to get ``message:displayed``.
         "request_markers": False,
+        #: A RetryPolicy to resend retryable failures by itself; None never resends unasked.
+        "retry_policy": None,
+        #: Hold new messages to a conversation while older ones there are being resent.
+        "keep_order": True,
+        #: Before resending what failed unanswered, look it up in our XEP-0313 archive.
+        "reconcile_with_archive": True,
+        #: Seconds before the oldest failed message to start the archive query at.
+        "reconcile_slack": 60.0,
+        #: At most this many archived messages are read per check.
+        "reconcile_limit": 1000,
+        #: Give up the archive check (and resend) after this many seconds.
+        "reconcile_timeout": 10.0,
     }
 
     # ---------------------------------------------------------------- lifecycle
@@ -157,6 +171,9 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         #: Our nick in each room we are in (from self-presence, status 110).
         self._room_nicks: dict[str, str] = {}
         self._late_tasks: set[asyncio.Future[None]] = set()
+
+        self.resender = Resender(self)
+        self.core.retry_policy = self.retry_policy
 
         self._displace_xep_0198()
         self._handlers = (
@@ -206,6 +223,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         for name, _tag, _method in self._handlers:
             xmpp.remove_handler(name)
         self._cancel_timers()
+        self.resender.cancel()
         self._restore_xep_0198()
 
     def _displace_xep_0198(self) -> None:
@@ -244,6 +262,11 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         # Records a previous process left in flight settle with the first session.
         self.core.adopt(await store.pending())
 
+    @property
+    def session_live(self) -> bool:
+        """True while a session (fresh or resumed) is up and stanzas can go out."""
+        return self._session_live
+
     async def flush(self) -> None:
         """Make every record change so far durable, and hand the SM state to ``sm.cache``."""
         await self._writer.flush()
@@ -280,23 +303,24 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         return record
 
     async def resend(self, message_id: str) -> TrackedMessage:
-        """Send a failed message again, with the same id and origin-id so receivers can
-        drop a duplicate, and a ``<delay/>`` with its original time (XEP-0198 §4)."""
+        """Send a failed message again: same id and origin-id (receivers drop a duplicate),
+        a ``<delay/>`` with its original time, and an archive check first."""
         record = await self.get(message_id)
         if record is None:
             raise KeyError(f"no tracked message with id {message_id!r}")
-        events = self.core.resend(record)
-        message = Message(self.xmpp, xml=ET.fromstring(record.xml))
-        if message.xml.find(f"{{{DELAY_NS}}}delay") is None:
-            stamp = datetime.fromtimestamp(record.created_at, UTC)
-            ET.SubElement(
-                message.xml,
-                f"{{{DELAY_NS}}}delay",
-                {"stamp": stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")},
-            )
-        self._dispatch(events)
-        self._hand_over(message)
-        return self.core.records[message_id]
+        if record.state is not DeliveryState.FAILED:
+            raise ValueError(f"message {message_id} is {record.state.name}; only FAILED is resent")
+        [result] = await self.resender.resend([record])
+        return result
+
+    async def resend_failed(self, conversation: str | None = None) -> list[TrackedMessage]:
+        """Resend every failed message (or one conversation's), in their original order."""
+        return await self.resender.resend(await self.failed(conversation))
+
+    def set_retry_policy(self, policy: RetryPolicy | None) -> None:
+        """Turn automatic retries on (or off with None) for this client."""
+        self.config["retry_policy"] = policy
+        self.core.retry_policy = policy
 
     # ---------------------------------------------------------------- SM state
 
@@ -347,6 +371,8 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             payload = event.payload
             if isinstance(payload, TrackedMessage):
                 writer.put(payload)
+                if self.core.retry_policy is not None:
+                    self.resender.on_record(payload)
             emit_bus(event.name, payload)
             emit_pyee(event.name, payload)
 
@@ -359,7 +385,9 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
     def _send(self, data: StanzaBase | str, use_filters: bool = True) -> None:
         """``xmpp.send`` as wrapped: track outgoing messages with a body, then send."""
         if use_filters and isinstance(data, Message):
-            self._track(data)
+            record = self._track(data)
+            if record is not None and self.resender.hold(record.conversation, data):
+                return  # goes out after the older messages being resent to that peer
         self._hand_over(data, use_filters)
 
     def _hand_over(self, data: StanzaBase | str, use_filters: bool = True) -> None:
@@ -422,6 +450,12 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             message_id = data.xml.get("id")
             if message_id in self.core.records:
                 self._parked[message_id] = data
+
+    def _withhold_parked(self, message_id: str) -> None:
+        """A failed message's copy in slixmpp's queue must never go out by itself."""
+        parked = self._parked.pop(message_id, None)
+        if parked is not None:
+            self._withheld_copies.add(id(parked))
 
     def _on_outgoing(self, stanza: StanzaBase) -> StanzaBase | None:
         """out_sync filter: the last look at a stanza before it is written."""
@@ -859,9 +893,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             unsent = [i for i in self.core.unsent_ids() if i not in self._parked]
         self._dispatch(self.core.session_ended(FailureReason.SESSION_ENDED, unsent=unsent))
         for message_id in unsent:
-            parked = self._parked.pop(message_id, None)
-            if parked is not None:
-                self._withheld_copies.add(id(parked))
+            self._withhold_parked(message_id)
         self.xmpp.features.discard("stream_management")
         self.sm.changed()
 

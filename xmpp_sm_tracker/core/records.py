@@ -31,8 +31,17 @@ class FailureReason:
         reason = f"{error_type or 'cancel'}:{condition or 'undefined-condition'}"
         return f"{reason} ({text})" if text else reason
 
+    #: The server did not ack it within the retry policy's attempt timeout.
+    ACK_TIMEOUT = "ack-timeout"
+    #: A retry policy gave up after its last attempt.
+    RETRIES_EXHAUSTED = "retries-exhausted"
+    #: Not a failure: after a failed resumption the server's archive showed it has it.
+    FOUND_IN_ARCHIVE = "found-in-archive"
+
     #: Failures worth retrying: nothing refused the message itself.
-    RETRYABLE = frozenset({RESUME_FAILED, SESSION_ENDED, PROTOCOL_ERROR, SM_UNAVAILABLE})
+    RETRYABLE = frozenset(
+        {RESUME_FAILED, SESSION_ENDED, PROTOCOL_ERROR, SM_UNAVAILABLE, ACK_TIMEOUT}
+    )
 
 
 @dataclass(frozen=True, slots=True)

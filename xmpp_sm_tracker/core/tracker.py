@@ -16,6 +16,7 @@ from typing import Any, Generic, TypeVar
 
 from .ledger import Entry, Ledger, ResumeResult, SMProtocolError
 from .records import FailureReason, TrackedMessage
+from .retry import RetryPolicy
 from .smstate import STATE_VERSION, RestoredState
 from .states import IN_FLIGHT, DeliveryState, next_state
 
@@ -103,6 +104,8 @@ class Tracker(Generic[P]):
         self._adopted: set[str] = set()
         #: What the last ``<resumed h>`` meant (for logging gaps in a restored state).
         self.last_resume: ResumeResult[P] | None = None
+        #: With a policy, a retryable failure of the last attempt reads "retries-exhausted".
+        self.retry_policy: RetryPolicy | None = None
 
     # ------------------------------------------------------------------ records
 
@@ -129,6 +132,9 @@ class Tracker(Generic[P]):
         if state is not _S.FAILED:
             changes.setdefault("reason", None)
         moved = record.moved(state, self.clock(), **changes)
+        policy = self.retry_policy
+        if state is _S.FAILED and policy is not None and policy.exhausted(moved):
+            moved = moved.moved(state, moved.updated_at, reason=FailureReason.RETRIES_EXHAUSTED)
         if self._settled(moved):
             del self.records[message_id]
         else:
@@ -303,6 +309,27 @@ class Tracker(Generic[P]):
         """
         moved = self._move(message_id, _S.FAILED, reason=reason)
         return [moved] if moved is not None else []
+
+    def found_in_archive(self, message_id: str) -> list[Event]:
+        """A failed message turned up in our server's archive: it has it after all."""
+        moved = self._move(message_id, _S.ACKED, reason=FailureReason.FOUND_IN_ARCHIVE)
+        return [moved] if moved is not None else []
+
+    def timed_out(self, message_id: str) -> list[Event]:
+        """An attempt stayed unacked past the retry policy's timeout.
+
+        A copy the client still queues is withheld; a copy already on the wire may
+        still be acked later, which upgrades the record again.
+        """
+        record = self.records.get(message_id)
+        if record is None or not record.in_flight:
+            return []
+        moved = self._move(message_id, _S.FAILED, reason=FailureReason.ACK_TIMEOUT)
+        if moved is None:
+            return []
+        if record.seq is None:
+            self.withheld.add(message_id)
+        return [moved]
 
     def left_room(self, room: str, reason: str) -> list[Event]:
         """We left (or were removed from) ``room``: what it has not reflected fails."""

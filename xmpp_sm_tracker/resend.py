@@ -1,0 +1,235 @@
+"""Sending failed messages again: by hand, by a retry policy, in order, never twice.
+
+Before a message that failed without an answer (a failed resumption, an ended
+session, an ack timeout) goes out again, our own XEP-0313 archive is asked
+whether the server stored it after all: those end ``acked`` with
+``reason="found-in-archive"`` instead of reaching the peer twice. While older
+messages of a conversation are being resent, newer ones to it wait behind them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+from xml.etree import ElementTree as ET
+
+from slixmpp.stanza import Message
+
+from .core.records import FailureReason, TrackedMessage
+from .core.states import DeliveryState
+
+if TYPE_CHECKING:
+    from .plugin import SMTracker
+
+__all__ = ["Resender"]
+
+log = logging.getLogger(__name__)
+
+DELAY_NS = "urn:xmpp:delay"
+FORWARD_NS = "urn:xmpp:forward:0"
+SID_NS = "urn:xmpp:sid:0"
+
+#: Failures after which the server may still have the message: worth an archive look.
+UNANSWERED = frozenset(
+    {
+        FailureReason.RESUME_FAILED,
+        FailureReason.SESSION_ENDED,
+        FailureReason.ACK_TIMEOUT,
+        FailureReason.PROTOCOL_ERROR,
+        FailureReason.RETRIES_EXHAUSTED,
+    }
+)
+
+
+class Resender:
+    """The plugin's resend path: manual resends, the retry policy, order, reconciliation."""
+
+    def __init__(self, plugin: SMTracker) -> None:
+        self.plugin = plugin
+        self._gates: dict[str, int] = defaultdict(int)
+        self._held: dict[str, list[Message]] = defaultdict(list)
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        #: Scheduled automatic retries: message id -> the conversation they hold back.
+        self._scheduled: dict[str, str] = {}
+        self._tasks: set[asyncio.Future[Any]] = set()
+
+    # ---------------------------------------------------------------- ordering
+
+    def hold(self, conversation: str, message: Message) -> bool:
+        """Keep a new message back while older ones to the same peer are resent."""
+        if not self.plugin.keep_order or not self._gates.get(conversation):
+            return False
+        self._held[conversation].append(message)
+        return True
+
+    def _close_gate(self, conversations: Iterable[str]) -> None:
+        for conversation in conversations:
+            self._gates[conversation] += 1
+
+    def _open_gate(self, conversations: Iterable[str]) -> None:
+        for conversation in conversations:
+            self._gates[conversation] -= 1
+            if self._gates[conversation] > 0:
+                continue
+            del self._gates[conversation]
+            for message in self._held.pop(conversation, []):
+                self.plugin._hand_over(message)
+
+    # ---------------------------------------------------------------- resending
+
+    async def resend(self, records: list[TrackedMessage]) -> list[TrackedMessage]:
+        """Send failed records again in their order, after the archive check."""
+        conversations = {record.conversation for record in records}
+        self._close_gate(conversations)
+        try:
+            found = await self._reconcile(records)
+            return [
+                self._found(record) if record.id in found else self._send_again(record)
+                for record in records
+            ]
+        finally:
+            self._open_gate(conversations)
+
+    def _found(self, record: TrackedMessage) -> TrackedMessage:
+        core = self.plugin.core
+        core.reinstate(record)
+        events = core.found_in_archive(record.id)
+        self.plugin._dispatch(events)
+        return _latest(record, events)
+
+    def _send_again(self, record: TrackedMessage) -> TrackedMessage:
+        """Same id, same origin-id, plus ``<delay/>`` with the original time (XEP-0198 §4)."""
+        plugin = self.plugin
+        events = plugin.core.resend(record)
+        message = Message(plugin.xmpp, xml=ET.fromstring(record.xml))
+        if message.xml.find(f"{{{DELAY_NS}}}delay") is None:
+            stamp = datetime.fromtimestamp(record.created_at, UTC)
+            text = stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+            ET.SubElement(message.xml, f"{{{DELAY_NS}}}delay", {"stamp": text})
+        plugin._dispatch(events)
+        plugin._hand_over(message)
+        return _latest(record, events)
+
+    async def _reconcile(self, records: list[TrackedMessage]) -> set[str]:
+        """Ids of records our archive shows the server stored (XEP-0313)."""
+        plugin = self.plugin
+        # Only what reached the wire unanswered can be on the server; a room keeps its
+        # own archive, and the room's reflection already tells.
+        wanted = {
+            record.origin_id: record.id
+            for record in records
+            if record.reason in UNANSWERED and record.seq is not None and record.type != "groupchat"
+        }
+        if not wanted or not plugin.reconcile_with_archive:
+            return set()
+        if not plugin.session_live:
+            log.info("offline: resending %d messages without the archive check", len(wanted))
+            return set()
+        xmpp = plugin.xmpp
+        if "xep_0313" not in xmpp.plugin:
+            xmpp.register_plugin("xep_0313")
+        ids = {record_id: record_id for record_id in wanted.values()}
+        oldest = min(record.created_at for record in records if record.origin_id in wanted)
+        start = datetime.fromtimestamp(oldest - plugin.reconcile_slack, UTC)
+        ours = xmpp.boundjid.bare
+        found: set[str] = set()
+        try:
+            async with asyncio.timeout(plugin.reconcile_timeout):
+                async for result in xmpp.plugin["xep_0313"].iterate(
+                    start=start, rsm={"max": 100}, total=plugin.reconcile_limit
+                ):
+                    inner = result.xml.find(
+                        f".//{{{FORWARD_NS}}}forwarded/{{{xmpp.default_ns}}}message"
+                    )
+                    if inner is None or inner.get("from", "").split("/", 1)[0] != ours:
+                        continue
+                    origin = inner.find(f"{{{SID_NS}}}origin-id")
+                    keys = (origin.get("id") if origin is not None else None, inner.get("id"))
+                    for key in keys:
+                        if key in wanted:
+                            found.add(wanted[key])
+                        elif key in ids:
+                            found.add(ids[key])
+        except Exception as exc:  # no archive, an error, a timeout: resend as usual
+            log.warning("archive check before resending failed (%r): resending anyway", exc)
+        if found:
+            log.info("%d failed messages were found in the archive: not resent", len(found))
+        return found
+
+    # ---------------------------------------------------------------- retry policy
+
+    def on_record(self, record: TrackedMessage) -> None:
+        """Every snapshot passes here when a retry policy is on."""
+        policy = self.plugin.core.retry_policy
+        if policy is None:
+            return
+        if record.in_flight and policy.attempt_timeout is not None:
+            self._arm(record.id, policy.attempt_timeout, self._attempt_expired)
+        elif record.state is DeliveryState.FAILED and policy.should_retry(record):
+            if record.id not in self._scheduled:
+                self._scheduled[record.id] = record.conversation
+                self._close_gate([record.conversation])
+            self._arm(record.id, policy.delay_before(record), self._retry_due)
+        elif not record.in_flight:
+            self._disarm(record.id)
+
+    def _disarm(self, message_id: str) -> None:
+        """No timer for a settled record; a retry it held a gate for lets it go."""
+        handle = self._timers.pop(message_id, None)
+        if handle is not None:
+            handle.cancel()
+        conversation = self._scheduled.pop(message_id, None)
+        if conversation is not None:
+            self._open_gate([conversation])
+
+    def _arm(self, message_id: str, delay: float, action: Callable[[str], None]) -> None:
+        old = self._timers.pop(message_id, None)
+        if old is not None:
+            old.cancel()
+        loop = asyncio.get_running_loop()
+        self._timers[message_id] = loop.call_later(delay, action, message_id)
+
+    def _attempt_expired(self, message_id: str) -> None:
+        self._timers.pop(message_id, None)
+        plugin = self.plugin
+        events = plugin.core.timed_out(message_id)
+        if events:
+            plugin._withhold_parked(message_id)
+            plugin._dispatch(events)
+
+    def _retry_due(self, message_id: str) -> None:
+        self._timers.pop(message_id, None)
+        task = asyncio.ensure_future(self._retry(message_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _retry(self, message_id: str) -> None:
+        conversation = self._scheduled.pop(message_id, None)
+        try:
+            record = await self.plugin.get(message_id)
+            if record is not None and record.state is DeliveryState.FAILED:
+                await self.resend([record])
+        except Exception:
+            log.exception("automatic resend of %s failed", message_id)
+        finally:
+            if conversation is not None:
+                self._open_gate([conversation])
+
+    def cancel(self) -> None:
+        """Stop every timer (plugin_end)."""
+        for handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
+        self._scheduled.clear()
+
+
+def _latest(record: TrackedMessage, events: Iterable[Any]) -> TrackedMessage:
+    """The newest snapshot of ``record`` among ``events`` (or the record itself)."""
+    for event in events:
+        if isinstance(event.payload, TrackedMessage) and event.payload.id == record.id:
+            record = event.payload
+    return record
