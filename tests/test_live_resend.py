@@ -218,3 +218,25 @@ async def test_new_messages_wait_behind_a_resend_of_the_same_conversation(
         await wait_for(lambda: len(bob.received.bodies) == 4)
         assert bob.received.bodies == ["old 0", "old 1", "old 2", "new"]
         assert len(old) == 3
+
+
+async def test_failed_messages_can_be_listed_per_conversation_and_deleted(
+    server: ProsodyServer, parties: Any
+) -> None:
+    async with FaultProxy(server.host, server.c2s_port) as proxy:
+        alice = await parties("alice", proxy.address, **SILENT)
+        proxy.blackhole()
+        to_bob = [alice.send("bob@localhost", f"b{i}") for i in range(2)]
+        to_carol = alice.send("carol@localhost", "c0")
+        await asyncio.sleep(0.2)
+        proxy.heal()
+        await fail_by_refused_resumption(alice, proxy)
+        await wait_for(lambda: alice.log.count("message:failed") == 3)
+
+        history = await alice.tracker.conversation("bob@localhost")
+        assert [r.id for r in history] == to_bob
+        assert [r.id for r in await alice.tracker.failed("carol@localhost")] == [to_carol]
+        assert await alice.tracker.delete_failed("bob@localhost") == 2
+        assert [r.id for r in await alice.tracker.failed()] == [to_carol]
+        assert await alice.tracker.delete(to_carol) is True
+        assert await alice.tracker.failed() == []

@@ -290,6 +290,26 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         await self.flush()
         return await self.store.failed(conversation)
 
+    async def conversation(
+        self, jid: str, limit: int = 50, before: float | None = None
+    ) -> list[TrackedMessage]:
+        """The newest ``limit`` messages to ``jid`` created before ``before``, oldest first."""
+        await self.flush()
+        return await self.store.conversation(jid, limit, before)
+
+    async def delete(self, message_id: str) -> bool:
+        """Forget a message that is not in flight (the user deleted it)."""
+        record = self.core.get(message_id)
+        if record is not None and record.in_flight:
+            raise ValueError(f"message {message_id} is still {record.state.name}")
+        await self.flush()
+        return await self.store.delete(message_id)
+
+    async def delete_failed(self, conversation: str | None = None) -> int:
+        """Delete failed messages (all, or one conversation's) instead of resending them."""
+        await self.flush()
+        return await self.store.delete_failed(conversation)
+
     async def send_message(
         self, mto: str, mbody: str, mtype: str = "chat", **kwargs: Any
     ) -> TrackedMessage:
