@@ -515,6 +515,18 @@ class SQLiteStore:
         found = await self._records(f"{_SELECT} WHERE id = ?", (message_id,))
         return found[0] if found else None
 
+    async def counts(self) -> list[tuple[str, str, int]]:
+        """(conversation, state value, how many) for every pair present: for inspection."""
+        rows = await self._read(
+            "SELECT conversation, state, COUNT(*) FROM records "
+            "GROUP BY conversation, state ORDER BY conversation, state"
+        )
+        return [(str(c), str(st), int(n)) for c, st, n in rows]
+
+    async def all_records(self) -> list[TrackedMessage]:
+        """Every record, oldest first: for export."""
+        return await self._records(f"{_SELECT} {_OLDEST_FIRST}")
+
     async def pending(self) -> list[TrackedMessage]:
         """SENT, HIBERNATED and RESENT records, oldest first."""
         return await self._records(f"{_SELECT} WHERE {_IS_IN_FLIGHT} {_OLDEST_FIRST}")

@@ -1,0 +1,115 @@
+"""The command line a user (or a script) runs against a tracker database."""
+
+from __future__ import annotations
+
+import io
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from xmpp_sm_tracker import DeliveryState, SQLiteStore
+from xmpp_sm_tracker.cli import main
+
+from .test_store_contract import record
+
+S = DeliveryState
+
+
+@pytest.fixture
+async def db(tmp_path: Path) -> Path:
+    path = tmp_path / "alice.sqlite"
+    async with SQLiteStore(path) as store:
+        await store.upsert(
+            [
+                record(1, S.ACKED),
+                record(2, S.FAILED, reason="resume-failed"),
+                record(3, S.FAILED, to="carol@example.org", reason="cancel:item-not-found"),
+                record(4, S.HIBERNATED),
+            ]
+        )
+    return path
+
+
+def run(*argv: str, answer: str = "") -> tuple[int, str]:
+    out = io.StringIO()
+    code = main(list(argv), out=out, answer=io.StringIO(answer))
+    return code, out.getvalue()
+
+
+def test_inspect_shows_counts_pending_and_failed(db: Path) -> None:
+    code, out = run("inspect", str(db))
+    assert code == 0
+    assert "4 messages" in out
+    assert "failed" in out and "hibernated" in out
+    assert "bob@example.org" in out and "carol@example.org" in out
+    assert "m4" in out.split("pending (1):")[1].split("failed")[0]
+    assert "cancel:item-not-found" in out
+
+
+def test_inspect_json_is_for_scripts(db: Path) -> None:
+    code, out = run("inspect", str(db), "--json")
+    data = json.loads(out)
+    assert code == 0
+    assert data["states"] == {"acked": 1, "failed": 2, "hibernated": 1}
+    assert data["conversations"]["carol@example.org"] == {"failed": 1}
+    assert [r["id"] for r in data["failed"]] == ["m2", "m3"]
+    assert [r["id"] for r in data["pending"]] == ["m4"]
+
+
+def test_export_writes_json_lines(db: Path) -> None:
+    code, out = run("export", str(db), "--state", "failed")
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert code == 0
+    assert [r["id"] for r in lines] == ["m2", "m3"]
+    assert lines[0]["state"] == "failed" and lines[0]["body"].startswith("body 2")
+
+
+def test_delete_failed_asks_first(db: Path) -> None:
+    code, out = run("delete-failed", str(db), answer="n\n")
+    assert code == 0 and "nothing deleted" in out
+    code, out = run("delete-failed", str(db), "--conversation", "carol@example.org", answer="y\n")
+    assert code == 0 and "deleted 1 failed messages" in out
+    code, out = run("delete-failed", str(db), "--yes")
+    assert "deleted 1 failed messages" in out
+    states = json.loads(run("inspect", str(db), "--json")[1])["states"]
+    assert states == {"acked": 1, "hibernated": 1}
+
+
+def test_missing_file_is_a_clear_error_and_is_not_created(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "nope.sqlite"
+    assert run("inspect", str(missing))[0] == 2
+    assert "no such file" in capsys.readouterr().err
+    assert not missing.exists()
+
+
+def test_foreign_database_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "other.sqlite"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE invoices (n INTEGER)")
+    before = path.read_bytes()
+    assert run("inspect", str(path))[0] == 2
+    assert "other.sqlite" in capsys.readouterr().err
+    assert path.read_bytes() == before
+
+
+def test_python_dash_m_and_console_script_work(db: Path) -> None:
+    by_module = subprocess.run(
+        [sys.executable, "-m", "xmpp_sm_tracker", "inspect", str(db), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(by_module.stdout)["states"]["failed"] == 2
+    script = Path(sys.executable).with_name("xmpp-sm-tracker")
+    by_script = subprocess.run(
+        [str(script), "export", str(db)], capture_output=True, text=True, check=True
+    )
+    assert len(by_script.stdout.splitlines()) == 4

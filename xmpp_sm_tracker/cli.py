@@ -1,0 +1,172 @@
+"""``xmpp-sm-tracker`` / ``python -m xmpp_sm_tracker``: look into a tracker database.
+
+    xmpp-sm-tracker inspect alice.sqlite [--json]
+    xmpp-sm-tracker export alice.sqlite [--state failed] > records.jsonl
+    xmpp-sm-tracker delete-failed alice.sqlite [--conversation bob@example.org] [--yes]
+
+It never creates a database: a missing path is an error, and so is a file that is
+not a tracker store (the file is left untouched).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, TextIO
+
+from .core.records import TrackedMessage
+from .core.states import DeliveryState
+from .stores.base import StoreError
+from .stores.sqlite import SQLiteStore
+
+__all__ = ["main"]
+
+
+class CliError(Exception):
+    """A problem the user can fix; printed without a traceback, exit status 2."""
+
+
+def _record_json(record: TrackedMessage) -> dict[str, Any]:
+    data = asdict(record)
+    data["state"] = record.state.value
+    return data
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+async def _open(path: Path) -> SQLiteStore:
+    if not path.exists():
+        raise CliError(f"{path}: no such file (inspect never creates a database)")
+    if not path.is_file():
+        raise CliError(f"{path}: not a file")
+    store = SQLiteStore(path)
+    try:
+        await store.open()
+    except StoreError as exc:
+        await store.aclose()
+        raise CliError(str(exc)) from exc
+    return store
+
+
+async def _inspect(store: SQLiteStore, as_json: bool, out: TextIO) -> None:
+    counts = await store.counts()
+    pending, failed = await store.pending(), await store.failed()
+    by_state: dict[str, int] = defaultdict(int)
+    by_conversation: dict[str, dict[str, int]] = defaultdict(dict)
+    for conversation, state, n in counts:
+        by_state[state] += n
+        by_conversation[conversation][state] = n
+    if as_json:
+        json.dump(
+            {
+                "file": str(store.path),
+                "states": dict(by_state),
+                "conversations": by_conversation,
+                "pending": [_record_json(r) for r in pending],
+                "failed": [_record_json(r) for r in failed],
+            },
+            out,
+            indent=2,
+        )
+        out.write("\n")
+        return
+    now = time.time()
+    total = sum(by_state.values())
+    out.write(f"{store.path}: {total} messages\n\n")
+    for known in DeliveryState:
+        if by_state.get(known.value):
+            out.write(f"  {known.value:<14} {by_state[known.value]:>8}\n")
+    out.write("\nby conversation:\n")
+    for conversation, states in sorted(by_conversation.items()):
+        summary = ", ".join(f"{n} {st}" for st, n in sorted(states.items()))
+        out.write(f"  {conversation:<40} {summary}\n")
+    for title, records in (("pending", pending), ("failed", failed)):
+        out.write(f"\n{title} ({len(records)}):\n")
+        for r in records:
+            reason = f"  {r.reason}" if r.reason else ""
+            out.write(
+                f"  {r.id:<34} {r.to:<30} {_age(now - r.created_at):>5}"
+                f"  attempts={r.attempts}{reason}\n"
+            )
+
+
+async def _export(store: SQLiteStore, state: str | None, out: TextIO) -> None:
+    for record in await store.all_records():
+        if state is None or record.state.value == state:
+            out.write(json.dumps(_record_json(record), ensure_ascii=False) + "\n")
+
+
+async def _delete_failed(
+    store: SQLiteStore, conversation: str | None, yes: bool, out: TextIO, answer: TextIO
+) -> None:
+    doomed = await store.failed(conversation)
+    if not doomed:
+        out.write("no failed messages\n")
+        return
+    if not yes:
+        where = f" to {conversation}" if conversation else ""
+        out.write(f"delete {len(doomed)} failed messages{where}? [y/N] ")
+        out.flush()
+        if answer.readline().strip().lower() not in ("y", "yes"):
+            out.write("nothing deleted\n")
+            return
+    deleted = await store.delete_failed(conversation)
+    out.write(f"deleted {deleted} failed messages\n")
+
+
+async def _run(args: argparse.Namespace, out: TextIO, answer: TextIO) -> None:
+    store = await _open(Path(args.db))
+    try:
+        if args.command == "inspect":
+            await _inspect(store, args.json, out)
+        elif args.command == "export":
+            await _export(store, args.state, out)
+        else:
+            await _delete_failed(store, args.conversation, args.yes, out, answer)
+    finally:
+        await store.aclose()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xmpp-sm-tracker",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    inspect = commands.add_parser("inspect", help="counts, pending and failed messages")
+    inspect.add_argument("db")
+    inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    export = commands.add_parser("export", help="every record as JSON lines")
+    export.add_argument("db")
+    export.add_argument("--state", choices=[s.value for s in DeliveryState])
+    delete = commands.add_parser("delete-failed", help="delete failed messages")
+    delete.add_argument("db")
+    delete.add_argument("--conversation", help="only those to this bare JID")
+    delete.add_argument("--yes", action="store_true", help="do not ask")
+    return parser
+
+
+def main(
+    argv: Sequence[str] | None = None, out: TextIO | None = None, answer: TextIO | None = None
+) -> int:
+    """Run the command line; returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        asyncio.run(_run(args, out or sys.stdout, answer or sys.stdin))
+    except CliError as exc:
+        print(f"xmpp-sm-tracker: {exc}", file=sys.stderr)
+        return 2
+    return 0
