@@ -23,30 +23,22 @@ import pytest
 import pytest_asyncio
 
 from xmpp_sm_tracker.testing import FaultProxy, ProsodyServer, ensure_prosody_installed
+from xmpp_sm_tracker.testing.client import PASSWORD, USERS
 
-USERS = ("alice", "bob", "carol")
-PASSWORD = "pass"
-
-
-@pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def prosody(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[ProsodyServer]:
-    """One Prosody for the whole run, with alice/bob/carol (password "pass")."""
-    ensure_prosody_installed()
-    server = ProsodyServer(tmp_path_factory.mktemp("prosody"))
-    for user in USERS:
-        server.register(user, PASSWORD)
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
+# Our own suite uses the test kit we ship to users.
+pytest_plugins = ["xmpp_sm_tracker.testing.pytest_plugin"]
 
 
-@pytest_asyncio.fixture
-async def proxy(prosody: ProsodyServer) -> AsyncIterator[FaultProxy]:
+@pytest.fixture(scope="session")
+def prosody(xmpp_server: ProsodyServer) -> ProsodyServer:
+    """One Prosody for the whole run (the test kit's), with alice/bob/carol ("pass")."""
+    return xmpp_server
+
+
+@pytest.fixture
+def proxy(flaky_link: FaultProxy) -> FaultProxy:
     """A FaultProxy in front of the shared Prosody's c2s port (fresh per test)."""
-    async with FaultProxy(prosody.host, prosody.c2s_port) as p:
-        yield p
+    return flaky_link
 
 
 @pytest_asyncio.fixture

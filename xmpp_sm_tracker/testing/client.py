@@ -11,7 +11,20 @@ import slixmpp
 
 from ..plugin import SMTracker
 
-__all__ = ["EventLog", "Received", "connect_client", "make_client", "wait_for"]
+__all__ = [
+    "PASSWORD",
+    "USERS",
+    "EventLog",
+    "Received",
+    "connect_client",
+    "make_client",
+    "tracker_of",
+    "wait_for",
+]
+
+#: The accounts the test kit registers, and their password.
+USERS = ("alice", "bob", "carol")
+PASSWORD = "pass"
 
 
 def make_client(
