@@ -23,7 +23,7 @@ import pytest
 import pytest_asyncio
 
 from xmpp_sm_tracker.testing import FaultProxy, ProsodyServer, ensure_prosody_installed
-from xmpp_sm_tracker.testing.client import PASSWORD, USERS
+from xmpp_sm_tracker.testing.client import PASSWORD, USERS, ClientPool
 
 # Our own suite uses the test kit we ship to users.
 pytest_plugins = ["xmpp_sm_tracker.testing.pytest_plugin"]
@@ -39,6 +39,12 @@ def prosody(xmpp_server: ProsodyServer) -> ProsodyServer:
 def proxy(flaky_link: FaultProxy) -> FaultProxy:
     """A FaultProxy in front of the shared Prosody's c2s port (fresh per test)."""
     return flaky_link
+
+
+@pytest.fixture
+def clients(client_pool: ClientPool) -> ClientPool:
+    """``await clients(user, address, tracked=..., **plugin_config)`` gives a Party."""
+    return client_pool
 
 
 @pytest_asyncio.fixture

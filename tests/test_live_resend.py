@@ -8,46 +8,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_asyncio
-import slixmpp
 
-from xmpp_sm_tracker import DeliveryState, RetryPolicy
+from xmpp_sm_tracker import AckPolicy, DeliveryState, RetryPolicy
 from xmpp_sm_tracker.testing import FaultProxy, ProsodyServer
-from xmpp_sm_tracker.testing.client import (
-    EventLog,
-    Received,
-    connect_client,
-    make_client,
-    tracker_of,
-    wait_for,
-)
+from xmpp_sm_tracker.testing.client import ClientPool, Party, wait_for
 
-EVENTS = ["message:sent", "message:acked", "message:resent", "message:failed"]
 FAST = {"reconnect_delay": 0.1, "reconnect_max_delay": 1.0, "ack_delay": 0.05}
 SILENT = {**FAST, "ack_every": 10**6, "ack_delay": 3600.0}
-
-
-class Party:
-    def __init__(self, xmpp: slixmpp.ClientXMPP) -> None:
-        self.xmpp = xmpp
-        self.log = EventLog()
-        self.log.attach(xmpp, EVENTS)
-        self.received = Received()
-        self.received.attach(xmpp)
-        self.last: dict[str, Any] = {}
-        for name in EVENTS:
-            xmpp.add_event_handler(name, lambda r: self.last.__setitem__(r.id, r))
-        # stay reachable across fresh sessions (after a failed resumption)
-        xmpp.add_event_handler("session_start", lambda _: xmpp.send_presence())
-
-    @property
-    def tracker(self) -> Any:
-        return tracker_of(self.xmpp)
-
-    def send(self, to: str, body: str, mtype: str = "chat") -> str:
-        message = self.xmpp.make_message(mto=to, mbody=body, mtype=mtype)
-        message.send()
-        return str(message["id"])
 
 
 @pytest_asyncio.fixture
@@ -59,24 +28,29 @@ async def server(tmp_path: Path) -> AsyncIterator[ProsodyServer]:
         yield prosody
 
 
-@pytest_asyncio.fixture
-async def parties() -> AsyncIterator[Any]:
-    made: list[slixmpp.ClientXMPP] = []
+@pytest.fixture
+def parties(client_pool: ClientPool) -> Any:
+    """Clients with fast acks and reconnects."""
 
     async def factory(user: str, address: tuple[str, int], **config: Any) -> Party:
-        xmpp = make_client(
-            f"{user}@localhost/{uuid.uuid4().hex[:6]}", "pass", tracker_config={**FAST, **config}
-        )
-        party = Party(xmpp)
-        made.append(xmpp)
-        await connect_client(xmpp, address)
-        return party
+        return await client_pool(user, address, **{**FAST, **config})
 
-    yield factory
-    for xmpp in made:
-        tracker_of(xmpp).auto_reconnect = False
-        xmpp.disconnect(wait=0.5)
-    await asyncio.sleep(0.1)
+    return factory
+
+
+async def send_into_the_void(
+    alice: Party, proxy: FaultProxy, to: str, bodies: list[str]
+) -> list[str]:
+    """Messages that never reach the server, then a refused resumption: all fail."""
+    proxy.blackhole()
+    ids = [alice.send(to, body) for body in bodies]
+    await asyncio.sleep(0.2)
+    proxy.heal()
+    await fail_by_refused_resumption(alice, proxy)
+    await wait_for(lambda: all(alice.records[i].state is DeliveryState.FAILED for i in ids))
+    # acks from now on come quickly, so what is resent settles fast
+    alice.tracker.ack_clock.policy = AckPolicy(delay=0.05)
+    return ids
 
 
 async def fail_by_refused_resumption(alice: Party, proxy: FaultProxy) -> None:
@@ -94,18 +68,13 @@ async def test_resend_failed_sends_in_original_order_each_once(
     async with FaultProxy(server.host, server.c2s_port) as proxy:
         bob = await parties("bob", server.address)
         alice = await parties("alice", proxy.address, **SILENT)
-        proxy.blackhole()
-        ids = [alice.send("bob@localhost", f"ordered {i}") for i in range(5)]
-        await asyncio.sleep(0.2)
-        proxy.heal()
-        await fail_by_refused_resumption(alice, proxy)
-        await wait_for(lambda: alice.log.count("message:failed") == 5)
+        bodies = [f"ordered {i}" for i in range(5)]
+        ids = await send_into_the_void(alice, proxy, "bob@localhost", bodies)
         assert alice.log.ids("message:failed") == ids
 
         resent = await alice.tracker.resend_failed()
         assert [r.id for r in resent] == ids
         assert all(r.state is DeliveryState.RESENT and r.attempts == 2 for r in resent)
-        alice.tracker.ack_clock.policy = alice.tracker.ack_clock.policy.__class__(delay=0.05)
         await wait_for(lambda: alice.log.count("message:acked") == 5)
         await wait_for(lambda: len(bob.received.bodies) == 5)
         assert bob.received.bodies == [f"ordered {i}" for i in range(5)]
@@ -120,11 +89,7 @@ async def test_reconciliation_finds_stored_messages_and_does_not_resend_them(
         alice = await parties("alice", proxy.address, **SILENT)
         stored = [alice.send("bob@localhost", f"archived {i}") for i in range(3)]
         await wait_for(lambda: len(bob.received.bodies) == 3)  # the server has them
-        proxy.blackhole()
-        lost = alice.send("bob@localhost", "never arrived")
-        await asyncio.sleep(0.2)
-        proxy.heal()
-        await fail_by_refused_resumption(alice, proxy)
+        [lost] = await send_into_the_void(alice, proxy, "bob@localhost", ["never arrived"])
         await wait_for(lambda: alice.log.count("message:failed") == 4)
 
         results = await alice.tracker.resend_failed()
@@ -155,7 +120,7 @@ async def test_retry_policy_gives_up_after_three_attempts_when_the_link_stays_do
         await wait_for(lambda: alice.log.count("message:failed") == 3, timeout=15)
         names = alice.log.names_for(message_id)
         assert names.count("message:resent") == 2
-        final = alice.last[message_id]
+        final = alice.records[message_id]
         assert final.state is DeliveryState.FAILED
         assert final.reason == "retries-exhausted"
         assert final.attempts == 3
@@ -178,7 +143,7 @@ async def test_retry_policy_delivers_once_the_link_is_back_in_time(
         proxy.refuse(False)
 
         await wait_for(lambda: alice.log.count("message:acked") == 1, timeout=15)
-        assert alice.last[message_id].state is DeliveryState.ACKED
+        assert alice.records[message_id].state is DeliveryState.ACKED
         await wait_for(lambda: "patience" in bob.received.counts)
         await asyncio.sleep(0.3)
         assert bob.received.counts["patience"] == 1
@@ -191,7 +156,7 @@ async def test_a_cancel_bounce_is_never_retried(server: ProsodyServer, parties: 
     message_id = alice.send(room, "refused", "groupchat")
     await wait_for(lambda: alice.log.count("message:failed") == 1)
     await asyncio.sleep(0.5)
-    record = alice.last[message_id]
+    record = alice.records[message_id]
     assert record.reason.startswith("cancel:")
     assert alice.log.count("message:resent") == 0
     assert record.attempts == 1
@@ -203,13 +168,9 @@ async def test_new_messages_wait_behind_a_resend_of_the_same_conversation(
     async with FaultProxy(server.host, server.c2s_port) as proxy:
         bob = await parties("bob", server.address)
         alice = await parties("alice", proxy.address, **SILENT)
-        proxy.blackhole()
-        old = [alice.send("bob@localhost", f"old {i}") for i in range(3)]
-        await asyncio.sleep(0.2)
-        proxy.heal()
-        await fail_by_refused_resumption(alice, proxy)
-        await wait_for(lambda: alice.log.count("message:failed") == 3)
-        alice.tracker.ack_clock.policy = alice.tracker.ack_clock.policy.__class__(delay=0.05)
+        old = await send_into_the_void(
+            alice, proxy, "bob@localhost", [f"old {i}" for i in range(3)]
+        )
 
         resending = asyncio.ensure_future(alice.tracker.resend_failed())
         await asyncio.sleep(0)  # the archive check is running: the conversation is held

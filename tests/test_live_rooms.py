@@ -4,91 +4,32 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
-import pytest_asyncio
+import pytest
 import slixmpp
 
 from xmpp_sm_tracker import DeliveryState
 from xmpp_sm_tracker.testing import FaultProxy, ProsodyServer
-from xmpp_sm_tracker.testing.client import (
-    EventLog,
-    Received,
-    connect_client,
-    make_client,
-    tracker_of,
-    wait_for,
-)
+from xmpp_sm_tracker.testing.client import ClientPool, Party, wait_for
 
-EVENTS = [
-    "message:sent",
-    "message:acked",
-    "message:hibernated",
-    "message:resent",
-    "message:failed",
-    "message:room_received",
-    "message:delivered",
-    "message:displayed",
-]
 FAST = {"reconnect_delay": 0.1, "reconnect_max_delay": 1.0, "ack_delay": 0.05}
 
 
-class Client:
-    def __init__(self, xmpp: slixmpp.ClientXMPP) -> None:
-        self.xmpp = xmpp
-        self.log = EventLog()
-        self.log.attach(xmpp, EVENTS)
-        self.received = Received()
-        self.received.attach(xmpp)
-        self.records: dict[str, Any] = {}
-        for name in EVENTS:
-            xmpp.add_event_handler(name, self._keep)
-
-    def _keep(self, record: Any) -> None:
-        self.records[record.id] = record
-
-    @property
-    def tracker(self) -> Any:
-        return tracker_of(self.xmpp)
-
-    async def join(self, room: str, nick: str) -> None:
-        await self.xmpp.plugin["xep_0045"].join_muc_wait(slixmpp.JID(room), nick, maxchars=0)
-
-    def send(self, to: str, body: str, mtype: str = "chat") -> str:
-        message = self.xmpp.make_message(mto=to, mbody=body, mtype=mtype)
-        message.send()
-        return str(message["id"])
-
-
-@pytest_asyncio.fixture
-async def clients() -> AsyncIterator[Any]:
-    made: list[slixmpp.ClientXMPP] = []
+@pytest.fixture
+def clients(client_pool: ClientPool) -> Any:
+    """Clients that can join rooms, with fast acks and reconnects."""
 
     async def factory(
         user: str,
         address: tuple[str, int],
         *,
-        tracked: bool = True,
-        resource: str | None = None,
         plugins: tuple[str, ...] = ("xep_0045",),
         **config: Any,
-    ) -> Client:
-        jid = f"{user}@localhost/{resource or uuid.uuid4().hex[:8]}"
-        xmpp = make_client(jid, "pass", tracked=tracked, tracker_config={**FAST, **config})
-        for plugin in plugins:
-            xmpp.register_plugin(plugin)
-        client = Client(xmpp)
-        made.append(xmpp)
-        await connect_client(xmpp, address)
-        return client
+    ) -> Party:
+        return await client_pool(user, address, plugins=plugins, **{**FAST, **config})
 
-    yield factory
-    for xmpp in made:
-        if "sm_tracker" in xmpp.plugin:
-            tracker_of(xmpp).auto_reconnect = False
-        xmpp.disconnect(wait=0.5)
-    await asyncio.sleep(0.1)
+    return factory
 
 
 def room_jid(prosody: ProsodyServer) -> str:

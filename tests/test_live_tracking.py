@@ -3,24 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-import pytest_asyncio
 import slixmpp
 
 from xmpp_sm_tracker import DeliveryState
 from xmpp_sm_tracker.testing import FaultProxy, ProsodyServer
-from xmpp_sm_tracker.testing.client import (
-    EventLog,
-    Received,
-    connect_client,
-    make_client,
-    tracker_of,
-    wait_for,
-)
+from xmpp_sm_tracker.testing.client import ClientPool, Party, connect_client, wait_for
 
 MESSAGE_EVENTS = [
     "message:sent",
@@ -34,63 +24,7 @@ FAST = {"reconnect_delay": 0.1, "reconnect_max_delay": 1.0, "ack_delay": 0.05}
 #: Never ask for acks: what the server has is only learnt from <resumed h> / <failed h>.
 SILENT = {**FAST, "ack_every": 100_000, "ack_delay": 3600.0}
 
-ClientFactory = Callable[..., Any]
-
-
-class Party:
-    """A connected client with its event log and received messages."""
-
-    def __init__(self, xmpp: slixmpp.ClientXMPP) -> None:
-        self.xmpp = xmpp
-        self.log = EventLog()
-        self.log.attach(xmpp, MESSAGE_EVENTS + STANZA_EVENTS)
-        self.received = Received()
-        self.received.attach(xmpp)
-
-    @property
-    def tracker(self) -> Any:
-        return tracker_of(self.xmpp)
-
-    def on_wire(self, ids: list[str]) -> bool:
-        """True once every one of these messages was counted (written or about to be)."""
-        records = self.tracker.core.records
-        return all(i in records and records[i].seq is not None for i in ids)
-
-    def send(self, to: str, body: str, mtype: str = "chat") -> str:
-        message = self.xmpp.make_message(mto=to, mbody=body, mtype=mtype)
-        message.send()
-        message_id: str = message["id"]
-        return message_id
-
-
-@pytest_asyncio.fixture
-async def clients() -> AsyncIterator[ClientFactory]:
-    """Make connected clients; every one is disconnected at the end of the test."""
-    made: list[slixmpp.ClientXMPP] = []
-
-    async def factory(
-        user: str, address: tuple[str, int], *, tracked: bool = True, **config: Any
-    ) -> Party:
-        xmpp = make_client(
-            f"{user}@localhost/{uuid.uuid4().hex[:8]}",
-            "pass",
-            tracked=tracked,
-            tracker_config=config,
-        )
-        party = Party(xmpp)
-        made.append(xmpp)
-        await connect_client(xmpp, address)
-        return party
-
-    yield factory
-    for xmpp in made:
-        if "sm_tracker" in xmpp.plugin:
-            tracker_of(xmpp).auto_reconnect = False
-        xmpp.disconnect(wait=0.5)
-    await asyncio.sleep(0.1)
-    for xmpp in made:
-        if xmpp.transport is not None:
-            xmpp.abort()
+ClientFactory = ClientPool
 
 
 async def test_hundred_messages_each_sent_then_acked_once_in_order(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,8 +14,11 @@ from ..plugin import SMTracker
 
 __all__ = [
     "PASSWORD",
+    "TRACKER_EVENTS",
     "USERS",
+    "ClientPool",
     "EventLog",
+    "Party",
     "Received",
     "connect_client",
     "make_client",
@@ -123,3 +127,92 @@ class Received:
                 self.counts[msg["body"]] += 1
 
         xmpp.add_event_handler("message", on_message)
+
+
+#: Every event the tracker emits.
+TRACKER_EVENTS = [
+    *(f"message:{s}" for s in (
+        "sent", "hibernated", "resent", "acked", "failed", "room_received", "delivered",
+        "displayed",
+    )),
+    *(f"stanza:{s}" for s in ("acked", "hibernated", "resent", "failed")),
+]  # fmt: skip
+
+
+class Party:
+    """A connected client and what a test looks at: its events, the latest snapshot of
+    each of its messages, and what it received. It re-announces presence on every
+    fresh session so it stays reachable after a failed resumption."""
+
+    def __init__(self, xmpp: slixmpp.ClientXMPP) -> None:
+        self.xmpp = xmpp
+        self.log = EventLog()
+        self.log.attach(xmpp, TRACKER_EVENTS)
+        self.received = Received()
+        self.received.attach(xmpp)
+        #: The latest TrackedMessage seen in an event, by id.
+        self.records: dict[str, Any] = {}
+        for name in TRACKER_EVENTS:
+            if name.startswith("message:"):
+                xmpp.add_event_handler(name, self._keep)
+        xmpp.add_event_handler("session_start", lambda _: xmpp.send_presence())
+
+    def _keep(self, record: Any) -> None:
+        self.records[record.id] = record
+
+    @property
+    def tracker(self) -> SMTracker:
+        return tracker_of(self.xmpp)
+
+    def send(self, to: str, body: str, mtype: str = "chat") -> str:
+        """Send a message the usual slixmpp way; returns its id."""
+        message = self.xmpp.make_message(mto=to, mbody=body, mtype=mtype)
+        message.send()
+        return str(message["id"])
+
+    def on_wire(self, ids: list[str]) -> bool:
+        """True once every one of these messages was counted (written or about to be)."""
+        records = self.tracker.core.records
+        return all(i in records and records[i].seq is not None for i in ids)
+
+    async def join(self, room: str, nick: str) -> None:
+        """Join a room (needs the xep_0045 plugin)."""
+        await self.xmpp.plugin["xep_0045"].join_muc_wait(slixmpp.JID(room), nick, maxchars=0)
+
+
+class ClientPool:
+    """Makes connected clients and disconnects them all at the end (``aclose``)."""
+
+    def __init__(self, domain: str = "localhost", password: str = PASSWORD) -> None:
+        self.domain = domain
+        self.password = password
+        self.made: list[slixmpp.ClientXMPP] = []
+
+    async def __call__(
+        self,
+        user: str,
+        address: tuple[str, int],
+        *,
+        tracked: bool = True,
+        resource: str | None = None,
+        plugins: tuple[str, ...] = (),
+        **config: Any,
+    ) -> Party:
+        jid = f"{user}@{self.domain}/{resource or uuid.uuid4().hex[:8]}"
+        xmpp = make_client(jid, self.password, tracked=tracked, tracker_config=config)
+        for plugin in plugins:
+            xmpp.register_plugin(plugin)
+        party = Party(xmpp)
+        self.made.append(xmpp)
+        await connect_client(xmpp, address)
+        return party
+
+    async def aclose(self) -> None:
+        for xmpp in self.made:
+            if "sm_tracker" in xmpp.plugin:
+                tracker_of(xmpp).auto_reconnect = False
+            xmpp.disconnect(wait=0.5)
+        await asyncio.sleep(0.1)
+        for xmpp in self.made:
+            if xmpp.transport is not None:
+                xmpp.abort()

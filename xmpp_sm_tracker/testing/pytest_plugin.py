@@ -18,8 +18,6 @@ Fixtures (pytest-asyncio):
 
 from __future__ import annotations
 
-import asyncio
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -27,11 +25,19 @@ import pytest
 import pytest_asyncio
 import slixmpp
 
-from .client import PASSWORD, USERS, connect_client, make_client, tracker_of
+from .client import PASSWORD, USERS, ClientPool
 from .prosody import ProsodyServer, ensure_prosody_installed
 from .proxy import FaultProxy
 
-__all__ = ["PASSWORD", "USERS", "ClientFactory", "flaky_link", "xmpp_client", "xmpp_server"]
+__all__ = [
+    "PASSWORD",
+    "USERS",
+    "ClientFactory",
+    "client_pool",
+    "flaky_link",
+    "xmpp_client",
+    "xmpp_server",
+]
 
 ClientFactory = Callable[..., Awaitable[slixmpp.ClientXMPP]]
 
@@ -57,24 +63,22 @@ async def flaky_link(xmpp_server: ProsodyServer) -> AsyncIterator[FaultProxy]:
 @pytest_asyncio.fixture
 async def xmpp_client(xmpp_server: ProsodyServer) -> AsyncIterator[ClientFactory]:
     """Connected clients on demand; all are disconnected when the test ends."""
-    made: list[slixmpp.ClientXMPP] = []
+    pool = ClientPool(domain=xmpp_server.domain)
 
     async def factory(
         user: str, *, via: FaultProxy | None = None, tracked: bool = True, **config: Any
     ) -> slixmpp.ClientXMPP:
-        jid = f"{user}@{xmpp_server.domain}/{uuid.uuid4().hex[:8]}"
-        xmpp = make_client(jid, PASSWORD, tracked=tracked, tracker_config=config)
-        made.append(xmpp)
         address = via.address if via is not None else xmpp_server.address
-        await connect_client(xmpp, address)
-        return xmpp
+        party = await pool(user, address, tracked=tracked, **config)
+        return party.xmpp
 
     yield factory
-    for xmpp in made:
-        if "sm_tracker" in xmpp.plugin:
-            tracker_of(xmpp).auto_reconnect = False
-        xmpp.disconnect(wait=0.5)
-    await asyncio.sleep(0.1)
-    for xmpp in made:
-        if xmpp.transport is not None:
-            xmpp.abort()
+    await pool.aclose()
+
+
+@pytest_asyncio.fixture
+async def client_pool(xmpp_server: ProsodyServer) -> AsyncIterator[ClientPool]:
+    """A :class:`ClientPool`: ``await client_pool(user, address, ...)`` gives a Party."""
+    pool = ClientPool(domain=xmpp_server.domain)
+    yield pool
+    await pool.aclose()
