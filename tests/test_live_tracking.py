@@ -328,3 +328,23 @@ async def test_messages_failed_while_queued_never_go_out_unless_resent(
     await asyncio.sleep(0.3)  # room for a stray copy to arrive, which must not
     assert bob.received.bodies == ["queued 1"]
     assert [r.id for r in await alice.tracker.failed()] == [ids[0], ids[2]]
+
+
+@pytest.mark.parametrize("rewriting_filter", [False, True])
+async def test_saved_state_holds_the_stanza_as_it_went_on_the_wire(
+    rewriting_filter: bool, prosody: ProsodyServer, proxy: FaultProxy, clients: ClientFactory
+) -> None:
+    plugins = ("xep_0184",) if rewriting_filter else ()
+    alice = await clients("alice", proxy.address, plugins=plugins, **SILENT)
+    if rewriting_filter:
+        alice.xmpp.plugin["xep_0184"].auto_request = True  # an 'out' filter adds <request/>
+    states: list[Any] = []
+    alice.tracker.sm.cache(states.append)
+    proxy.stall()
+    message_id = alice.send("bob@localhost", "as written")
+    await wait_for(lambda: alice.on_wire([message_id]))
+    await alice.tracker.flush()
+    [saved] = [u for u in states[-1]["unacked"] if u["id"] == message_id]
+    assert ("urn:xmpp:receipts" in saved["xml"]) is rewriting_filter
+    assert "as written" in saved["xml"]
+    proxy.heal()

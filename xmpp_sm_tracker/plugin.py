@@ -69,6 +69,10 @@ _XEP_0198_FILTERS = (("in", "_handle_incoming"), ("out_sync", "_handle_outgoing"
 _XEP_0198_EVENTS = (("disconnected", "disconnected"), ("session_end", "session_end"))
 
 
+#: slixmpp outgoing filters that never touch a message stanza (checked on 1.17).
+_MESSAGE_SAFE_FILTERS = frozenset({"Roster._save_last_status", "XEP_0115._filter_add_caps"})
+
+
 def _parse_counter(value: str | None) -> int | None:
     """An ``h`` attribute as an int in [0, 2**32), or None when absent or malformed."""
     if value is None:
@@ -385,16 +389,24 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
     # ---------------------------------------------------------------- events out
 
     def _dispatch(self, events: Iterable[Event]) -> None:
-        """The one place events leave: store snapshot first, then both buses, same order."""
-        emit_bus, emit_pyee, writer = self.xmpp.event, self.events.emit, self._writer
+        """The one place events leave: store snapshot first, then both buses, same order.
+
+        An event nobody listens to is not emitted at all (the hot path: three events
+        per message otherwise cost more than the tracking itself).
+        """
+        xmpp, pyee, writer = self.xmpp, self.events, self._writer
+        retrying = self.core.retry_policy is not None
         for event in events:
             payload = event.payload
             if isinstance(payload, TrackedMessage):
                 writer.put(payload)
-                if self.core.retry_policy is not None:
+                if retrying:
                     self.resender.on_record(payload)
-            emit_bus(event.name, payload)
-            emit_pyee(event.name, payload)
+            name = event.name
+            if xmpp.event_handled(name):
+                xmpp.event(name, payload)
+            if pyee.listeners(name):
+                pyee.emit(name, payload)
 
     @staticmethod
     def _log_listener_error(exc: Exception) -> None:
@@ -471,6 +483,21 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             if message_id in self.core.records:
                 self._parked[message_id] = data
 
+    def _filters_keep_messages(self) -> bool:
+        """True when no other outgoing filter can have rewritten a message since we
+        serialized it (only filters known to leave messages alone are registered)."""
+        filters = getattr(self.xmpp, "_XMLStream__filters", None)
+        if filters is None:
+            return False
+        return (
+            not filters.get("out_sce")
+            and all(f == self._on_outgoing for f in filters.get("out_sync", ()))
+            and all(
+                getattr(f, "__qualname__", None) in _MESSAGE_SAFE_FILTERS
+                for f in filters.get("out", ())
+            )
+        )
+
     def _withhold_parked(self, message_id: str) -> None:
         """A failed message's copy in slixmpp's queue must never go out by itself."""
         parked = self._parked.pop(message_id, None)
@@ -504,7 +531,8 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         if not core.session.enabled_out:
             return stanza
         link_up = self.xmpp.transport is not None
-        self._dispatch(core.counted(stanza, message_id, link_up=link_up))
+        same = message_id is not None and self._filters_keep_messages()
+        self._dispatch(core.counted(stanza, message_id, link_up=link_up, same_as_record=same))
         self.sm.changed()
         if not link_up:
             return None  # counted: the server will ask for it back after <resumed/>

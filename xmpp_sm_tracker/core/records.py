@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from .states import IN_FLIGHT, DeliveryState
 
 __all__ = ["FailureReason", "TrackedMessage"]
+
+
+class _Keep:
+    """Marks "leave this field as it is" where None is a meaningful new value."""
+
+
+_KEEP = _Keep()
 
 
 class FailureReason:
@@ -83,6 +90,31 @@ class TrackedMessage:
         """The bare JID the message went to: the key for ordering and listing."""
         return self.to.split("/", 1)[0]
 
-    def moved(self, state: DeliveryState, now: float, **changes: object) -> TrackedMessage:
-        """A copy in ``state``; the caller has checked the move against the table."""
-        return replace(self, state=state, updated_at=now, **changes)  # type: ignore[arg-type]
+    def moved(
+        self,
+        state: DeliveryState,
+        now: float,
+        *,
+        attempts: int | None = None,
+        reason: str | _Keep | None = _KEEP,
+        seq: int | _Keep | None = _KEEP,
+    ) -> TrackedMessage:
+        """A copy in ``state``; the caller has checked the move against the table.
+
+        Spelled out rather than ``dataclasses.replace``: it runs for every stanza.
+        """
+        return TrackedMessage(
+            self.id,
+            self.origin_id,
+            self.to,
+            self.type,
+            self.body,
+            state,
+            self.xml,
+            self.created_at,
+            now,
+            self.via_carbon,
+            self.attempts if attempts is None else attempts,
+            self.reason if isinstance(reason, _Keep) else reason,
+            self.seq if isinstance(seq, _Keep) else seq,
+        )

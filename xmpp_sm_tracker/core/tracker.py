@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from .ledger import Entry, Ledger, ResumeResult, SMProtocolError
-from .records import FailureReason, TrackedMessage
+from .records import _KEEP, FailureReason, TrackedMessage, _Keep
 from .retry import RetryPolicy
 from .smstate import STATE_VERSION, RestoredState
 from .states import IN_FLIGHT, DeliveryState, next_state
@@ -114,9 +114,19 @@ class Tracker(Generic[P]):
         return self.records.get(message_id)
 
     def _move(
-        self, message_id: str | None, signal: DeliveryState, **changes: object
+        self,
+        message_id: str | None,
+        signal: DeliveryState,
+        *,
+        attempts: int | None = None,
+        reason: str | _Keep | None = _KEEP,
+        seq: int | _Keep | None = _KEEP,
     ) -> Event | None:
-        """Apply ``signal`` to a record through the transition table; the event, if any."""
+        """Apply ``signal`` to a record through the transition table; the event, if any.
+
+        ``reason`` is cleared on any move but to FAILED unless given; a move to
+        RESENT counts one more attempt unless ``attempts`` is given.
+        """
         if message_id is None:
             return None
         record = self.records.get(message_id)
@@ -127,11 +137,11 @@ class Tracker(Generic[P]):
             if self._settled(record):
                 del self.records[message_id]  # a reinstated record goes back out
             return None
-        if state is _S.RESENT:
-            changes.setdefault("attempts", record.attempts + 1)
-        if state is not _S.FAILED:
-            changes.setdefault("reason", None)
-        moved = record.moved(state, self.clock(), **changes)
+        if state is _S.RESENT and attempts is None:
+            attempts = record.attempts + 1
+        if state is not _S.FAILED and isinstance(reason, _Keep):
+            reason = None
+        moved = record.moved(state, self.clock(), attempts=attempts, reason=reason, seq=seq)
         policy = self.retry_policy
         if state is _S.FAILED and policy is not None and policy.exhausted(moved):
             moved = moved.moved(state, moved.updated_at, reason=FailureReason.RETRIES_EXHAUSTED)
@@ -152,14 +162,14 @@ class Tracker(Generic[P]):
         return not (record.state is _S.ACKED and record.type == "groupchat")
 
     def _fate(
-        self, entries: Iterable[Entry[P]], state: DeliveryState, **changes: object
+        self, entries: Iterable[Entry[P]], state: DeliveryState, reason: str | _Keep | None = _KEEP
     ) -> list[Event]:
         """Events for ledger entries that all met the same fate, stanza event first."""
         stanza_event = _STANZA_EVENT[state]
         events: list[Event] = []
         for entry in entries:
             events.append(Event(stanza_event, entry.payload))
-            message_event = self._move(entry.message_id, state, **changes)
+            message_event = self._move(entry.message_id, state, reason=reason)
             if message_event is not None:
                 events.append(message_event)
         return events
@@ -208,8 +218,18 @@ class Tracker(Generic[P]):
         """
         return message_id is not None and message_id in self.withheld
 
-    def counted(self, payload: P, message_id: str | None, *, link_up: bool) -> list[Event]:
+    def counted(
+        self,
+        payload: P,
+        message_id: str | None,
+        *,
+        link_up: bool,
+        same_as_record: bool = False,
+    ) -> list[Event]:
         """A stanza passed the outgoing filter: count it when SM is on.
+
+        ``same_as_record``: the stanza is still what the record's XML says, so a saved
+        state can reuse that text instead of serializing it again.
 
         With the link down it is counted all the same (the server will tell us with
         ``<resumed h>`` that it never got it) and hibernated.
@@ -225,6 +245,8 @@ class Tracker(Generic[P]):
             record, message_id = None, None
         entry = self.ledger.record(payload, message_id)
         events: list[Event] = []
+        if record is not None and same_as_record:
+            entry.serialized = record.xml  # the caller knows nothing rewrote it since
         if record is not None:
             if record.state is _S.HIBERNATED and link_up:
                 # Hibernated before it was ever written: this is its first attempt.
