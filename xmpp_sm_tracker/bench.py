@@ -1,0 +1,1350 @@
+"""What tracking costs next to bare slixmpp, measured on a local Prosody this starts.
+
+Run with ``./scripts/bench`` (or ``python -m xmpp_sm_tracker.bench``); ``--quick`` is a
+smoke run, ``--json FILE`` keeps every sample. In one run it measures, each repeated
+and reported as the median:
+
+* acked messages per second, alice → bob, with bare slixmpp ``xep_0198``, with the
+  tracker and ``MemoryStore`` and with the tracker and ``SQLiteStore``, and the ratios
+  tracked / bare (from runs that alternate, paired per repeat);
+* 10 000 messages unacked when the link is cut, then resumed: the time for the tracker
+  to settle them all, and that none is lost or duplicated;
+* tracker memory per in-flight message (tracemalloc) and ``sm.cache`` calls per 1 000
+  stanzas under load;
+* ``SQLiteStore`` state changes per second (batched by the store writer) and the time
+  to recover 100 000 in-flight records at start-up.
+
+bob runs in a child process, so only alice's work shares her event loop and CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import cProfile
+import dataclasses
+import gc
+import importlib
+import io
+import json
+import logging
+import os
+import platform
+import pstats
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+import tracemalloc
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+import slixmpp
+from slixmpp.stanza import Message
+
+from .core.records import TrackedMessage
+from .core.states import DeliveryState
+from .testing import FaultProxy, ProsodyServer, ensure_prosody_installed
+from .testing.client import connect_client, make_client, tracker_of, wait_for
+from .testing.prosody import installed_prosody_version
+from .writer import StoreWriter
+
+__all__ = [
+    "PARTS",
+    "SQLITE_NA",
+    "BenchConfig",
+    "BenchError",
+    "BenchResult",
+    "Metric",
+    "format_markdown",
+    "format_table",
+    "machine_info",
+    "main",
+    "receiver_main",
+    "run_bench",
+    "sqlite_store_class",
+]
+
+Variant = Literal["bare", "memory", "sqlite"]
+Progress = Callable[[str], None]
+
+PASSWORD = "bench-pass"
+BOB = "bob@localhost"
+SQLITE_NA = "n/a (SQLiteStore not available)"
+#: The benchmarks, in the order they run.
+PARTS = ("throughput", "resume", "memory", "sqlite")
+_BODY = "{jabber:client}body"
+#: Settings that keep every message of the resume and memory runs unacked until we say.
+_NO_ACKS: dict[str, Any] = {"ack_every": 10**6, "ack_delay": 3600.0}
+#: How soon alice reconnects after the cut in the resume test (part of the time measured).
+_RECONNECT_DELAY = 0.05
+_MESSAGE_XML = (
+    "<message xmlns='jabber:client' to='bob@localhost' type='chat' id='{id}'>"
+    "<body>recovered message number {n}</body>"
+    "<origin-id xmlns='urn:xmpp:sid:0' id='{id}'/></message>"
+)
+
+
+class BenchError(RuntimeError):
+    """A benchmark could not run to the end (timeout, a child process died, ...)."""
+
+
+# ---------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Sizes and repeats of one bench run."""
+
+    #: Messages per throughput run (alice → bob).
+    messages: int = 5000
+    #: Messages sent first on each connection and not timed.
+    warmup: int = 100
+    #: Messages unacked when the link is cut, then resumed.
+    resume_messages: int = 10_000
+    #: In-flight messages measured with tracemalloc.
+    memory_messages: int = 5000
+    #: Record changes written through the batching store writer.
+    sqlite_changes: int = 100_000
+    #: Changes handed to the writer per event-loop turn in that test.
+    sqlite_burst: int = 100
+    #: In-flight records recovered from SQLite at start-up.
+    recover_records: int = 100_000
+    #: How many times each measurement runs (medians are reported).
+    repeat: int = 3
+    #: Profile one extra tracked (MemoryStore) throughput run with cProfile.
+    profile: bool = False
+    #: Which benchmarks run (all by default).
+    parts: tuple[str, ...] = PARTS
+    #: Let Prosody archive messages (MAM). Off by default: its memory archive truncates
+    #: at 1 000 items per user, which makes Prosody the bottleneck (~1 500 msg/s, drifting).
+    archive: bool = False
+
+    @classmethod
+    def quick(cls, repeat: int = 1) -> BenchConfig:
+        """Small sizes: proves the bench works in a few seconds, measures little."""
+        return cls(
+            messages=200,
+            warmup=20,
+            resume_messages=500,
+            memory_messages=200,
+            sqlite_changes=5000,
+            recover_records=5000,
+            repeat=repeat,
+        )
+
+    def __post_init__(self) -> None:
+        for name in ("messages", "resume_messages", "memory_messages", "repeat"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"bench config: {name} must be at least 1")
+        if self.sqlite_changes < 2 or self.recover_records < 1 or self.sqlite_burst < 1:
+            raise ValueError("bench config: sqlite sizes must be positive")
+        if self.warmup < 0:
+            raise ValueError("bench config: warmup must be >= 0")
+        unknown = set(self.parts) - set(PARTS)
+        if unknown:
+            raise ValueError(f"bench config: unknown parts {sorted(unknown)}; known: {PARTS}")
+
+
+@dataclass
+class Metric:
+    """One line of the table: the median over repeats (the worst for correctness
+    counts), checked against its target when it has one."""
+
+    key: str
+    label: str
+    value: float | None
+    unit: str
+    target: str = ""
+    ok: bool | None = None
+    samples: list[float] = field(default_factory=list)
+    note: str = ""
+
+    def shown(self) -> str:
+        """The value as printed in the table."""
+        if self.value is None:
+            return self.note or "n/a"
+        if self.unit == "×":
+            spread = f" ({min(self.samples):.2f}–{max(self.samples):.2f})"
+            return f"{self.value:.3f}×" + (spread if len(self.samples) > 1 else "")
+        if self.unit == "s":
+            return f"{self.value:.3f} s"
+        if self.unit in ("calls", "µs"):
+            return f"{self.value:.1f} {self.unit}"
+        return f"{self.value:,.0f} {self.unit}".replace(",", " ").strip()
+
+
+@dataclass
+class BenchResult:
+    """Everything one run measured: the table's metrics and each run's raw numbers."""
+
+    machine: dict[str, Any]
+    config: dict[str, Any]
+    command: str
+    metrics: list[Metric]
+    runs: dict[str, list[dict[str, Any]]]
+    profile: dict[str, Any] = field(default_factory=dict)
+    started_at: float = 0.0
+    duration_s: float = 0.0
+
+    def metric(self, key: str) -> Metric:
+        """The metric named ``key`` (KeyError if the run has none)."""
+        for metric in self.metrics:
+            if metric.key == key:
+                return metric
+        raise KeyError(key)
+
+    @property
+    def all_ok(self) -> bool:
+        """True when no metric with a target missed it."""
+        return all(m.ok is not False for m in self.metrics)
+
+    def to_json(self) -> str:
+        """The whole result as JSON."""
+        return json.dumps(dataclasses.asdict(self), indent=2, ensure_ascii=False)
+
+
+# ---------------------------------------------------------------------- environment
+
+
+def sqlite_store_class() -> Any | None:
+    """``SQLiteStore`` when this installation has it, else None (checked at run time)."""
+    try:
+        module = importlib.import_module("xmpp_sm_tracker.stores.sqlite")
+    except ImportError:
+        return None
+    return getattr(module, "SQLiteStore", None)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "?"
+
+
+def _load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    """The machine and software the numbers come from."""
+    return {
+        "cores": os.cpu_count(),
+        "load_average": _load_average(),
+        "cpu": _cpu_model(),
+        "system": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "slixmpp": getattr(slixmpp, "__version__", _version("slixmpp")),
+        "prosody": installed_prosody_version() or "?",
+        "xmpp_sm_tracker": _version("xmpp_sm_tracker"),
+        "sqlite_store": sqlite_store_class() is not None,
+    }
+
+
+def _machine_line(machine: dict[str, Any]) -> str:
+    load = (machine.get("load_average_before"), machine.get("load_average"))
+    return (
+        f"{machine['cores']} cores ({machine['cpu']}), {machine['system']}, "
+        f"Python {machine['python']}, slixmpp {machine['slixmpp']}, "
+        f"Prosody {machine['prosody']}, load average {load[0]} before, {load[1]} after"
+    )
+
+
+# ---------------------------------------------------------------------- bob, in a child
+
+
+_RECEIVER_BOOT = (
+    "import sys; from xmpp_sm_tracker.bench import receiver_main; "
+    "raise SystemExit(receiver_main(sys.argv[1:]))"
+)
+
+
+def receiver_main(argv: Sequence[str]) -> int:
+    """Child process: ``JID PASSWORD HOST PORT``; counts received bodies per tag.
+
+    Speaks a line protocol on stdin/stdout: ``ready`` once online, then
+    ``count TAG`` → ``UNIQUE TOTAL`` (bodies are ``TAG:n``), ``quit`` to leave.
+    """
+    jid, password, host, port = argv
+    logging.basicConfig(level=logging.ERROR)
+    return asyncio.run(_receive(jid, password, (host, int(port))))
+
+
+async def _receive(jid: str, password: str, address: tuple[str, int]) -> int:
+    xmpp = make_client(jid, password, tracked=False)
+    counts: dict[str, dict[str, int]] = {}
+
+    def on_message(message: Any) -> None:
+        body = message.xml.find(_BODY)
+        if body is None or not body.text:
+            return
+        per_tag = counts.setdefault(body.text.partition(":")[0], {})
+        per_tag[body.text] = per_tag.get(body.text, 0) + 1
+
+    xmpp.add_event_handler("message", on_message)
+    await connect_client(xmpp, address, timeout=30)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    print("ready", flush=True)
+    while line := await reader.readline():
+        command, _, argument = line.decode().strip().partition(" ")
+        if command == "count":
+            per_tag = counts.get(argument, {})
+            print(f"{len(per_tag)} {sum(per_tag.values())}", flush=True)
+        elif command == "quit":
+            break
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(xmpp.disconnect(), 5)
+    return 0
+
+
+class _Receiver:
+    """The parent's handle on bob's child process."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self._proc = proc
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def start(cls, jid: str, address: tuple[str, int]) -> _Receiver:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            _RECEIVER_BOOT,
+            jid,
+            PASSWORD,
+            address[0],
+            str(address[1]),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        receiver = cls(proc)
+        line = await receiver._readline(60)
+        if line != "ready":
+            await receiver.aclose()
+            raise BenchError(f"bob's receiver process did not come online (said {line!r})")
+        return receiver
+
+    async def _readline(self, timeout: float) -> str:
+        assert self._proc.stdout is not None
+        try:
+            raw = await asyncio.wait_for(self._proc.stdout.readline(), timeout)
+        except TimeoutError as exc:
+            raise BenchError("bob's receiver process stopped answering") from exc
+        if not raw:
+            raise BenchError(f"bob's receiver process exited ({self._proc.returncode})")
+        return raw.decode().strip()
+
+    async def count(self, tag: str) -> tuple[int, int]:
+        """(distinct bodies, bodies in all) bob received with ``tag``."""
+        assert self._proc.stdin is not None
+        async with self._lock:
+            self._proc.stdin.write(f"count {tag}\n".encode())
+            await self._proc.stdin.drain()
+            unique, total = (await self._readline(30)).split()
+        return int(unique), int(total)
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    async def wait(self, tag: str, n: int, timeout: float, settle: float = 0.3) -> tuple[int, int]:
+        """Wait until bob has ``n`` distinct bodies of ``tag`` (or timeout), then let
+        late duplicates arrive for ``settle`` seconds; returns the final counts."""
+        deadline = time.monotonic() + timeout
+        unique, _total = await self.count(tag)
+        while unique < n and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            unique, _total = await self.count(tag)
+        await asyncio.sleep(settle)
+        return await self.count(tag)
+
+    async def aclose(self) -> None:
+        proc = self._proc
+        if proc.returncode is None and proc.stdin is not None:
+            with contextlib.suppress(Exception):
+                proc.stdin.write(b"quit\n")
+                await proc.stdin.drain()
+                proc.stdin.close()
+        try:
+            await asyncio.wait_for(proc.wait(), 10)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+class _AckCounter:
+    """Counts acked messages; a future resolves with the time the n-th one came."""
+
+    def __init__(self, xmpp: slixmpp.ClientXMPP, tracked: bool) -> None:
+        self.count = 0
+        self._target = 0
+        self._future: asyncio.Future[float] | None = None
+        if tracked:
+            xmpp.add_event_handler("message:acked", self._on_record)
+        else:
+            xmpp.add_event_handler("stanza_acked", self._on_stanza)
+
+    def _on_record(self, _record: TrackedMessage) -> None:
+        self._bump()
+
+    def _on_stanza(self, stanza: Any) -> None:
+        if isinstance(stanza, Message):
+            self._bump()
+
+    def _bump(self) -> None:
+        self.count += 1
+        future = self._future
+        if future is not None and self.count >= self._target and not future.done():
+            future.set_result(time.perf_counter())
+
+    def expect(self, n: int) -> asyncio.Future[float]:
+        """Count from zero; the future resolves when ``n`` more messages are acked."""
+        self.count = 0
+        self._target = n
+        self._future = asyncio.get_running_loop().create_future()
+        return self._future
+
+
+async def _connect(xmpp: slixmpp.ClientXMPP, address: tuple[str, int]) -> None:
+    """Connect and wait until stream management is on, tracked or not."""
+    await connect_client(xmpp, address, timeout=30)
+    if "sm_tracker" not in xmpp.plugin:
+        xep = xmpp.plugin["xep_0198"]
+        await wait_for(lambda: xep.enabled_in, timeout=30)
+
+
+async def _disconnect(xmpp: slixmpp.ClientXMPP) -> None:
+    """A graceful close that gives up after a few seconds."""
+    if xmpp.transport is not None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(xmpp.disconnect(wait=2.0), 10)
+        if xmpp.transport is not None:
+            xmpp.abort()
+    # slixmpp cancels its send-queue task only when the client is garbage-collected,
+    # which destroys the task while it is still pending: stop it here instead.
+    task = getattr(xmpp, "_run_out_filters", None)
+    if task is not None and not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def _burst(xmpp: slixmpp.ClientXMPP, tag: str, n: int) -> None:
+    """Send ``n`` chat messages to bob; bare slixmpp asks for the tail's ack itself."""
+    send = xmpp.send_message
+    for i in range(n):
+        send(mto=BOB, mbody=f"{tag}:{i}", mtype="chat")
+    if "sm_tracker" not in xmpp.plugin:
+        # xep_0198 writes <r/> straight to the socket: only once the queue is written.
+        await xmpp.waiting_queue.join()
+        xmpp.plugin["xep_0198"].request_ack()
+
+
+async def _await(future: Awaitable[float], timeout: float, what: str) -> float:
+    try:
+        return await asyncio.wait_for(future, timeout)
+    except TimeoutError as exc:
+        raise BenchError(f"timed out after {timeout:g}s waiting for {what}") from exc
+
+
+def _cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU time of process ``pid`` so far (Linux /proc), or None."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class _CPU:
+    """CPU seconds spent by alice (this process), Prosody and bob over a span."""
+
+    def __init__(self, prosody: int | None, bob: int | None) -> None:
+        self._pids = {"prosody": prosody, "bob": bob}
+        self._start: dict[str, float | None] = {}
+
+    def _now(self) -> dict[str, float | None]:
+        now: dict[str, float | None] = {"alice": time.process_time()}
+        now.update({name: _cpu_seconds(pid) for name, pid in self._pids.items()})
+        return now
+
+    def start(self) -> None:
+        self._start = self._now()
+
+    def stop(self) -> dict[str, float | None]:
+        """CPU seconds per process since :meth:`start` (None where unknown)."""
+        end = self._now()
+        return {
+            name: (None if (a := self._start.get(name)) is None or b is None else b - a)
+            for name, b in end.items()
+        }
+
+
+def _median(values: Sequence[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+# ---------------------------------------------------------------------- throughput
+
+
+async def _throughput_run(
+    server: ProsodyServer,
+    bob: _Receiver,
+    variant: Variant,
+    config: BenchConfig,
+    tag: str,
+    workdir: Path,
+    profiler: cProfile.Profile | None = None,
+) -> dict[str, Any]:
+    """One timed burst: first send until the server's ``h`` covers all N."""
+    n = config.messages
+    tracked = variant != "bare"
+    alice = make_client(f"alice@localhost/{tag}", PASSWORD, tracked=tracked)
+    acks = _AckCounter(alice, tracked)
+    cache_calls = 0
+    store: Any = None
+    if tracked:
+        tracker = tracker_of(alice)
+        if variant == "sqlite":
+            store_class = sqlite_store_class()
+            assert store_class is not None
+            store = store_class(workdir / f"{tag}.sqlite")
+            await tracker.attach(store)
+            save = store.save_sm_state
+
+            async def cache(state: dict[str, Any] | None) -> None:
+                nonlocal cache_calls
+                cache_calls += 1
+                await save(state)
+
+            tracker.sm.cache(cache)
+        else:
+
+            def count_call(_state: dict[str, Any] | None) -> None:
+                nonlocal cache_calls
+                cache_calls += 1
+
+            tracker.sm.cache(count_call)
+    try:
+        await _connect(alice, server.address)
+        if config.warmup:
+            warm = acks.expect(config.warmup)
+            await _burst(alice, f"{tag}w", config.warmup)
+            await _await(warm, 60, "the warm-up acks")
+        if tracked:
+            await tracker.flush()
+        await asyncio.sleep(0.05)
+        cache_calls = 0
+        done = acks.expect(n)
+        cpu = _CPU(server.pid, bob.pid)
+        cpu.start()
+        if profiler is not None:
+            profiler.enable()
+        start = time.perf_counter()
+        await _burst(alice, tag, n)
+        end = await _await(done, max(120.0, n / 50), f"{n} acks ({variant})")
+        if profiler is not None:
+            profiler.disable()
+        cpu_s = cpu.stop()
+        seconds = end - start
+        run: dict[str, Any] = {
+            "variant": variant,
+            "tag": tag,
+            "messages": n,
+            "seconds": seconds,
+            "acked_per_s": n / seconds,
+            "acked": acks.count,
+            "cache_calls": cache_calls if tracked else None,
+            "cpu_s": cpu_s,
+        }
+        if tracked:
+            flush_start = time.perf_counter()
+            await tracker.flush()
+            run["store_flush_after_acks_s"] = time.perf_counter() - flush_start
+            run["store_pending_after"] = len(await tracker.store.pending())
+        unique, total = await bob.wait(tag, n, timeout=max(60.0, n / 100))
+        run["bob_unique"], run["bob_total"] = unique, total
+        run["lost"], run["duplicated"] = n - unique, total - unique
+        return run
+    finally:
+        await _disconnect(alice)
+        if store is not None:
+            await store.aclose()
+
+
+# ---------------------------------------------------------------------- resume
+
+
+async def _resume_run(server: ProsodyServer, bob: _Receiver, n: int, tag: str) -> dict[str, Any]:
+    """``n`` messages on the wire but unacked, the link cut, the stream resumed."""
+    async with FaultProxy(server.host, server.c2s_port) as proxy:
+        alice = make_client(
+            f"alice@localhost/{tag}",
+            PASSWORD,
+            tracker_config={
+                **_NO_ACKS,
+                "reconnect_delay": _RECONNECT_DELAY,
+                "reconnect_max_delay": 0.5,
+            },
+        )
+        tracker = tracker_of(alice)
+        acks = _AckCounter(alice, tracked=True)
+        events: Counter[str] = Counter()
+        acked_ids: Counter[str] = Counter()
+        for name in ("hibernated", "resent", "failed"):
+            tracker.events.on(f"message:{name}", lambda _r, name=name: events.update([name]))
+        tracker.events.on("message:acked", lambda r: acked_ids.update([r.id]))
+        try:
+            await _connect(alice, proxy.address)
+            proxy.stall()
+            await _burst(alice, tag, n)
+            await alice.waiting_queue.join()
+            records = tracker.core.records
+            await wait_for(
+                lambda: sum(1 for r in records.values() if r.seq is not None) >= n, timeout=60
+            )
+            unacked_at_cut = len(tracker.core.ledger)
+            done = acks.expect(n)
+            start = time.perf_counter()
+            proxy.cut()
+            proxy.heal()
+            end = await _await(done, max(120.0, n / 20), f"{n} acks after resumption")
+            unique, total = await bob.wait(tag, n, timeout=max(60.0, n / 100), settle=1.0)
+            return {
+                "tag": tag,
+                "messages": n,
+                "unacked_at_cut": unacked_at_cut,
+                "settle_s": end - start,
+                "settled_per_s": n / (end - start),
+                "reconnect_delay_s": _RECONNECT_DELAY,
+                "connections": proxy.connections,
+                "hibernated": events["hibernated"],
+                "resent": events["resent"],
+                "failed": events["failed"],
+                "acked_ids": len(acked_ids),
+                "acked_twice": sum(c - 1 for c in acked_ids.values()),
+                "bob_unique": unique,
+                "bob_total": total,
+                "lost": n - unique,
+                "duplicated": total - unique,
+            }
+        finally:
+            await _disconnect(alice)
+
+
+# ---------------------------------------------------------------------- CPU
+
+
+async def _cpu_run(
+    server: ProsodyServer, bob: _Receiver, tracked: bool, n: int, tag: str
+) -> dict[str, Any]:
+    """alice's CPU per message, default settings, without the noise of a shared CPU.
+
+    The burst is sent (and tracked) into a stalled link, so no reads interleave; then
+    the link heals and the acks come in. CPU time, not wall time: far steadier than
+    rates on a busy machine, and it shows where the tracked/bare ratio goes.
+    """
+    async with FaultProxy(server.host, server.c2s_port) as proxy:
+        alice = make_client(
+            f"alice@localhost/{tag}",
+            PASSWORD,
+            tracked=tracked,
+            tracker_config={"auto_reconnect": False},
+        )
+        acks = _AckCounter(alice, tracked)
+        if tracked:
+            tracker_of(alice).sm.cache(lambda _state: None)  # as in the throughput runs
+        try:
+            await _connect(alice, proxy.address)
+            proxy.stall()
+            await asyncio.sleep(0.05)
+            start = time.process_time()
+            send = alice.send_message
+            for i in range(n):
+                send(mto=BOB, mbody=f"{tag}:{i}", mtype="chat")
+            await alice.waiting_queue.join()
+            if tracked:
+                await tracker_of(alice).flush()
+            send_s = time.process_time() - start
+            done = acks.expect(n)
+            start = time.process_time()
+            proxy.heal()
+            alice.send(alice.plugin["xep_0198"].stanza.RequestAck(alice))  # for the tail
+            await _await(done, 60, f"the acks of {n} messages")
+            if tracked:
+                await tracker_of(alice).flush()
+            ack_s = time.process_time() - start
+            await bob.wait(tag, n, timeout=max(60.0, n / 100), settle=0.0)
+            return {
+                "tracked": tracked,
+                "messages": n,
+                "send_s": send_s,
+                "ack_s": ack_s,
+                "us_per_message": 1e6 * (send_s + ack_s) / n,
+            }
+        finally:
+            await _disconnect(alice)
+
+
+# ---------------------------------------------------------------------- memory
+
+
+def _traced_total(
+    before: tracemalloc.Snapshot, after: tracemalloc.Snapshot
+) -> tuple[int, list[tracemalloc.StatisticDiff]]:
+    ignore = [
+        tracemalloc.Filter(False, tracemalloc.__file__),
+        tracemalloc.Filter(False, "<frozen importlib._bootstrap*>"),
+        tracemalloc.Filter(False, "<unknown>"),
+    ]
+    stats = after.filter_traces(ignore).compare_to(before.filter_traces(ignore), "filename")
+    return sum(s.size_diff for s in stats), stats
+
+
+def _short(path: str) -> str:
+    for marker in ("site-packages/", "xmpp_sm_tracker/", "lib/python"):
+        if marker in path:
+            return path[path.index(marker) :].removeprefix("site-packages/")
+    return path
+
+
+async def _memory_run(server: ProsodyServer, tracked: bool, n: int, tag: str) -> dict[str, Any]:
+    """Bytes that stay allocated per message while ``n`` messages are unacked."""
+    async with FaultProxy(server.host, server.c2s_port) as proxy:
+        alice = make_client(
+            f"alice@localhost/{tag}",
+            PASSWORD,
+            tracked=tracked,
+            tracker_config={**_NO_ACKS, "auto_reconnect": False},
+        )
+        try:
+            await _connect(alice, proxy.address)
+            proxy.stall()  # nothing is acked, nothing is freed
+            await asyncio.sleep(0.05)
+            gc.collect()
+            tracemalloc.start()
+            try:
+                before = tracemalloc.take_snapshot()
+                send = alice.send_message
+                for i in range(n):
+                    send(mto=BOB, mbody=f"{tag}:{i}", mtype="chat")
+                await alice.waiting_queue.join()
+                if tracked:
+                    await tracker_of(alice).flush()
+                for _ in range(3):
+                    await asyncio.sleep(0)
+                gc.collect()
+                after = tracemalloc.take_snapshot()
+            finally:
+                tracemalloc.stop()
+            total, stats = _traced_total(before, after)
+            if tracked:
+                in_flight = len(tracker_of(alice).core.ledger)
+            else:
+                in_flight = len(alice.plugin["xep_0198"].unacked_queue)
+            top = sorted(stats, key=lambda s: s.size_diff, reverse=True)[:8]
+            return {
+                "tracked": tracked,
+                "messages": n,
+                "in_flight": in_flight,
+                "bytes": total,
+                "bytes_per_message": total / n,
+                "top_files": [
+                    {"file": _short(str(s.traceback[0].filename)), "bytes": s.size_diff}
+                    for s in top
+                ],
+            }
+        finally:
+            proxy.heal()
+            await _disconnect(alice)
+
+
+# ---------------------------------------------------------------------- SQLite
+
+
+def _records(n: int, state: DeliveryState, now: float) -> list[TrackedMessage]:
+    return [
+        TrackedMessage(
+            id=f"bench-{i:07d}",
+            origin_id=f"bench-{i:07d}",
+            to=BOB,
+            type="chat",
+            body=f"recovered message number {i}",
+            state=state,
+            xml=_MESSAGE_XML.format(id=f"bench-{i:07d}", n=i),
+            created_at=now + i * 1e-6,
+            updated_at=now + i * 1e-6,
+            seq=i + 1,
+        )
+        for i in range(n)
+    ]
+
+
+async def _sqlite_changes_run(path: Path, changes: int, burst: int) -> dict[str, Any]:
+    """Half the changes new SENT records, half the same records ACKED, via StoreWriter."""
+    store_class = sqlite_store_class()
+    assert store_class is not None
+    half = changes // 2
+    now = time.time()
+    sent = _records(half, DeliveryState.SENT, now)
+    acked = [r.moved(DeliveryState.ACKED, now + 1) for r in sent]
+    store = store_class(path)
+    opener = getattr(store, "open", None)
+    if opener is not None:
+        await opener()  # not timed: opening is the recovery benchmark's business
+    try:
+        writer = StoreWriter(store)
+        start = time.perf_counter()
+        for batch in (sent, acked):
+            for i, record in enumerate(batch, start=1):
+                writer.put(record)
+                if i % burst == 0:
+                    await asyncio.sleep(0)
+        await writer.flush()
+        seconds = time.perf_counter() - start
+        last = await store.get(acked[-1].id)
+        pending = len(await store.pending())
+    finally:
+        await store.aclose()
+    return {
+        "changes": 2 * half,
+        "burst": burst,
+        "seconds": seconds,
+        "changes_per_s": 2 * half / seconds,
+        "last_state": last.state.value if last is not None else None,
+        "pending_after": pending,
+    }
+
+
+async def _prepare_recovery_db(path: Path, n: int) -> None:
+    store_class = sqlite_store_class()
+    assert store_class is not None
+    store = store_class(path)
+    try:
+        records = _records(n, DeliveryState.SENT, time.time())
+        for i in range(0, n, 10_000):
+            await store.upsert(records[i : i + 10_000])
+    finally:
+        await store.aclose()
+
+
+async def _recover_run(path: Path, n: int) -> dict[str, Any]:
+    """A fresh process's ``attach()``: open the file, load and adopt what is in flight."""
+    store_class = sqlite_store_class()
+    assert store_class is not None
+    alice = make_client("alice@localhost/recover", PASSWORD)
+    tracker = tracker_of(alice)
+    store = store_class(path)
+    try:
+        start = time.perf_counter()
+        await tracker.attach(store)
+        seconds = time.perf_counter() - start
+        recovered = len(tracker.core.records)
+    finally:
+        await store.aclose()
+    return {"records": n, "recovered": recovered, "seconds": seconds}
+
+
+# ---------------------------------------------------------------------- the run
+
+
+def _rotate(variants: Sequence[Variant], i: int) -> list[Variant]:
+    k = i % len(variants)
+    return [*variants[k:], *variants[:k]]
+
+
+_Func = tuple[str, int, str]
+
+
+def _ours(func: _Func) -> bool:
+    return "xmpp_sm_tracker" in func[0] and not func[0].endswith("bench.py")
+
+
+def _func_name(func: _Func) -> str:
+    return f"{_short(func[0])}:{func[1]}({func[2]})"
+
+
+def _profile_rows(profiler: cProfile.Profile, limit: int = 15) -> dict[str, Any]:
+    """Where a tracked run spends its time inside xmpp_sm_tracker.
+
+    ``entry_points``: our functions called from outside (slixmpp, asyncio), inclusive
+    time: together, what tracking costs. ``hot_spots``: our functions by own time, and
+    library functions by the inclusive time of the calls our code makes to them.
+    """
+    stats = pstats.Stats(profiler, stream=io.StringIO())
+    raw: dict[_Func, tuple[int, int, float, float, dict[_Func, tuple[Any, ...]]]]
+    raw = stats.stats  # type: ignore[attr-defined]
+    total = sum(entry[2] for entry in raw.values())
+    entries: dict[_Func, list[float]] = {}
+    hot: list[dict[str, Any]] = []
+    for func, (_cc, calls, tottime, _ct, callers) in raw.items():
+        if _ours(func):
+            hot.append({"function": _func_name(func), "calls": calls, "seconds": tottime})
+        for caller, (_ccc, ncalls, _ctt, cumtime) in callers.items():
+            if _ours(func) and not _ours(caller):
+                entry = entries.setdefault(func, [0, 0.0])
+                entry[0] += ncalls
+                entry[1] += cumtime
+            elif _ours(caller) and not _ours(func):
+                name = f"{_func_name(func)} <- {caller[2]}"
+                hot.append({"function": name, "calls": ncalls, "seconds": cumtime})
+    entry_rows: list[dict[str, Any]] = [
+        {"function": _func_name(func), "calls": int(calls), "seconds": seconds}
+        for func, (calls, seconds) in entries.items()
+    ]
+    for rows in (entry_rows, hot):
+        rows.sort(key=lambda row: float(row["seconds"]), reverse=True)
+        for row in rows:
+            row["share"] = row["seconds"] / total if total else 0.0
+    return {"total_s": total, "entry_points": entry_rows[:limit], "hot_spots": hot[:limit]}
+
+
+async def run_bench(
+    config: BenchConfig,
+    base_dir: Path,
+    *,
+    progress: Progress | None = None,
+    command: str = "scripts/bench",
+) -> BenchResult:
+    """Start Prosody under ``base_dir``, run the benchmarks, return the result."""
+    say: Progress = progress or (lambda _text: None)
+    started_at, t0 = time.time(), time.perf_counter()
+    load_before = _load_average()
+    if load_before is not None and load_before > 0.5 * (os.cpu_count() or 1):
+        say(f"warning: the machine is busy (load average {load_before}): numbers will be noisy")
+    have_sqlite = sqlite_store_class() is not None
+    runs: dict[str, list[dict[str, Any]]] = {
+        "throughput": [],
+        "cpu": [],
+        "resume": [],
+        "memory": [],
+        "sqlite_changes": [],
+        "sqlite_recover": [],
+    }
+    profile: dict[str, Any] = {}
+    workdir = base_dir / "stores"
+    workdir.mkdir(parents=True, exist_ok=True)
+    if {"throughput", "resume", "memory"} & set(config.parts) or config.profile:
+        profile = await _live_parts(config, base_dir, workdir, runs, have_sqlite, say)
+    if "sqlite" in config.parts and have_sqlite:
+        await _sqlite_parts(config, workdir, runs, say)
+    machine = machine_info()
+    machine["load_average_before"] = load_before
+    return BenchResult(
+        machine=machine,
+        config=dataclasses.asdict(config),
+        command=command,
+        metrics=_metrics(config, runs, have_sqlite),
+        runs=runs,
+        profile=profile,
+        started_at=started_at,
+        duration_s=time.perf_counter() - t0,
+    )
+
+
+async def _live_parts(
+    config: BenchConfig,
+    base_dir: Path,
+    workdir: Path,
+    runs: dict[str, list[dict[str, Any]]],
+    have_sqlite: bool,
+    say: Progress,
+) -> dict[str, Any]:
+    """The benchmarks against Prosody; returns the profile (if asked for)."""
+    ensure_prosody_installed()
+    variants: list[Variant] = ["bare", "memory"]
+    if have_sqlite:
+        variants.append("sqlite")
+    biggest = max(config.resume_messages, config.messages, config.memory_messages)
+    server = ProsodyServer(
+        base_dir / "prosody",
+        log_level="warn",
+        smacks_max_queue_size=2 * biggest + 500,
+        extra_config="" if config.archive else "default_archive_policy = false",
+    )
+    for user in ("alice", "bob"):
+        server.register(user, PASSWORD)
+    profile: dict[str, Any] = {}
+    async with server:
+        bob = await _Receiver.start(f"{BOB}/bench", server.address)
+        try:
+            for i in range(config.repeat if "throughput" in config.parts else 0):
+                for variant in _rotate(variants, i):
+                    tag = f"t{i}{variant}"
+                    run = await _throughput_run(server, bob, variant, config, tag, workdir)
+                    runs["throughput"].append(run)
+                    say(
+                        f"throughput {i + 1}/{config.repeat} {variant:<6} "
+                        f"{run['acked_per_s']:8.0f} acked msg/s "
+                        f"(lost {run['lost']}, duplicated {run['duplicated']})"
+                    )
+            if config.profile:
+                profiler = cProfile.Profile()
+                await _throughput_run(server, bob, "memory", config, "prof", workdir, profiler)
+                profile = _profile_rows(profiler)
+                say("profiled one tracked (MemoryStore) throughput run")
+            for i in range(config.repeat if "resume" in config.parts else 0):
+                run = await _resume_run(server, bob, config.resume_messages, f"r{i}")
+                runs["resume"].append(run)
+                say(
+                    f"resume {i + 1}/{config.repeat}: {run['messages']} settled in "
+                    f"{run['settle_s']:.3f} s (lost {run['lost']}, duplicated {run['duplicated']})"
+                )
+            for i in range(config.repeat if "throughput" in config.parts else 0):
+                for tracked in (False, True):
+                    kind = "tracked" if tracked else "bare"
+                    run = await _cpu_run(server, bob, tracked, config.messages, f"c{i}{kind}")
+                    runs["cpu"].append(run)
+                    say(f"cpu {i + 1}/{config.repeat} {kind:<7} {run['us_per_message']:.1f} µs/msg")
+            for i in range(config.repeat if "memory" in config.parts else 0):
+                for tracked in (False, True):
+                    kind = "tracked" if tracked else "bare"
+                    run = await _memory_run(server, tracked, config.memory_messages, f"m{i}{kind}")
+                    runs["memory"].append(run)
+                    say(
+                        f"memory {i + 1}/{config.repeat} {kind:<7} "
+                        f"{run['bytes_per_message']:.0f} B/msg"
+                    )
+        finally:
+            await bob.aclose()
+    return profile
+
+
+async def _sqlite_parts(
+    config: BenchConfig, workdir: Path, runs: dict[str, list[dict[str, Any]]], say: Progress
+) -> None:
+    """Store-only benchmarks: batched state changes and start-up recovery."""
+    for i in range(config.repeat):
+        path = workdir / f"changes{i}.sqlite"
+        run = await _sqlite_changes_run(path, config.sqlite_changes, config.sqlite_burst)
+        runs["sqlite_changes"].append(run)
+        say(f"sqlite {i + 1}/{config.repeat}: {run['changes_per_s']:.0f} changes/s")
+    recover_path = workdir / "recover.sqlite"
+    await _prepare_recovery_db(recover_path, config.recover_records)
+    for i in range(config.repeat):
+        run = await _recover_run(recover_path, config.recover_records)
+        runs["sqlite_recover"].append(run)
+        say(f"recover {i + 1}/{config.repeat}: {run['recovered']} in {run['seconds']:.3f} s")
+
+
+def _metrics(
+    config: BenchConfig, runs: dict[str, list[dict[str, Any]]], have_sqlite: bool
+) -> list[Metric]:
+    """Medians, paired ratios and target checks for the table (every metric, always)."""
+    thr, res, mem = runs["throughput"], runs["resume"], runs["memory"]
+    parts = set(config.parts)
+
+    def metric(
+        key: str,
+        label: str,
+        unit: str,
+        samples: Sequence[float],
+        target: str = "",
+        check: Callable[[float], bool] | None = None,
+        *,
+        part: str,
+        needs_sqlite: bool = False,
+        worst: bool = False,
+    ) -> Metric:
+        if needs_sqlite and not have_sqlite:
+            return Metric(key, label, None, unit, target, None, [], SQLITE_NA)
+        if part not in parts:
+            return Metric(key, label, None, unit, target, None, [], "skipped")
+        value = (max(samples) if samples else None) if worst else _median(samples)
+        ok = None if check is None else (value is not None and check(value))
+        return Metric(key, label, value, unit, target, ok, list(samples))
+
+    def rates(variant: str) -> list[float]:
+        return [r["acked_per_s"] for r in thr if r["variant"] == variant]
+
+    def ratios(variant: str) -> list[float]:
+        return [t / b for t, b in zip(rates(variant), rates("bare"), strict=False)]
+
+    n, m = config.messages, config.resume_messages
+    tracked_mem = [r["bytes_per_message"] for r in mem if r["tracked"]]
+    bare_mem = [r["bytes_per_message"] for r in mem if not r["tracked"]]
+    tracker_mem = [t - b for t, b in zip(tracked_mem, bare_mem, strict=False)]
+    recover_ok = all(r["recovered"] == r["records"] for r in runs["sqlite_recover"])
+    return [
+        metric(
+            "throughput.bare",
+            f"acked msg/s, bare slixmpp xep_0198 (N={n})",
+            "msg/s",
+            rates("bare"),
+            part="throughput",
+        ),
+        metric(
+            "throughput.memory",
+            f"acked msg/s, tracker + MemoryStore (N={n})",
+            "msg/s",
+            rates("memory"),
+            part="throughput",
+        ),
+        metric(
+            "throughput.sqlite",
+            f"acked msg/s, tracker + SQLiteStore (N={n})",
+            "msg/s",
+            rates("sqlite"),
+            part="throughput",
+            needs_sqlite=True,
+        ),
+        metric(
+            "ratio.memory",
+            "tracked / bare, MemoryStore",
+            "×",
+            ratios("memory"),
+            "≥ 0.95",
+            lambda v: v >= 0.95,
+            part="throughput",
+        ),
+        metric(
+            "ratio.sqlite",
+            "tracked / bare, SQLiteStore",
+            "×",
+            ratios("sqlite"),
+            "≥ 0.90",
+            lambda v: v >= 0.90,
+            part="throughput",
+            needs_sqlite=True,
+        ),
+        metric(
+            "cpu.bare",
+            "alice CPU per message, bare (send + ack, stalled link)",
+            "µs",
+            [r["us_per_message"] for r in runs["cpu"] if not r["tracked"]],
+            part="throughput",
+        ),
+        metric(
+            "cpu.tracked",
+            "alice CPU per message, tracked (send + ack, stalled link)",
+            "µs",
+            [r["us_per_message"] for r in runs["cpu"] if r["tracked"]],
+            part="throughput",
+        ),
+        metric(
+            "throughput.lost_or_duplicated",
+            "throughput runs: lost + duplicated at bob (max)",
+            "msgs",
+            [r["lost"] + r["duplicated"] for r in thr],
+            "0",
+            lambda v: v == 0,
+            part="throughput",
+            worst=True,
+        ),
+        metric(
+            "resume.settle_s",
+            f"cut + resume: time to settle {m} unacked",
+            "s",
+            [r["settle_s"] for r in res],
+            part="resume",
+        ),
+        metric(
+            "resume.lost_or_duplicated",
+            "cut + resume: lost + duplicated, bob and acks (max)",
+            "msgs",
+            [
+                r["lost"] + r["duplicated"] + r["acked_twice"] + (r["messages"] - r["acked_ids"])
+                for r in res
+            ],
+            "0",
+            lambda v: v == 0,
+            part="resume",
+            worst=True,
+        ),
+        metric(
+            "memory.total",
+            "memory per in-flight message, tracked (total)",
+            "B",
+            tracked_mem,
+            part="memory",
+        ),
+        metric(
+            "memory.bare",
+            "memory per in-flight message, bare xep_0198",
+            "B",
+            bare_mem,
+            part="memory",
+        ),
+        metric(
+            "memory.tracker",
+            "memory per in-flight message, tracker only",
+            "B",
+            tracker_mem,
+            "≤ 2 048 B",
+            lambda v: v <= 2048,
+            part="memory",
+        ),
+        metric(
+            "sm_cache.per_1000",
+            "sm.cache calls per 1 000 stanzas under load",
+            "calls",
+            [1000 * r["cache_calls"] / r["messages"] for r in thr if r["variant"] != "bare"],
+            part="throughput",
+        ),
+        metric(
+            "sqlite.changes_per_s",
+            f"SQLiteStore state changes/s (batched, {config.sqlite_changes})",
+            "/s",
+            [r["changes_per_s"] for r in runs["sqlite_changes"]],
+            "≥ 100 000/s",
+            lambda v: v >= 100_000,
+            part="sqlite",
+            needs_sqlite=True,
+        ),
+        metric(
+            "sqlite.recover_s",
+            f"SQLiteStore: recover {config.recover_records} records at start-up",
+            "s",
+            [r["seconds"] for r in runs["sqlite_recover"]],
+            "< 1 s",
+            lambda v: v < 1.0 and recover_ok,
+            part="sqlite",
+            needs_sqlite=True,
+        ),
+    ]
+
+
+# ---------------------------------------------------------------------- output
+
+
+def _setup_line(config: dict[str, Any]) -> str:
+    archive = "on" if config["archive"] else "off (--archive to turn it on)"
+    return (
+        f"bob receives in a child process; Prosody archiving {archive}; "
+        f"{config['warmup']} warm-up messages per connection, not timed"
+    )
+
+
+def format_table(result: BenchResult) -> str:
+    """The result as a plain-text table with a header naming the machine."""
+    rows = [("metric", "value", "target", "ok?")]
+    for m in result.metrics:
+        ok = "" if m.ok is None else ("yes" if m.ok else "NO")
+        rows.append((m.label, m.shown(), m.target, ok))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = [
+        f"xmpp_sm_tracker bench: {_machine_line(result.machine)}",
+        f"command: {result.command}   repeats: {result.config['repeat']} (medians)   "
+        f"took {result.duration_s:.0f} s",
+        f"setup: {_setup_line(result.config)}",
+        "",
+    ]
+    for i, row in enumerate(rows):
+        lines.append(" | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+        if i == 0:
+            lines.append("-+-".join("-" * w for w in widths))
+    if result.profile:
+        prof = result.profile
+        lines += [
+            "",
+            f"cProfile of one tracked (MemoryStore) run, {prof['total_s']:.3f} s profiled in all",
+        ]
+        for title, key in (
+            ("tracker entry points (inclusive)", "entry_points"),
+            ("hot spots: own time, and library calls made by tracker code", "hot_spots"),
+        ):
+            lines.append(f"  {title}:")
+            for cost in prof[key]:
+                lines.append(
+                    f"    {cost['seconds']:7.3f} s {100 * cost['share']:5.1f}% "
+                    f"{cost['calls']:>7} calls  {cost['function']}"
+                )
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def format_markdown(result: BenchResult) -> str:
+    """A README block: the command, the machine, and the table."""
+    lines = [
+        f"`{result.command}` on {_machine_line(result.machine)}, "
+        f"{time.strftime('%Y-%m-%d', time.gmtime(result.started_at))}; "
+        f"medians of {result.config['repeat']} runs; {_setup_line(result.config)}:",
+        "",
+        "| metric | value | target | ok? |",
+        "|---|---:|---|---|",
+    ]
+    for m in result.metrics:
+        ok = "" if m.ok is None else ("✓" if m.ok else "✗")
+        lines.append(f"| {m.label} | {m.shown()} | {m.target} | {ok} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: print the table; 0 when every target was met, 1 otherwise."""
+    parser = argparse.ArgumentParser(
+        prog="scripts/bench", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (smoke)")
+    parser.add_argument("--repeat", type=int, default=None, help="repeats per measurement (3)")
+    parser.add_argument("--messages", type=int, default=None, help="N per throughput run (5000)")
+    parser.add_argument("--json", metavar="FILE", type=Path, help="write every number as JSON")
+    parser.add_argument("--markdown", metavar="FILE", type=Path, help="write a README block")
+    parser.add_argument(
+        "--profile", action="store_true", help="cProfile one more tracked run, show top costs"
+    )
+    parser.add_argument(
+        "--only",
+        metavar="PARTS",
+        help=f"comma-separated subset of {','.join(PARTS)} (default: all)",
+    )
+    parser.add_argument(
+        "--archive", action="store_true", help="let Prosody archive messages (MAM); off by default"
+    )
+    parser.add_argument("--verbose", action="store_true", help="log what the plugin does")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR)
+    repeat = args.repeat if args.repeat is not None else (1 if args.quick else 3)
+    config = BenchConfig.quick(repeat) if args.quick else BenchConfig(repeat=repeat)
+    try:
+        config = dataclasses.replace(
+            config,
+            profile=args.profile,
+            archive=args.archive,
+            messages=args.messages or config.messages,
+            parts=tuple(args.only.split(",")) if args.only else PARTS,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+    argv_used = sys.argv[1:] if argv is None else argv
+    command = " ".join(["scripts/bench", shlex.join(argv_used)]).strip()
+
+    def say(text: str) -> None:
+        print(f"  {text}", file=sys.stderr, flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="sm-tracker-bench-") as tmp:
+        result = asyncio.run(run_bench(config, Path(tmp), progress=say, command=command))
+    print(format_table(result))
+    if args.json:
+        args.json.write_text(result.to_json() + "\n", encoding="utf-8")
+    if args.markdown:
+        args.markdown.write_text(format_markdown(result), encoding="utf-8")
+    return 0 if result.all_ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
