@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -36,7 +37,7 @@ from .core.states import DeliveryState
 from .core.tracker import Event, OutgoingMessage, Tracker
 from .resend import Resender
 from .smhooks import SMStateHooks
-from .stores.base import TrackerStore
+from .stores.base import StoreError, TrackerStore
 from .stores.memory import MemoryStore
 from .writer import StoreWriter
 
@@ -69,19 +70,21 @@ _XEP_0198_FILTERS = (("in", "_handle_incoming"), ("out_sync", "_handle_outgoing"
 _XEP_0198_EVENTS = (("disconnected", "disconnected"), ("session_end", "session_end"))
 
 
+_UNSIGNED_INT = re.compile(r"[0-9]{1,10}")
+
 #: slixmpp outgoing filters that never touch a message stanza (checked on 1.17).
 _MESSAGE_SAFE_FILTERS = frozenset({"Roster._save_last_status", "XEP_0115._filter_add_caps"})
 
 
 def _parse_counter(value: str | None) -> int | None:
-    """An ``h`` attribute as an int in [0, 2**32), or None when absent or malformed."""
-    if value is None:
+    """An ``h`` attribute as an int in [0, 2**32), or None when absent or malformed.
+
+    Only ASCII digits: ``int()`` alone would take ``1_0`` or non-ASCII digits.
+    """
+    if value is None or not _UNSIGNED_INT.fullmatch(value):
         return None
-    try:
-        number = int(value)
-    except ValueError:
-        return None
-    return number if 0 <= number < 2**32 else None
+    number = int(value)
+    return number if number < 2**32 else None
 
 
 def _parse_location(location: str | None) -> tuple[str, int] | None:
@@ -89,7 +92,7 @@ def _parse_location(location: str | None) -> tuple[str, int] | None:
     if not location:
         return None
     host, sep, port = location.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not _UNSIGNED_INT.fullmatch(port) or not 0 < int(port) < 65536:
         return None
     host = host.strip("[]")
     return (host, int(port)) if host else None
@@ -260,11 +263,16 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
 
     async def attach(self, store: TrackerStore) -> None:
         """Use ``store`` for records from now on (write what the old one had queued first)."""
-        await self._writer.flush()
+        # Read the new store first: if it is unusable, nothing changes.
+        left_in_flight = await store.pending()
+        old = self._writer
         self.store = store
         self._writer = StoreWriter(store)
+        for snapshot in old.take_pending():  # queued changes go to the new store
+            self._writer.put(snapshot)
+        await old.aclose_quietly()
         # Records a previous process left in flight settle with the first session.
-        self.core.adopt(await store.pending())
+        self.core.adopt(left_in_flight)
 
     @property
     def session_live(self) -> bool:
@@ -322,9 +330,17 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         record = self._track(message)
         if record is None:
             raise ValueError("this message is not tracked (no body, <no-store/> or predicate)")
-        await self.flush()
+        try:
+            await self.flush()
+        except StoreError:
+            # Never handed over: fail it (it can be resent once the store works again).
+            self._dispatch(self.core.abandon(record.id, FailureReason.STORE_FAILED))
+            raise
+        current = self.core.get(record.id)
+        if current is None or not current.in_flight:
+            return current or record  # the session ended meanwhile: it failed, unsent
         self._hand_over(message)
-        return record
+        return current
 
     async def resend(self, message_id: str) -> TrackedMessage:
         """Send a failed message again: same id and origin-id (receivers drop a duplicate),
@@ -404,9 +420,17 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
                     self.resender.on_record(payload)
             name = event.name
             if xmpp.event_handled(name):
+                if isinstance(payload, StanzaBase):
+                    # slixmpp hands a handler's exception to payload.exception(), which
+                    # for a stanza *sends an error reply*: never for our own stanzas.
+                    payload.exception = self._log_bus_handler_error
                 xmpp.event(name, payload)
             if pyee.listeners(name):
                 pyee.emit(name, payload)
+
+    @staticmethod
+    def _log_bus_handler_error(exc: Exception) -> None:
+        log.error("an sm_tracker event handler raised: %r", exc, exc_info=exc)
 
     @staticmethod
     def _log_listener_error(exc: Exception) -> None:
@@ -526,6 +550,8 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         if message_id is not None:
             if self._parked.get(message_id) is stanza:
                 del self._parked[message_id]
+            if core.should_drop(message_id):
+                return None  # failed before it ever went out; only resend() sends it
             if message_id not in core.records:
                 message_id = None
         if not core.session.enabled_out:
@@ -830,6 +856,9 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         self.sm.changed()
         if location and _parse_location(location) is None:
             log.warning("ignoring an unusable <enabled location=%r>", location)
+        max_text = xml.get("max")
+        if max_text is not None and _parse_counter(max_text) is None:
+            log.warning("ignoring an unusable <enabled max=%r>", max_text)
         self.xmpp.end_session_on_disconnect = not self.core.session.can_resume
 
     def _on_resumed(self, stanza: StanzaBase) -> None:

@@ -75,11 +75,34 @@ class StoreWriter:
                     ) from exc
 
     async def flush(self) -> None:
-        """Write everything queued so far; raises :class:`StoreError` if the store fails."""
+        """Write everything queued so far; raises :class:`StoreError` if the store fails
+        (and keeps retrying in the background, so nothing waits for the next change)."""
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None
-        await self._write_all()
+        try:
+            await self._write_all()
+        except StoreError:
+            if self._retry is None and self._task is None:
+                loop = asyncio.get_running_loop()
+                self._retry = loop.call_later(self.retry_delay, self._retry_now)
+            raise
+
+    def take_pending(self) -> list[TrackedMessage]:
+        """Hand over what is queued (to another writer) and stop retrying it here."""
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        pending, self._pending = list(self._pending.values()), {}
+        return pending
+
+    async def aclose_quietly(self) -> None:
+        """Stop: wait for a write in progress, keep quiet about its outcome."""
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
 
     async def aclose(self) -> None:
         """Write what is left and stop retrying."""

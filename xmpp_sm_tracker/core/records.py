@@ -38,6 +38,8 @@ class FailureReason:
         reason = f"{error_type or 'cancel'}:{condition or 'undefined-condition'}"
         return f"{reason} ({text})" if text else reason
 
+    #: It was never sent: the store refused the record of a durable send.
+    STORE_FAILED = "store-failed"
     #: The server did not ack it within the retry policy's attempt timeout.
     ACK_TIMEOUT = "ack-timeout"
     #: A retry policy gave up after its last attempt.
@@ -47,7 +49,7 @@ class FailureReason:
 
     #: Failures worth retrying: nothing refused the message itself.
     RETRYABLE = frozenset(
-        {RESUME_FAILED, SESSION_ENDED, PROTOCOL_ERROR, SM_UNAVAILABLE, ACK_TIMEOUT}
+        {RESUME_FAILED, SESSION_ENDED, PROTOCOL_ERROR, SM_UNAVAILABLE, ACK_TIMEOUT, STORE_FAILED}
     )
 
 

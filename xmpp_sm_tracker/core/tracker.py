@@ -337,6 +337,15 @@ class Tracker(Generic[P]):
         moved = self._move(message_id, _S.ACKED, reason=FailureReason.FOUND_IN_ARCHIVE)
         return [moved] if moved is not None else []
 
+    def abandon(self, message_id: str, reason: str) -> list[Event]:
+        """A tracked message that will not be handed to the client after all: FAILED,
+        and withheld should a copy of it still reach the outgoing filter."""
+        moved = self._move(message_id, _S.FAILED, reason=reason)
+        if moved is None:
+            return []
+        self.withheld.add(message_id)
+        return [moved]
+
     def timed_out(self, message_id: str) -> list[Event]:
         """An attempt stayed unacked past the retry policy's timeout.
 
