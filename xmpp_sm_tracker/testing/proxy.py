@@ -4,7 +4,9 @@ Stream management is about surviving broken links, so tests need links that brea
 command: reset (:meth:`FaultProxy.cut`), a server that is "down"
 (:meth:`FaultProxy.refuse`), a link that hangs but recovers (:meth:`FaultProxy.stall`),
 a dead NAT that swallows everything (:meth:`FaultProxy.blackhole`) and a link that dies
-mid-stanza (:meth:`FaultProxy.drop_after`).
+mid-stanza (:meth:`FaultProxy.drop_after`). For hostile-server tests it can also speak
+for one end (:meth:`FaultProxy.inject`) or rewrite what the server says
+(:meth:`FaultProxy.rewrite`).
 
 Built on asyncio Protocols with transport-level flow control, so it adds little
 overhead to high-volume benchmarks. It is independent of slixmpp and XMPP: it only
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import socket
 import struct
 import time
@@ -251,6 +254,8 @@ class _Pipe:
         if t is None or dst.lost or t.is_closing():
             return
         upstream = src.is_client
+        if not upstream and self.proxy._rewrites:
+            data = self.proxy._rewritten(data)
         if self.budget is not None and self.budget_dir in (
             "both",
             "upstream" if upstream else "downstream",
@@ -317,6 +322,7 @@ class FaultProxy:
         self._mode: TrafficMode = "flow"
         self._refusing = False
         self._drop: tuple[int, Direction] | None = None
+        self._rewrites: list[tuple[re.Pattern[bytes], bytes]] = []
         self.bytes_up = 0
         self.bytes_down = 0
         self.bytes_discarded = 0
@@ -474,10 +480,11 @@ class FaultProxy:
             pipe.set_budget(n_bytes, direction)
 
     def heal(self) -> None:
-        """Back to normal: forward again, flush stalled bytes, stop refusing/dropping."""
+        """Back to normal: forward again, flush stalled bytes, stop refusing/dropping/rewriting."""
         self._mode = "flow"
         self._refusing = False
         self._drop = None
+        self._rewrites.clear()
         for pipe in list(self._pipes):
             pipe.set_budget(None, "both")
             pipe.guard(pipe.heal)
@@ -485,6 +492,53 @@ class FaultProxy:
     def _apply(self) -> None:
         for pipe in list(self._pipes):
             pipe.guard(pipe.update_reading)
+
+    # -- a hostile server -------------------------------------------------------
+
+    def inject(self, data: bytes, direction: Direction = "downstream") -> int:
+        """Write ``data`` into every live connection as if one end had sent it.
+
+        ``downstream`` bytes reach the client as if the server wrote them (a hostile
+        or buggy server: a bogus ``<a h>``, a stray ``<resumed/>``); ``upstream`` bytes
+        reach the server. The bytes bypass the current fault (a stall or blackhole
+        does not hold them) and are not counted in ``bytes_up``/``bytes_down``, which
+        count forwarded traffic only. Returns how many connections got them.
+        """
+        if direction not in ("upstream", "downstream", "both"):
+            raise ValueError(f"invalid direction {direction!r}")
+        written = 0
+        for pipe in list(self._pipes):
+            targets: list[_Side] = []
+            if direction in ("downstream", "both"):
+                targets.append(pipe.client)
+            if direction in ("upstream", "both"):
+                targets.append(pipe.server)
+            hit = False
+            for side in targets:
+                t = side.transport
+                if pipe.closed or t is None or side.lost or t.is_closing():
+                    continue
+                t.write(data)
+                hit = True
+            written += hit
+        return written
+
+    def rewrite(self, pattern: bytes, replacement: bytes) -> None:
+        """Rewrite what the server sends: ``re.sub(pattern, replacement)`` on each chunk.
+
+        For tests of a server that answers wrongly (an ``<enabled max>`` that is not a
+        number, a ``<resumed previd>`` for another stream) without patching the
+        server. It works per chunk read from the socket, so a match split across two
+        reads is missed; servers write each top-level element at once, which is
+        what it is for. Rules add up, apply to current and new connections, and are
+        dropped by :meth:`heal`.
+        """
+        self._rewrites.append((re.compile(pattern), replacement))
+
+    def _rewritten(self, data: bytes) -> bytes:
+        for regex, replacement in self._rewrites:
+            data = regex.sub(replacement, data)
+        return data
 
     # -- waiting ------------------------------------------------------------------
 
