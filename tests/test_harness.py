@@ -7,6 +7,7 @@ Pure proxy behaviour is checked with raw asyncio sockets against a tiny local se
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import re
@@ -112,11 +113,9 @@ async def read_to_eof(reader: asyncio.StreamReader, timeout: float = 5.0) -> byt
     """Everything until EOF; a reset counts as EOF (it is how cut() looks)."""
     chunks: list[bytes] = []
     async with asyncio.timeout(timeout):
-        try:
+        with contextlib.suppress(ConnectionResetError):
             while chunk := await reader.read(65536):
                 chunks.append(chunk)
-        except ConnectionResetError:
-            pass
     return b"".join(chunks)
 
 
