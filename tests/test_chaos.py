@@ -356,3 +356,65 @@ async def test_a_message_failed_during_send_message_never_goes_out_unasked(
         for xmpp in (alice, bob):
             xmpp.disconnect(wait=0.5)
         await asyncio.sleep(0.2)
+
+
+class FreezingStore(MemoryStore):
+    """A MemoryStore that stops taking writes once ``frozen``: what a SIGKILL leaves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frozen = False
+
+    async def upsert(self, records: Sequence[TrackedMessage]) -> None:
+        if not self.frozen:
+            await super().upsert(records)
+
+    async def save_sm_state(self, state: Any) -> None:
+        if not self.frozen:
+            await super().save_sm_state(state)
+
+
+async def test_a_message_whose_seq_died_with_its_sender_is_found_in_the_archive(
+    prosody: ProsodyServer, proxy: FaultProxy
+) -> None:
+    received: list[str] = []
+    bob = make_client("bob@localhost/chaos-seq", "pass", tracked=False)
+    bob.add_event_handler("message", lambda m: received.append(str(m["body"])))
+    silent = {"ack_every": 10**6, "ack_delay": 3600.0, "auto_reconnect": False}
+    first = make_client("alice@localhost/chaos-first", "pass", tracker_config=silent)
+    second = make_client("alice@localhost/chaos-second", "pass", tracker_config={"ack_delay": 0.05})
+    store = FreezingStore()
+    try:
+        await connect_client(bob, prosody.address)
+        tracker = tracker_of(first)
+        await tracker.attach(store)
+        tracker.sm.cache(store.save_sm_state)
+        await connect_client(first, proxy.address)
+        await tracker.flush()
+        record = await tracker.send_message("bob@localhost", "died with its seq")
+        store.frozen = True  # killed right after: the stanza leaves, its seq is never stored
+        await wait_for(lambda: "died with its seq" in received)
+        first.abort()  # no goodbye: the server keeps the session for resumption
+        stored = await store.get(record.id)
+        assert stored is not None and stored.seq is None
+        await asyncio.sleep(0.2)  # the dead process writes nothing more
+        store.frozen = False  # the next process writes as usual
+
+        successor = tracker_of(second)
+        await successor.attach(store)
+        successor.sm.load(await store.load_sm_state())
+        second.connect(*proxy.address)
+        await wait_for(lambda: successor.session_live, timeout=10)
+        await wait_for(lambda: record.id not in successor.core.records, timeout=5)
+        settled = await successor.get(record.id)
+        assert settled is not None and settled.state is not DeliveryState.SENT, settled
+        await successor.resend_failed()
+        await asyncio.sleep(1.0)
+        assert received.count("died with its seq") == 1
+        final = await successor.get(record.id)
+        assert final is not None and final.state is DeliveryState.ACKED
+    finally:
+        tracker_of(second).auto_reconnect = False
+        for xmpp in (first, second, bob):
+            xmpp.disconnect(wait=0.5)
+        await asyncio.sleep(0.2)

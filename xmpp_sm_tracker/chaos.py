@@ -38,8 +38,9 @@ The faults, each for a drawn ``duration``:
 Besides the verdict, the summary counts what is allowed but worth seeing: messages
 that failed although bob had them (``failed`` means *not confirmed*), how many of
 those the archive check recognised, and which ones reached bob twice because the
-resend pass sent them again (room messages are never looked up in the archive, and
-a restart empties the test server's archive).
+resend pass sent them again (room messages are never looked up in the archive, a
+restart empties the test server's archive, and a sender killed before it stored a
+message's sequence number leaves its successor no way to know it went out).
 
 Why a separate process and a real server: the bugs this hunts for live in the
 seams -- a state saved a moment before a kill, a ``<failed h>`` after a restart,
@@ -74,6 +75,7 @@ import slixmpp
 from .core.records import FailureReason, TrackedMessage
 from .core.smstate import SMStateError
 from .core.states import DeliveryState
+from .plugin import SMTracker
 from .stores.base import StoreError
 from .stores.sqlite import SQLiteStore
 from .testing import FaultProxy, ProsodyServer, ensure_prosody_installed
@@ -328,11 +330,16 @@ def _summarize(
             dupes["room"] += 1  # the resend path never asks the archive about rooms
         elif restarted:
             dupes["archive lost in a restart"] += 1  # the test server's archive is in memory
+        elif obs.sender_killed and message_id in obs.unsent_at_settle:
+            # it died before storing the seq: its successor cannot know it went out
+            dupes["sender killed before storing it"] += 1
         else:
             dupes["unexplained"] += 1
             notes.append(
                 f"seed {schedule.seed}: {message_id} reached bob {count}x after a resend; "
-                f"before it: {before[0]} ({before[1]}), archive check did not find it"
+                f"before it: {before[0]} ({before[1]}, "
+                f"{'no seq' if message_id in obs.unsent_at_settle else 'had a seq'}), "
+                "archive check did not find it"
             )
     failed_received = sum(
         1
@@ -687,8 +694,12 @@ async def _sender_main(config: dict[str, Any]) -> None:
         kind = schedule.target(n)
         to = room if kind == "groupchat" else bob
         body = f"chaos {schedule.seed} life {life} #{n}"
-        record = await tracker.send_message(to, body, mtype=kind)
-        print(f"SENT {n} {record.id} {kind}", flush=True)
+        try:
+            record = await tracker.send_message(to, body, mtype=kind)
+        except StoreError as exc:  # the record is kept, failed (store-failed)
+            print(f"message {n} not stored: {exc}", file=sys.stderr)
+        else:
+            print(f"SENT {n} {record.id} {kind}", flush=True)
         await asyncio.sleep(schedule.interval)
     print("DONE", flush=True)
 
@@ -728,7 +739,7 @@ def _log_event(name: str) -> Callable[[TrackedMessage], None]:
     return handler
 
 
-async def _until_quiet(tracker: Any, seconds: float) -> bool:
+async def _until_quiet(tracker: SMTracker, seconds: float) -> bool:
     """Wait until the session is live and no record is in flight; False on timeout."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
@@ -745,7 +756,7 @@ async def _until_quiet(tracker: Any, seconds: float) -> bool:
 
 
 async def _settle(
-    tracker: Any, store: SQLiteStore, conversations: Sequence[str], timeout: float
+    tracker: SMTracker, store: SQLiteStore, conversations: Sequence[str], timeout: float
 ) -> dict[str, Any]:
     """Wait until nothing is in flight; every record as it stands then."""
     await _until_quiet(tracker, timeout)
@@ -761,7 +772,7 @@ async def _settle(
     return {"states": states, "unsent": unsent, "stuck": stuck}
 
 
-async def _resend(tracker: Any, timeout: float) -> dict[str, Any]:
+async def _resend(tracker: SMTracker, timeout: float) -> dict[str, Any]:
     """One ``resend_failed()`` pass (archive check first), then settle again."""
     resent: list[str] = []
     try:
@@ -827,6 +838,8 @@ class _Worker:
         await self.prosody.stop()
 
     async def run(self, schedule: Schedule) -> ScheduleResult:
+        """Play one schedule, settle, resend, and check: a fresh room, file and resource
+        each time, so one schedule's leftovers never count in the next one's verdict."""
         assert self.proxy is not None and self.bob is not None
         started = time.monotonic()
         proxy, bob = self.proxy, self.bob

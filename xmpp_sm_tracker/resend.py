@@ -117,12 +117,15 @@ class Resender:
     async def _reconcile(self, records: list[TrackedMessage]) -> set[str]:
         """Ids of records our archive shows the server stored (XEP-0313)."""
         plugin = self.plugin
-        # Only what reached the wire unanswered can be on the server; a room keeps its
-        # own archive, and the room's reflection already tells.
+        # Only what reached the wire unanswered can be on the server: a seq says so, and
+        # a record a dead process left behind may have gone out before its seq was
+        # saved. A room keeps its own archive, and the room's reflection already tells.
         wanted = {
             record.origin_id: record.id
             for record in records
-            if record.reason in UNANSWERED and record.seq is not None and record.type != "groupchat"
+            if record.reason in UNANSWERED
+            and (record.seq is not None or record.reason == FailureReason.RESUME_FAILED)
+            and record.type != "groupchat"
         }
         if not wanted or not plugin.reconcile_with_archive:
             return set()
