@@ -205,9 +205,12 @@ class _Pipe:
         dst = self.peer(side)
         t = dst.transport
         if t is not None and not dst.lost and not t.is_closing():
-            if t.can_write_eof():
-                t.write_eof()
-            else:
+            try:
+                if t.can_write_eof():
+                    t.write_eof()
+                else:
+                    t.close()
+            except OSError:  # the peer vanished meanwhile (ENOTCONN): nothing to tell it
                 t.close()
         if self.client.eof and self.server.eof:
             self.close(abort=False)
