@@ -176,14 +176,19 @@ async def test_clean_disconnect_on_a_healthy_link_gets_everything_acked_first(
     assert alice.log.count("message:failed") == 0
 
 
+async def take_the_link_down(alice: Party, proxy: FaultProxy) -> None:
+    """Cut alice's link and keep refusing her reconnects until ``proxy.refuse(False)``."""
+    proxy.refuse(True)
+    proxy.cut()
+    await wait_for(lambda: alice.xmpp.transport is None)
+
+
 async def test_messages_sent_while_link_down_hibernate_then_resend_after_resume(
     prosody: ProsodyServer, proxy: FaultProxy, clients: ClientFactory
 ) -> None:
     bob = await clients("bob", prosody.address, tracked=False)
     alice = await clients("alice", (proxy.host, proxy.port), **FAST)
-    proxy.refuse(True)
-    proxy.cut()
-    await wait_for(lambda: alice.xmpp.transport is None)
+    await take_the_link_down(alice, proxy)
     ids = [alice.send("bob@localhost", f"offline {i}") for i in range(5)]
     for message_id in ids:
         assert alice.log.names_for(message_id) == ["message:sent", "message:hibernated"]
@@ -313,9 +318,7 @@ async def test_messages_failed_while_queued_never_go_out_unless_resent(
 ) -> None:
     bob = await clients("bob", prosody.address, tracked=False)
     alice = await clients("alice", (proxy.host, proxy.port), **FAST)
-    proxy.refuse(True)
-    proxy.cut()
-    await wait_for(lambda: alice.xmpp.transport is None)
+    await take_the_link_down(alice, proxy)
     ids = [alice.send("bob@localhost", f"queued {i}") for i in range(3)]
     await alice.xmpp.disconnect()  # the user gives up: the session ends here
     assert alice.log.ids("message:failed") == ids

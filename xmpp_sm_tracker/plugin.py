@@ -203,7 +203,6 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             ("stanza_not_sent", self._on_stanza_not_sent),
             ("session_end", self._on_session_end),
             ("disconnected", self._on_disconnected),
-            ("connection_failed", self._on_connection_failed),
         )
         for event, handler in self._event_handlers:
             xmpp.add_event_handler(event, handler)
@@ -772,8 +771,6 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
     def _protocol_error(self, exc: SMProtocolError) -> None:
         """XEP-0198 §4: an ``h`` beyond what we sent ends the stream; nothing is lost."""
         log.error("stream management protocol error: %s; dropping the session", exc)
-        self._dispatch(self.core.protocol_error(exc))
-        self.sm.changed()
         if self.xmpp.transport is not None:
             self.xmpp.send_raw(
                 "<stream:error><undefined-condition "
@@ -781,6 +778,14 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
                 f"<handled-count-too-high xmlns='{SM_NS}' h='{exc.h}' send-count='{exc.seq}'/>"
                 "</stream:error>"
             )
+        self._drop_session()
+
+    def _drop_session(self) -> None:
+        """The server's SM state cannot be trusted: fail what is unacked, never resume
+        this stream, and drop the connection (a fresh session follows)."""
+        self._dispatch(self.core.session_ended(FailureReason.PROTOCOL_ERROR))
+        self.sm.changed()
+        if self.xmpp.transport is not None:
             self.xmpp.end_session_on_disconnect = True
             self.xmpp.abort()
 
@@ -873,10 +878,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
                 xml.get("h"),
                 session.sm_id,
             )
-            self._dispatch(self.core.session_ended(FailureReason.PROTOCOL_ERROR))
-            self.sm.changed()
-            self.xmpp.end_session_on_disconnect = True
-            self.xmpp.abort()
+            self._drop_session()
             return
         try:
             events, resend = self.core.resumed(h)
@@ -973,9 +975,6 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             self._withhold_parked(message_id)
         self.xmpp.features.discard("stream_management")
         self.sm.changed()
-
-    def _on_connection_failed(self, _error: Any) -> None:
-        log.debug("connection attempt failed; slixmpp retries it")
 
     def _schedule_reconnect(self) -> None:
         self._cancel(self._reconnect_timer)
