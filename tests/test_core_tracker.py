@@ -1091,3 +1091,38 @@ class TrackerMachine(RuleBasedStateMachine):
 
 TrackerMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
 test_tracker_machine = TrackerMachine.TestCase
+
+
+def test_a_resend_keeps_the_text_it_goes_out_with_and_the_newest_entry_carries_it(
+    tracker: Tracker[Stanza],
+) -> None:
+    # The record's xml is "the stanza as sent": after a resend that added <delay/>,
+    # a saved state and the wire must both carry the new text, not the first one.
+    tracker.track(outgoing("m1"), link_up=True)
+    failed = tracker.session_ended(unsent=["m1"])[0].payload
+    assert isinstance(failed, TrackedMessage)
+    enable(tracker)
+    with_delay = failed.xml.replace("</message>", "<delay xmlns='urn:xmpp:delay'/></message>")
+    [resent] = tracker.resend(failed, with_delay)
+    assert isinstance(resent.payload, TrackedMessage)
+    assert resent.payload.xml == with_delay
+    tracker.counted(Stanza("m1-again"), "m1", link_up=True, same_as_record=True)
+    newest = tracker.ledger.newest
+    assert newest is not None
+    assert (newest.message_id, newest.serialized) == ("m1", with_delay)
+
+
+def test_only_the_copy_tied_to_its_record_carries_the_record_text(
+    tracker: Tracker[Stanza],
+) -> None:
+    tracker.track(outgoing("m1"), link_up=True)
+    tracker.counted(Stanza("m1"), "m1", link_up=True, same_as_record=True)
+    first = tracker.ledger.newest
+    assert first is not None and first.serialized == tracker.records["m1"].xml
+    # another stanza reusing the id: counted, but not tied, so never written as m1's text
+    tracker.counted(Stanza("same id, other text"), "m1", link_up=True, same_as_record=True)
+    second = tracker.ledger.newest
+    assert second is not None and second is not first
+    assert (second.message_id, second.serialized) == (None, None)
+    tracker.ack(2)
+    assert tracker.ledger.newest is None

@@ -81,6 +81,31 @@ async def test_resend_failed_sends_in_original_order_each_once(
         assert alice.log.ids("message:resent") == ids
 
 
+async def test_a_resent_message_carries_its_original_time_on_the_wire_and_in_its_record(
+    server: ProsodyServer, parties: Any
+) -> None:
+    async with FaultProxy(server.host, server.c2s_port) as proxy:
+        bob = await parties("bob", server.address)
+        stamps: dict[str, str | None] = {}
+
+        def on_message(msg: Any) -> None:
+            delay = msg.xml.find("{urn:xmpp:delay}delay")
+            stamps[msg["body"]] = delay.get("stamp") if delay is not None else None
+
+        bob.xmpp.add_event_handler("message", on_message)
+        alice = await parties("alice", proxy.address, **SILENT)
+        [message_id] = await send_into_the_void(alice, proxy, "bob@localhost", ["late one"])
+        [resent] = await alice.tracker.resend_failed()
+
+        assert "<delay" in resent.xml and "urn:xmpp:delay" in resent.xml
+        await wait_for(lambda: "late one" in stamps)
+        stamp = stamps["late one"]
+        assert stamp is not None and stamp.endswith("Z")
+        assert stamp in resent.xml
+        await wait_for(lambda: alice.log.count("message:acked") == 1)
+        assert alice.records[message_id].xml == resent.xml
+
+
 async def test_reconciliation_finds_stored_messages_and_does_not_resend_them(
     server: ProsodyServer, parties: Any
 ) -> None:

@@ -351,3 +351,21 @@ async def test_saved_state_holds_the_stanza_as_it_went_on_the_wire(
     assert ("urn:xmpp:receipts" in saved["xml"]) is rewriting_filter
     assert "as written" in saved["xml"]
     proxy.heal()
+
+
+async def test_a_second_stanza_reusing_a_tracked_id_goes_out_with_its_own_text(
+    prosody: ProsodyServer, proxy: FaultProxy, clients: ClientFactory
+) -> None:
+    # A tracked message goes out as its record's text (serialized once); a different
+    # stanza with the same id must never be written as that text.
+    bob = await clients("bob", prosody.address, tracked=False)
+    alice = await clients("alice", proxy.address, **FAST)
+    first = alice.xmpp.make_message(mto="bob@localhost", mbody="first text", mtype="chat")
+    second = alice.xmpp.make_message(mto="bob@localhost", mbody="second text", mtype="chat")
+    second["id"] = first["id"]
+    first.send()
+    second.send()
+    await wait_for(lambda: len(bob.received.bodies) == 2)
+    assert bob.received.bodies == ["first text", "second text"]
+    await wait_for(lambda: alice.log.count("message:acked") == 1)
+    assert alice.log.ids("message:sent") == [first["id"]]

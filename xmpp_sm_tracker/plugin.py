@@ -70,6 +70,12 @@ _XEP_0198_FILTERS = (("in", "_handle_incoming"), ("out_sync", "_handle_outgoing"
 _XEP_0198_EVENTS = (("disconnected", "disconnected"), ("session_end", "session_end"))
 
 
+_REQUEST_ACK = f"<r xmlns='{SM_NS}'/>"
+_ORIGIN_ID = f"{{{SID_NS}}}origin-id"
+_RECEIPT_REQUEST = f"{{{RECEIPTS_NS}}}request"
+_MARKABLE = f"{{{MARKERS_NS}}}markable"
+_NO_STORE = f"{{{HINTS_NS}}}no-store"
+
 _UNSIGNED_INT = re.compile(r"[0-9]{1,10}")
 
 #: slixmpp outgoing filters that never touch a message stanza (checked on 1.17).
@@ -452,52 +458,53 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         """Start tracking a message, unless it is already tracked or is not for tracking."""
         xml = message.xml
         message_id = xml.get("id")
-        if message_id and message_id in self.core.records:
-            return self.core.records[message_id]
-        if not self._wants_tracking(message):
+        records = self.core.records
+        if message_id and message_id in records:
+            return records[message_id]
+        body = self._body_to_track(message)
+        if body is None:
             return None
         if not message_id:
             message_id = uuid.uuid4().hex
             xml.set("id", message_id)
-        origin = xml.find(f"{{{SID_NS}}}origin-id")
+        origin = xml.find(_ORIGIN_ID)
         if origin is None and self.add_origin_id:
-            origin = ET.SubElement(xml, f"{{{SID_NS}}}origin-id", {"id": message_id})
+            origin = ET.SubElement(xml, _ORIGIN_ID, {"id": message_id})
         origin_id = origin.get("id", message_id) if origin is not None else message_id
-        if xml.get("type", "normal") in ("chat", "normal"):
-            if self.request_receipts and xml.find(f"{{{RECEIPTS_NS}}}request") is None:
-                ET.SubElement(xml, f"{{{RECEIPTS_NS}}}request")
-            if self.request_markers and xml.find(f"{{{MARKERS_NS}}}markable") is None:
-                ET.SubElement(xml, f"{{{MARKERS_NS}}}markable")
-        body = xml.find(f"{{{message.namespace}}}body")
+        kind = xml.get("type", "normal")
+        if kind in ("chat", "normal"):
+            if self.request_receipts and xml.find(_RECEIPT_REQUEST) is None:
+                ET.SubElement(xml, _RECEIPT_REQUEST)
+            if self.request_markers and xml.find(_MARKABLE) is None:
+                ET.SubElement(xml, _MARKABLE)
         outgoing = OutgoingMessage(
             id=message_id,
             origin_id=origin_id,
             to=xml.get("to", ""),
-            type=xml.get("type", "normal"),
-            body=(body.text or "") if body is not None else "",
+            type=kind,
+            body=body,
             xml=tostring(xml, top_level=True),
         )
-        events = self.core.track(outgoing, link_up=self._session_live)
-        self._dispatch(events)
-        return self.core.records.get(message_id)
+        self._dispatch(self.core.track(outgoing, link_up=self._session_live))
+        return records.get(message_id)
 
-    def _wants_tracking(self, message: Message) -> bool:
+    def _body_to_track(self, message: Message) -> str | None:
+        """The body of a message to track; None for one that is not for tracking."""
         xml = message.xml
         if xml.get("type") == "error":
-            return False
+            return None
         body = xml.find(f"{{{message.namespace}}}body")
-        if body is None or not body.text:
-            return False
-        if xml.find(f"{{{HINTS_NS}}}no-store") is not None:
-            return False
+        text: str | None = body.text if body is not None else None
+        if not text or xml.find(_NO_STORE) is not None:
+            return None
         predicate = self.should_track
         if predicate is None:
-            return True
+            return text
         try:
-            return bool(predicate(message))
+            return text if predicate(message) else None
         except Exception:
             log.warning("should_track raised; tracking the message anyway", exc_info=True)
-            return True
+            return text
 
     def _on_stanza_not_sent(self, data: Any) -> None:
         """slixmpp parked a stanza until the next session start: remember which."""
@@ -527,8 +534,13 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         if parked is not None:
             self._withheld_copies.add(id(parked))
 
-    def _on_outgoing(self, stanza: StanzaBase) -> StanzaBase | None:
-        """out_sync filter: the last look at a stanza before it is written."""
+    def _on_outgoing(self, stanza: StanzaBase) -> StanzaBase | str | None:
+        """out_sync filter: the last look at a stanza before it is written.
+
+        Returns the record's text for a tracked message nothing rewrote since it was
+        serialized: slixmpp 1.17 writes a string a filter returns as it is, so each
+        message is serialized once, not once for us and once for the wire.
+        """
         if isinstance(stanza, (Message, Presence, Iq)):
             return self._count_outgoing(stanza)
         if isinstance(stanza, sm_stanza.Enable):
@@ -539,7 +551,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             self.core.resume_sent()
         return stanza
 
-    def _count_outgoing(self, stanza: StanzaBase) -> StanzaBase | None:
+    def _count_outgoing(self, stanza: StanzaBase) -> StanzaBase | str | None:
         core = self.core
         if self._withheld_copies and id(stanza) in self._withheld_copies:
             # Failed while parked in slixmpp's queue: only an explicit resend sends it.
@@ -566,6 +578,10 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             self._request_ack(now)
         else:
             self._arm_ack_timer()
+        if same:
+            counted = core.ledger.newest
+            if counted is not None and counted.message_id == message_id and counted.serialized:
+                return counted.serialized  # the record's text, tied to this very stanza
         return stanza
 
     # ---------------------------------------------------------------- acks
@@ -574,7 +590,9 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         """Queue an ``<r/>`` behind what is queued, so it follows the stanzas it asks about."""
         if self.xmpp.transport is None or not self.core.session.enabled_out:
             return
-        self._original_send(sm_stanza.RequestAck(self.xmpp))
+        # As text, straight into slixmpp's send queue: behind what is queued, and
+        # without building and serializing a stanza every ack_every messages.
+        self.xmpp.waiting_queue.put_nowait((_REQUEST_ACK, False))
         self.ack_clock.request_sent(now)
         self._arm_ack_timer()
 

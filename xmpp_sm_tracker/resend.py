@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from xml.etree import ElementTree as ET
 
 from slixmpp.stanza import Message
+from slixmpp.xmlstream import tostring
 
 from .core.records import FailureReason, TrackedMessage
 from .core.states import DeliveryState
@@ -104,12 +105,14 @@ class Resender:
     def _send_again(self, record: TrackedMessage) -> TrackedMessage:
         """Same id, same origin-id, plus ``<delay/>`` with the original time (XEP-0198 §4)."""
         plugin = self.plugin
-        events = plugin.core.resend(record)
         message = Message(plugin.xmpp, xml=ET.fromstring(record.xml))
+        xml = None
         if message.xml.find(f"{{{DELAY_NS}}}delay") is None:
             stamp = datetime.fromtimestamp(record.created_at, UTC)
             text = stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
             ET.SubElement(message.xml, f"{{{DELAY_NS}}}delay", {"stamp": text})
+            xml = tostring(message.xml, top_level=True)  # the record keeps what is sent
+        events = plugin.core.resend(record, xml)
         plugin._dispatch(events)
         plugin._hand_over(message)
         return _latest(record, events)

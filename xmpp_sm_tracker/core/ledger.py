@@ -92,6 +92,11 @@ class Ledger(Generic[P]):
         """How many stanzas the server has not acknowledged (entries or not)."""
         return distance(self.last_ack, self.seq)
 
+    @property
+    def newest(self) -> Entry[P] | None:
+        """The stanza counted last, if it is still unacked."""
+        return self._unacked[-1] if self._unacked else None
+
     def reset(self) -> list[Entry[P]]:
         """Start counting afresh (``<enable/>`` sent); returns what was left unresolved."""
         left = self.drain()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
 
 from .ledger import Entry, Ledger, ResumeResult, SMProtocolError
@@ -263,14 +263,17 @@ class Tracker(Generic[P]):
             events.extend(self._fate([entry], _S.HIBERNATED))
         return events
 
-    def resend(self, record: TrackedMessage) -> list[Event]:
+    def resend(self, record: TrackedMessage, xml: str | None = None) -> list[Event]:
         """The user sends a failed message again (same id, same origin-id): RESENT.
 
-        Raises ValueError for a message that has not failed.
+        ``xml`` is the stanza as it goes out this time (with its ``<delay/>``), when it
+        differs from the first attempt. Raises ValueError for a message that has not failed.
         """
         if record.state is not _S.FAILED:
             raise ValueError(f"message {record.id} is {record.state.name}, only FAILED is resent")
         self.withheld.discard(record.id)
+        if xml is not None:
+            record = replace(record, xml=xml)
         self.records[record.id] = record
         moved = self._move(record.id, _S.RESENT, seq=None)
         return [moved] if moved is not None else []
