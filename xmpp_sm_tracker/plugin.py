@@ -82,6 +82,14 @@ _UNSIGNED_INT = re.compile(r"[0-9]{1,10}")
 _MESSAGE_SAFE_FILTERS = frozenset({"Roster._save_last_status", "XEP_0115._filter_add_caps"})
 
 
+class TrackerEvents(AsyncIOEventEmitter):
+    """``tracker.events``: a pyee emitter that can tell cheaply whether anyone listens."""
+
+    def has_listeners(self, event: str) -> bool:
+        """Like ``bool(listeners(event))`` without copying the list under a lock."""
+        return bool(self._events.get(event))
+
+
 def _parse_counter(value: str | None) -> int | None:
     """An ``h`` attribute as an int in [0, 2**32), or None when absent or malformed.
 
@@ -160,7 +168,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             AckPolicy(every=self.ack_every, delay=self.ack_delay, timeout=self.ack_timeout)
         )
         #: pyee emitter with the same events, names, payloads and order as the slixmpp bus.
-        self.events = AsyncIOEventEmitter()
+        self.events = TrackerEvents()
         self.events.add_listener("error", self._log_listener_error)
         self.store: TrackerStore = MemoryStore()
         self._writer = StoreWriter(self.store)
@@ -430,7 +438,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
                     # for a stanza *sends an error reply*: never for our own stanzas.
                     payload.exception = self._log_bus_handler_error
                 xmpp.event(name, payload)
-            if pyee.listeners(name):
+            if pyee.has_listeners(name):
                 pyee.emit(name, payload)
 
     @staticmethod
@@ -447,7 +455,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         """``xmpp.send`` as wrapped: track outgoing messages with a body, then send."""
         if use_filters and isinstance(data, Message):
             record = self._track(data)
-            if record is not None and self.resender.hold(record.conversation, data):
+            if record is not None and self.resender.hold(record, data):
                 return  # goes out after the older messages being resent to that peer
         self._hand_over(data, use_filters)
 
@@ -468,14 +476,15 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             message_id = uuid.uuid4().hex
             xml.set("id", message_id)
         origin = xml.find(_ORIGIN_ID)
-        if origin is None and self.add_origin_id:
+        config = self.config  # read once: each plugin attribute is a config lookup
+        if origin is None and config["add_origin_id"]:
             origin = ET.SubElement(xml, _ORIGIN_ID, {"id": message_id})
         origin_id = origin.get("id", message_id) if origin is not None else message_id
         kind = xml.get("type", "normal")
         if kind in ("chat", "normal"):
-            if self.request_receipts and xml.find(_RECEIPT_REQUEST) is None:
+            if config["request_receipts"] and xml.find(_RECEIPT_REQUEST) is None:
                 ET.SubElement(xml, _RECEIPT_REQUEST)
-            if self.request_markers and xml.find(_MARKABLE) is None:
+            if config["request_markers"] and xml.find(_MARKABLE) is None:
                 ET.SubElement(xml, _MARKABLE)
         outgoing = OutgoingMessage(
             id=message_id,
@@ -497,7 +506,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         text: str | None = body.text if body is not None else None
         if not text or xml.find(_NO_STORE) is not None:
             return None
-        predicate = self.should_track
+        predicate = self.config["should_track"]
         if predicate is None:
             return text
         try:

@@ -60,8 +60,11 @@ class Resender:
 
     # ---------------------------------------------------------------- ordering
 
-    def hold(self, conversation: str, message: Message) -> bool:
+    def hold(self, record: TrackedMessage, message: Message) -> bool:
         """Keep a new message back while older ones to the same peer are resent."""
+        if not self._gates:  # the usual case, checked first: nothing is being resent
+            return False
+        conversation = record.conversation
         if not self.plugin.keep_order or not self._gates.get(conversation):
             return False
         self._held[conversation].append(message)
