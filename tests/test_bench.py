@@ -16,10 +16,13 @@ from xmpp_sm_tracker.bench import PARTS, SQLITE_NA, BenchConfig, run_bench
 
 METRICS = {
     "throughput.bare",
+    "throughput.bare_oid",
     "throughput.memory",
     "throughput.sqlite",
     "ratio.memory",
     "ratio.sqlite",
+    "ratio.memory_same_stanzas",
+    "ratio.sqlite_same_stanzas",
     "cpu.bare",
     "cpu.tracked",
     "throughput.lost_or_duplicated",
@@ -35,6 +38,7 @@ METRICS = {
 SQLITE_METRICS = {
     "throughput.sqlite",
     "ratio.sqlite",
+    "ratio.sqlite_same_stanzas",
     "sqlite.changes_per_s",
     "sqlite.recover_s",
 }
@@ -62,7 +66,7 @@ def test_quick_bench_measures_everything_and_loses_nothing(
     assert metrics["throughput.lost_or_duplicated"]["value"] == 0
     assert metrics["resume.lost_or_duplicated"]["value"] == 0
     config = BenchConfig.quick()
-    variants = 3 if have_sqlite else 2
+    variants = 4 if have_sqlite else 3
     throughput = result["runs"]["throughput"]
     assert len(throughput) == variants * config.repeat
     for run in throughput:

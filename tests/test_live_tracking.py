@@ -369,3 +369,32 @@ async def test_a_second_stanza_reusing_a_tracked_id_goes_out_with_its_own_text(
     assert bob.received.bodies == ["first text", "second text"]
     await wait_for(lambda: alice.log.count("message:acked") == 1)
     assert alice.log.ids("message:sent") == [first["id"]]
+
+
+async def test_a_filter_added_later_still_sees_and_changes_what_goes_out(
+    prosody: ProsodyServer, proxy: FaultProxy, clients: ClientFactory
+) -> None:
+    # Whether other filters may rewrite messages is cached; adding one must reset that,
+    # or later messages would go out as their record's text, without the filter's change.
+    bob = await clients("bob", prosody.address, tracked=False)
+    seen: list[str] = []
+    bob.xmpp.add_event_handler(
+        "message", lambda msg: seen.append(msg["thread"] or "-") if msg["body"] else None
+    )
+    alice = await clients("alice", proxy.address, **FAST)
+    alice.send("bob@localhost", "before")
+    await wait_for(lambda: seen == ["-"])
+
+    def add_thread(stanza: Any) -> Any:
+        if isinstance(stanza, slixmpp.Message) and stanza["body"]:
+            stanza["thread"] = "from-filter"
+        return stanza
+
+    alice.xmpp.add_filter("out", add_thread)
+    alice.send("bob@localhost", "with the filter")
+    await wait_for(lambda: len(seen) == 2)
+    alice.xmpp.del_filter("out", add_thread)
+    alice.send("bob@localhost", "after")
+    await wait_for(lambda: len(seen) == 3)
+    assert seen == ["-", "from-filter", "-"]
+    await wait_for(lambda: alice.log.count("message:acked") == 3)

@@ -47,6 +47,7 @@ from typing import Any, Literal
 
 import slixmpp
 from slixmpp.stanza import Message
+from slixmpp.xmlstream import ET
 
 from .core.records import TrackedMessage
 from .core.states import DeliveryState
@@ -71,11 +72,14 @@ __all__ = [
     "sqlite_store_class",
 ]
 
-Variant = Literal["bare", "memory", "sqlite"]
+#: "bare_oid" is bare slixmpp sending the same stanzas as the tracker (with an
+#: XEP-0359 origin-id): it tells the cost of tracking from the cost of the bigger stanza.
+Variant = Literal["bare", "bare_oid", "memory", "sqlite"]
 Progress = Callable[[str], None]
 
 PASSWORD = "bench-pass"
 BOB = "bob@localhost"
+ORIGIN_ID_TAG = "{urn:xmpp:sid:0}origin-id"
 SQLITE_NA = "n/a (SQLiteStore not available)"
 #: The benchmarks, in the order they run.
 PARTS = ("throughput", "resume", "memory", "sqlite")
@@ -453,11 +457,21 @@ async def _disconnect(xmpp: slixmpp.ClientXMPP) -> None:
         await asyncio.gather(task, return_exceptions=True)
 
 
-async def _burst(xmpp: slixmpp.ClientXMPP, tag: str, n: int) -> None:
-    """Send ``n`` chat messages to bob; bare slixmpp asks for the tail's ack itself."""
-    send = xmpp.send_message
-    for i in range(n):
-        send(mto=BOB, mbody=f"{tag}:{i}", mtype="chat")
+async def _burst(xmpp: slixmpp.ClientXMPP, tag: str, n: int, *, origin_id: bool = False) -> None:
+    """Send ``n`` chat messages to bob; bare slixmpp asks for the tail's ack itself.
+
+    ``origin_id``: add the XEP-0359 origin-id the tracker adds, for a like-for-like bare run.
+    """
+    if origin_id:
+        make = xmpp.make_message
+        for i in range(n):
+            message = make(mto=BOB, mbody=f"{tag}:{i}", mtype="chat")
+            ET.SubElement(message.xml, ORIGIN_ID_TAG, {"id": message["id"]})
+            message.send()
+    else:
+        send = xmpp.send_message
+        for i in range(n):
+            send(mto=BOB, mbody=f"{tag}:{i}", mtype="chat")
     if "sm_tracker" not in xmpp.plugin:
         # xep_0198 writes <r/> straight to the socket: only once the queue is written.
         await xmpp.waiting_queue.join()
@@ -524,7 +538,8 @@ async def _throughput_run(
 ) -> dict[str, Any]:
     """One timed burst: first send until the server's ``h`` covers all N."""
     n = config.messages
-    tracked = variant != "bare"
+    tracked = variant not in ("bare", "bare_oid")
+    origin_id = variant == "bare_oid"
     alice = make_client(f"alice@localhost/{tag}", PASSWORD, tracked=tracked)
     acks = _AckCounter(alice, tracked)
     cache_calls = 0
@@ -555,7 +570,7 @@ async def _throughput_run(
         await _connect(alice, server.address)
         if config.warmup:
             warm = acks.expect(config.warmup)
-            await _burst(alice, f"{tag}w", config.warmup)
+            await _burst(alice, f"{tag}w", config.warmup, origin_id=origin_id)
             await _await(warm, 60, "the warm-up acks")
         if tracked:
             await tracker.flush()
@@ -567,7 +582,7 @@ async def _throughput_run(
         if profiler is not None:
             profiler.enable()
         start = time.perf_counter()
-        await _burst(alice, tag, n)
+        await _burst(alice, tag, n, origin_id=origin_id)
         end = await _await(done, max(120.0, n / 50), f"{n} acks ({variant})")
         if profiler is not None:
             profiler.disable()
@@ -978,7 +993,7 @@ async def _live_parts(
 ) -> dict[str, Any]:
     """The benchmarks against Prosody; returns the profile (if asked for)."""
     ensure_prosody_installed()
-    variants: list[Variant] = ["bare", "memory"]
+    variants: list[Variant] = ["bare", "bare_oid", "memory"]
     if have_sqlite:
         variants.append("sqlite")
     biggest = max(config.resume_messages, config.messages, config.memory_messages)
@@ -1083,8 +1098,8 @@ def _metrics(
     def rates(variant: str) -> list[float]:
         return [r["acked_per_s"] for r in thr if r["variant"] == variant]
 
-    def ratios(variant: str) -> list[float]:
-        return [t / b for t, b in zip(rates(variant), rates("bare"), strict=False)]
+    def ratios(variant: str, bare: str = "bare") -> list[float]:
+        return [t / b for t, b in zip(rates(variant), rates(bare), strict=False)]
 
     n, m = config.messages, config.resume_messages
     tracked_mem = [r["bytes_per_message"] for r in mem if r["tracked"]]
@@ -1097,6 +1112,13 @@ def _metrics(
             f"acked msg/s, bare slixmpp xep_0198 (N={n})",
             "msg/s",
             rates("bare"),
+            part="throughput",
+        ),
+        metric(
+            "throughput.bare_oid",
+            f"acked msg/s, bare slixmpp, same stanzas as tracked (N={n})",
+            "msg/s",
+            rates("bare_oid"),
             part="throughput",
         ),
         metric(
@@ -1128,6 +1150,25 @@ def _metrics(
             "tracked / bare, SQLiteStore",
             "×",
             ratios("sqlite"),
+            "≥ 0.90",
+            lambda v: v >= 0.90,
+            part="throughput",
+            needs_sqlite=True,
+        ),
+        metric(
+            "ratio.memory_same_stanzas",
+            "tracked / bare, MemoryStore, same stanzas",
+            "×",
+            ratios("memory", "bare_oid"),
+            "≥ 0.95",
+            lambda v: v >= 0.95,
+            part="throughput",
+        ),
+        metric(
+            "ratio.sqlite_same_stanzas",
+            "tracked / bare, SQLiteStore, same stanzas",
+            "×",
+            ratios("sqlite", "bare_oid"),
             "≥ 0.90",
             lambda v: v >= 0.90,
             part="throughput",
@@ -1204,7 +1245,7 @@ def _metrics(
             "sm_cache.per_1000",
             "sm.cache calls per 1 000 stanzas under load",
             "calls",
-            [1000 * r["cache_calls"] / r["messages"] for r in thr if r["variant"] != "bare"],
+            [1000 * r["cache_calls"] / r["messages"] for r in thr if r["cache_calls"] is not None],
             part="throughput",
         ),
         metric(

@@ -229,11 +229,20 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         self._original_disconnect = xmpp.disconnect
         xmpp.send = self._send
         xmpp.disconnect = self._disconnect
+        # Whether other filters may rewrite messages is asked per message: cache it,
+        # and forget it whenever the filters change.
+        self._keep_messages: bool | None = None
+        self._original_add_filter = xmpp.add_filter
+        self._original_del_filter = xmpp.del_filter
+        xmpp.add_filter = self._add_filter
+        xmpp.del_filter = self._del_filter
 
     def plugin_end(self) -> None:
         xmpp = self.xmpp
         xmpp.send = self._original_send
         xmpp.disconnect = self._original_disconnect
+        xmpp.add_filter = self._original_add_filter
+        xmpp.del_filter = self._original_del_filter
         for order in (self._xep.resume_order, self._xep.order):
             xmpp.unregister_feature("sm", order)
         for event, handler in self._event_handlers:
@@ -524,7 +533,26 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
 
     def _filters_keep_messages(self) -> bool:
         """True when no other outgoing filter can have rewritten a message since we
-        serialized it (only filters known to leave messages alone are registered)."""
+        serialized it (only filters known to leave messages alone are registered).
+
+        Asked for every message: the answer is kept until a filter is added or removed.
+        """
+        if self._keep_messages is None:
+            self._keep_messages = self._check_filters()
+        return self._keep_messages
+
+    def _filters_changed(self) -> None:
+        self._keep_messages = None
+
+    def _add_filter(self, mode: str, handler: Callable[..., Any], order: int | None = None) -> None:
+        self._filters_changed()
+        self._original_add_filter(mode, handler, order)
+
+    def _del_filter(self, mode: str, handler: Callable[..., Any]) -> None:
+        self._filters_changed()
+        self._original_del_filter(mode, handler)
+
+    def _check_filters(self) -> bool:
         filters = getattr(self.xmpp, "_XMLStream__filters", None)
         if filters is None:
             return False
@@ -578,14 +606,19 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             return stanza
         link_up = self.xmpp.transport is not None
         same = message_id is not None and self._filters_keep_messages()
-        self._dispatch(core.counted(stanza, message_id, link_up=link_up, same_as_record=same))
+        events = core.counted(stanza, message_id, link_up=link_up, same_as_record=same)
+        if events:
+            self._dispatch(events)
         self.sm.changed()
         if not link_up:
             return None  # counted: the server will ask for it back after <resumed/>
         now = self.xmpp.loop.time()
-        if self.ack_clock.counted(now):
+        clock = self.ack_clock
+        if clock.counted(now):
             self._request_ack(now)
-        else:
+        elif clock.unasked == 1:
+            # The first stanza not asked about starts the delay; later ones leave the
+            # deadline where it is, so there is no timer to move.
             self._arm_ack_timer()
         if same:
             counted = core.ledger.newest

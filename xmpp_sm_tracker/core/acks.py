@@ -55,6 +55,11 @@ class AckClock:
             self._first_unasked_at = now
         return self._unasked >= self.policy.every
 
+    @property
+    def unasked(self) -> int:
+        """Stanzas counted since the last ``<r/>``."""
+        return self._unasked
+
     def request_sent(self, now: float) -> None:
         """An ``<r/>`` went out: the stanzas counted so far are asked about."""
         self._unasked = 0

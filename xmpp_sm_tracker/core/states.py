@@ -32,6 +32,10 @@ class DeliveryState(Enum):
     DISPLAYED = "displayed"
     FAILED = "failed"
 
+    # Members are singletons: hash by identity (C) rather than Enum's hash of the name
+    # (Python), since states are looked up in the table several times per message.
+    __hash__ = object.__hash__
+
 
 class Step(Enum):
     """What a signal does to a record: change state, or leave it as it is."""

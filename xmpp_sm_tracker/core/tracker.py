@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from .ledger import Entry, Ledger, ResumeResult, SMProtocolError
 from .records import _KEEP, FailureReason, TrackedMessage, _Keep
@@ -40,9 +40,11 @@ _STANZA_EVENT = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
-    """One event to emit: ``message:*`` carries a TrackedMessage, ``stanza:*`` the stanza."""
+class Event(NamedTuple):
+    """One event to emit: ``message:*`` carries a TrackedMessage, ``stanza:*`` the stanza.
+
+    A named tuple: several are made per message, and a tuple is the cheapest to build.
+    """
 
     name: str
     payload: object
