@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import FrozenInstanceError, fields, replace
+from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from xmpp_sm_tracker.core.records import TrackedMessage, _build
 from xmpp_sm_tracker.core.states import (
     IN_FLIGHT,
     SETTLED,
@@ -187,3 +192,38 @@ def test_illegal_pairs_raise(current: DeliveryState, signal: DeliveryState) -> N
 
 def test_illegal_transition_is_a_bug_not_a_user_error() -> None:
     assert issubclass(IllegalTransition, RuntimeError)
+
+
+# ---------------------------------------------------------------- record snapshots
+
+_values = st.tuples(
+    st.text(max_size=8),
+    st.text(max_size=8),
+    st.text(max_size=8),
+    st.sampled_from(["chat", "normal", "groupchat"]),
+    st.text(max_size=8),
+    st.sampled_from(list(DeliveryState)),
+    st.text(max_size=8),
+    st.floats(allow_nan=False),
+    st.floats(allow_nan=False),
+    st.booleans(),
+    st.integers(min_value=1, max_value=9),
+    st.none() | st.text(max_size=8),
+    st.none() | st.integers(min_value=0, max_value=2**32 - 1),
+)
+
+
+@given(_values)
+def test_the_fast_snapshot_builder_makes_exactly_the_dataclass(values: tuple[Any, ...]) -> None:
+    # records._build fills the slots directly for speed: it must be indistinguishable
+    # from the dataclass constructor, and the snapshot must stay frozen.
+    built, constructed = _build(*values), TrackedMessage(*values)
+    assert built == constructed
+    assert type(built) is TrackedMessage
+    assert [getattr(built, f.name) for f in fields(TrackedMessage)] == list(values)
+    with pytest.raises(FrozenInstanceError):
+        built.state = DeliveryState.FAILED  # type: ignore[misc]
+    moved = built.moved(DeliveryState.FAILED, 5.0, reason="x", seq=7)
+    assert moved == replace(
+        constructed, state=DeliveryState.FAILED, updated_at=5.0, reason="x", seq=7
+    )

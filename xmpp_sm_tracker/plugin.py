@@ -613,13 +613,10 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         if not link_up:
             return None  # counted: the server will ask for it back after <resumed/>
         now = self.xmpp.loop.time()
-        clock = self.ack_clock
-        if clock.counted(now):
+        if self.ack_clock.counted(now):
             self._request_ack(now)
-        elif clock.unasked == 1:
-            # The first stanza not asked about starts the delay; later ones leave the
-            # deadline where it is, so there is no timer to move.
-            self._arm_ack_timer()
+        else:
+            self._arm_ack_timer()  # cheap when the deadline did not move (the usual case)
         if same:
             counted = core.ledger.newest
             if counted is not None and counted.message_id == message_id and counted.serialized:

@@ -55,11 +55,6 @@ class AckClock:
             self._first_unasked_at = now
         return self._unasked >= self.policy.every
 
-    @property
-    def unasked(self) -> int:
-        """Stanzas counted since the last ``<r/>``."""
-        return self._unasked
-
     def request_sent(self, now: float) -> None:
         """An ``<r/>`` went out: the stanzas counted so far are asked about."""
         self._unasked = 0
@@ -85,9 +80,8 @@ class AckClock:
 
     def next_deadline(self) -> float | None:
         """The next time :meth:`request_due` or :meth:`link_dead` may turn true."""
-        times = []
-        if self._first_unasked_at is not None:
-            times.append(self._first_unasked_at + self.policy.delay)
-        if self._waiting_since is not None:
-            times.append(self._waiting_since + self.policy.timeout)
-        return min(times) if times else None
+        first, since = self._first_unasked_at, self._waiting_since
+        if first is None:
+            return None if since is None else since + self.policy.timeout
+        due = first + self.policy.delay
+        return due if since is None else min(due, since + self.policy.timeout)

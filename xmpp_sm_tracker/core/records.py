@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from .states import IN_FLIGHT, DeliveryState
 
@@ -105,7 +105,7 @@ class TrackedMessage:
 
         Spelled out rather than ``dataclasses.replace``: it runs for every stanza.
         """
-        return TrackedMessage(
+        return _build(
             self.id,
             self.origin_id,
             self.to,
@@ -120,3 +120,52 @@ class TrackedMessage:
             self.reason if isinstance(reason, _Keep) else reason,
             self.seq if isinstance(seq, _Keep) else seq,
         )
+
+
+# A frozen dataclass's __init__ sets each field through object.__setattr__; the tracker
+# makes two or three snapshots per message, so it fills the slots directly instead
+# (about half the cost). The field list is checked against the dataclass right here.
+_FIELDS = (
+    "id", "origin_id", "to", "type", "body", "state", "xml", "created_at", "updated_at",
+    "via_carbon", "attempts", "reason", "seq",
+)  # fmt: skip
+if tuple(f.name for f in fields(TrackedMessage)) != _FIELDS:  # pragma: no cover
+    raise ImportError("records._FIELDS no longer matches TrackedMessage's fields")
+(
+    _set_id, _set_origin_id, _set_to, _set_type, _set_body, _set_state, _set_xml,
+    _set_created_at, _set_updated_at, _set_via_carbon, _set_attempts, _set_reason, _set_seq,
+) = (getattr(TrackedMessage, name).__set__ for name in _FIELDS)  # fmt: skip
+_new = object.__new__
+
+
+def _build(
+    id: str,
+    origin_id: str,
+    to: str,
+    type: str,
+    body: str,
+    state: DeliveryState,
+    xml: str,
+    created_at: float,
+    updated_at: float,
+    via_carbon: bool = False,
+    attempts: int = 1,
+    reason: str | None = None,
+    seq: int | None = None,
+) -> TrackedMessage:
+    """``TrackedMessage(...)`` with the same arguments, built faster (see above)."""
+    record: TrackedMessage = _new(TrackedMessage)
+    _set_id(record, id)
+    _set_origin_id(record, origin_id)
+    _set_to(record, to)
+    _set_type(record, type)
+    _set_body(record, body)
+    _set_state(record, state)
+    _set_xml(record, xml)
+    _set_created_at(record, created_at)
+    _set_updated_at(record, updated_at)
+    _set_via_carbon(record, via_carbon)
+    _set_attempts(record, attempts)
+    _set_reason(record, reason)
+    _set_seq(record, seq)
+    return record

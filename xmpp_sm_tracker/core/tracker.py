@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Generic, NamedTuple, TypeVar
 
 from .ledger import Entry, Ledger, ResumeResult, SMProtocolError
-from .records import _KEEP, FailureReason, TrackedMessage, _Keep
+from .records import _KEEP, FailureReason, TrackedMessage, _build, _Keep
 from .retry import RetryPolicy
 from .smstate import STATE_VERSION, RestoredState
 from .states import IN_FLIGHT, DeliveryState, next_state
@@ -50,9 +50,9 @@ class Event(NamedTuple):
     payload: object
 
 
-@dataclass(frozen=True, slots=True)
-class OutgoingMessage:
-    """What the adapter read off a message stanza that is to be tracked."""
+class OutgoingMessage(NamedTuple):
+    """What the adapter read off a message stanza that is to be tracked (one per message:
+    a named tuple, the cheapest immutable value to build)."""
 
     id: str
     origin_id: str
@@ -199,17 +199,17 @@ class Tracker(Generic[P]):
 
     @staticmethod
     def _new_record(message: OutgoingMessage, state: DeliveryState, now: float) -> TrackedMessage:
-        return TrackedMessage(
-            id=message.id,
-            origin_id=message.origin_id,
-            to=message.to,
-            type=message.type,
-            body=message.body,
-            state=state,
-            xml=message.xml,
-            created_at=now,
-            updated_at=now,
-            via_carbon=message.via_carbon,
+        return _build(
+            message.id,
+            message.origin_id,
+            message.to,
+            message.type,
+            message.body,
+            state,
+            message.xml,
+            now,
+            now,
+            message.via_carbon,
         )
 
     def should_drop(self, message_id: str | None) -> bool:
