@@ -398,3 +398,30 @@ async def test_a_filter_added_later_still_sees_and_changes_what_goes_out(
     await wait_for(lambda: len(seen) == 3)
     assert seen == ["-", "from-filter", "-"]
     await wait_for(lambda: alice.log.count("message:acked") == 3)
+
+
+async def test_an_ack_request_follows_the_stanza_that_fills_the_window_not_the_burst(
+    prosody: ProsodyServer, proxy: FaultProxy, clients: ClientFactory
+) -> None:
+    # slixmpp writes its <r/> before the stanza that completes the window; queued behind
+    # the send queue it would wait for the whole burst. Ours goes right after the stanza.
+    alice = await clients("alice", proxy.address, ack_every=3, ack_delay=3600.0)
+    writes: list[str] = []
+    send_raw = alice.xmpp.send_raw
+
+    def logged(data: str | bytes) -> None:
+        writes.append(data if isinstance(data, str) else data.decode())
+        send_raw(data)
+
+    alice.xmpp.send_raw = logged  # type: ignore[method-assign]
+    ids = [alice.send("bob@localhost", f"window {i}") for i in range(7)]
+    await wait_for(lambda: alice.log.count("message:acked") >= 4)
+    sent = [w for w in writes if "<message" in w or "<r " in w]
+    messages = [i for i, w in enumerate(sent) if "<message" in w]
+    requests = [i for i, w in enumerate(sent) if "<r " in w]
+    assert len(messages) == 7 and len(requests) >= 2
+    assert set(requests) <= set(messages)  # every <r/> shares the write of a message...
+    for i in requests:
+        assert sent[i].index("<message") < sent[i].index("<r ")  # ...and comes after it
+    assert requests[0] < messages[-1]  # the first one did not wait for the whole burst
+    assert alice.log.ids("message:acked") == ids[: alice.log.count("message:acked")]

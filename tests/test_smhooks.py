@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from typing import Any
 
@@ -121,3 +122,61 @@ async def test_load_none_keeps_a_fresh_session() -> None:
     hooks.load(None)
     hooks.load({"version": 1})
     assert source.loaded == [{"version": 1}]
+
+
+async def test_a_steady_flow_of_changes_is_handed_over_at_most_every_min_interval() -> None:
+    # Acks arriving all the time would otherwise cost one call (one full export of
+    # the unacked queue) per event-loop turn.
+    source = Source()
+    hooks = SMStateHooks(source.export, source.load, min_interval=0.1)
+    loop = asyncio.get_running_loop()
+    seen: list[Any] = []
+    times: list[float] = []
+
+    def record(state: Any) -> None:
+        seen.append(state)
+        times.append(loop.time())
+
+    hooks.cache(record)
+    for _ in range(50):  # 0.5 s of changes, one every 10 ms
+        source.version += 1
+        hooks.changed()
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.15)  # the trailing call comes by itself, without a flush
+    assert seen[-1] == {"version": 1, "n": 50}
+    assert 3 <= len(times) <= 8
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert min(gaps) >= 0.09
+
+
+async def test_a_lone_change_after_a_quiet_spell_is_handed_over_at_once() -> None:
+    source = Source()
+    hooks = SMStateHooks(source.export, source.load, min_interval=10.0)
+    seen: list[Any] = []
+    hooks.cache(seen.append)
+    await asyncio.sleep(0.02)
+    assert seen == [{"version": 1, "n": 0}]  # first call: nothing to wait for
+
+
+async def test_session_changes_and_flush_do_not_wait_for_min_interval() -> None:
+    source = Source()
+    hooks = SMStateHooks(source.export, source.load, min_interval=10.0)
+    seen: list[Any] = []
+    hooks.cache(seen.append)
+    await asyncio.sleep(0.02)
+    source.version = 1
+    hooks.changed()
+    await asyncio.sleep(0.05)
+    assert len(seen) == 1  # waiting for the interval
+    await asyncio.wait_for(hooks.flush(), 1.0)
+    assert seen[-1] == {"version": 1, "n": 1}
+    source.ended = True
+    hooks.changed(urgent=True)
+    await asyncio.sleep(0.02)
+    assert seen[-1] is None
+
+
+def test_a_negative_min_interval_is_refused() -> None:
+    source = Source()
+    with pytest.raises(ValueError, match="min_interval"):
+        SMStateHooks(source.export, source.load, min_interval=-1)

@@ -149,6 +149,9 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         "retry_policy": None,
         #: Hold new messages to a conversation while older ones there are being resent.
         "keep_order": True,
+        #: Seconds between two sm.cache calls while acks keep coming; session changes
+        #: and lone messages are handed over at once.
+        "cache_interval": 0.25,
         #: Before resending what failed unanswered, look it up in our XEP-0313 archive.
         "reconcile_with_archive": True,
         #: Seconds before the oldest failed message to start the archive query at.
@@ -173,7 +176,9 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         self.store: TrackerStore = MemoryStore()
         self._writer = StoreWriter(self.store)
         #: ``sm.load(state)`` before connect, ``sm.cache(fn)`` to persist the SM state.
-        self.sm = SMStateHooks(export=self._export_state, load=self._load_state)
+        self.sm = SMStateHooks(
+            export=self._export_state, load=self._load_state, min_interval=self.cache_interval
+        )
         self._xep = xmpp.plugin["xep_0198"]
 
         self._session_live = False
@@ -231,7 +236,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         xmpp.disconnect = self._disconnect
         # Whether other filters may rewrite messages is asked per message: cache it,
         # and forget it whenever the filters change.
-        self._keep_messages: bool | None = None
+        self._filter_facts_cache: tuple[bool, bool] | None = None
         self._original_add_filter = xmpp.add_filter
         self._original_del_filter = xmpp.del_filter
         xmpp.add_filter = self._add_filter
@@ -533,16 +538,23 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
 
     def _filters_keep_messages(self) -> bool:
         """True when no other outgoing filter can have rewritten a message since we
-        serialized it (only filters known to leave messages alone are registered).
+        serialized it (only filters known to leave messages alone are registered)."""
+        return self._filter_facts()[1]
 
-        Asked for every message: the answer is kept until a filter is added or removed.
-        """
-        if self._keep_messages is None:
-            self._keep_messages = self._check_filters()
-        return self._keep_messages
+    def _we_write_last(self) -> bool:
+        """True when our out_sync filter is the last filter a stanza passes, so it may
+        hand slixmpp the text to write (no filter is skipped by that)."""
+        return self._filter_facts()[0]
+
+    def _filter_facts(self) -> tuple[bool, bool]:
+        """(we write last, messages kept), asked for every stanza: kept until a filter
+        is added or removed."""
+        if self._filter_facts_cache is None:
+            self._filter_facts_cache = self._check_filters()
+        return self._filter_facts_cache
 
     def _filters_changed(self) -> None:
-        self._keep_messages = None
+        self._filter_facts_cache = None
 
     def _add_filter(self, mode: str, handler: Callable[..., Any], order: int | None = None) -> None:
         self._filters_changed()
@@ -552,18 +564,18 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         self._filters_changed()
         self._original_del_filter(mode, handler)
 
-    def _check_filters(self) -> bool:
+    def _check_filters(self) -> tuple[bool, bool]:
         filters = getattr(self.xmpp, "_XMLStream__filters", None)
         if filters is None:
-            return False
-        return (
-            not filters.get("out_sce")
-            and all(f == self._on_outgoing for f in filters.get("out_sync", ()))
-            and all(
-                getattr(f, "__qualname__", None) in _MESSAGE_SAFE_FILTERS
-                for f in filters.get("out", ())
-            )
+            return False, False
+        last = not filters.get("out_sce") and all(
+            f == self._on_outgoing for f in filters.get("out_sync", ())
         )
+        kept = last and all(
+            getattr(f, "__qualname__", None) in _MESSAGE_SAFE_FILTERS
+            for f in filters.get("out", ())
+        )
+        return last, kept
 
     def _withhold_parked(self, message_id: str) -> None:
         """A failed message's copy in slixmpp's queue must never go out by itself."""
@@ -612,16 +624,27 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         self.sm.changed()
         if not link_up:
             return None  # counted: the server will ask for it back after <resumed/>
-        now = self.xmpp.loop.time()
-        if self.ack_clock.counted(now):
-            self._request_ack(now)
-        else:
-            self._arm_ack_timer()  # cheap when the deadline did not move (the usual case)
+        text = None
         if same:
             counted = core.ledger.newest
             if counted is not None and counted.message_id == message_id and counted.serialized:
-                return counted.serialized  # the record's text, tied to this very stanza
-        return stanza
+                text = counted.serialized  # the record's text, tied to this very stanza
+        now = self.xmpp.loop.time()
+        if not self.ack_clock.counted(now):
+            self._arm_ack_timer()  # cheap when the deadline did not move (the usual case)
+            return stanza if text is None else text
+        # Ask for an ack right behind this stanza, in the same write: queued instead, the
+        # <r/> would wait behind everything already queued (a whole burst), and the acks
+        # would only start once the burst is through instead of flowing along with it.
+        if text is None and self._we_write_last():
+            text = tostring(
+                stanza.xml, xmlns=self.xmpp.default_ns, stream=self.xmpp, top_level=True
+            )
+        if text is None:
+            self._request_ack(now)
+            return stanza
+        self._ack_requested(now)
+        return text + _REQUEST_ACK
 
     # ---------------------------------------------------------------- acks
 
@@ -632,6 +655,9 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         # As text, straight into slixmpp's send queue: behind what is queued, and
         # without building and serializing a stanza every ack_every messages.
         self.xmpp.waiting_queue.put_nowait((_REQUEST_ACK, False))
+        self._ack_requested(now)
+
+    def _ack_requested(self, now: float) -> None:
         self.ack_clock.request_sent(now)
         self._arm_ack_timer()
 
@@ -841,7 +867,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         """The server's SM state cannot be trusted: fail what is unacked, never resume
         this stream, and drop the connection (a fresh session follows)."""
         self._dispatch(self.core.session_ended(FailureReason.PROTOCOL_ERROR))
-        self.sm.changed()
+        self.sm.changed(urgent=True)
         if self.xmpp.transport is not None:
             self.xmpp.end_session_on_disconnect = True
             self.xmpp.abort()
@@ -915,7 +941,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             jid=self.xmpp.boundjid.full,
         )
         self._dispatch(events)
-        self.sm.changed()
+        self.sm.changed(urgent=True)
         if location and _parse_location(location) is None:
             log.warning("ignoring an unusable <enabled location=%r>", location)
         max_text = xml.get("max")
@@ -962,7 +988,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
                 )
             )
         self._dispatch(events)
-        self.sm.changed()
+        self.sm.changed(urgent=True)
         if resend:
             for _ in resend:
                 self.ack_clock.counted(self.xmpp.loop.time())
@@ -981,7 +1007,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             log.warning("the server refused to enable stream management")
             self._dispatch(self.core.enable_failed())
         self.xmpp.features.discard("stream_management")
-        self.sm.changed()
+        self.sm.changed(urgent=True)
 
     # ---------------------------------------------------------------- connection
 
@@ -1031,7 +1057,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         for message_id in unsent:
             self._withhold_parked(message_id)
         self.xmpp.features.discard("stream_management")
-        self.sm.changed()
+        self.sm.changed(urgent=True)
 
     def _schedule_reconnect(self) -> None:
         self._cancel(self._reconnect_timer)

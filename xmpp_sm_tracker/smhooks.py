@@ -2,13 +2,17 @@
 
 ``cache(fn)`` calls ``fn(state)`` (or awaits it) after changes: never two calls at
 once, never out of order, one call for a whole burst of changes, and ``fn(None)``
-once the session has ended cleanly. A failing ``fn`` is logged and called again
-with the next change (or after ``retry_delay``); it never touches the stream.
+once the session has ended cleanly. Under a steady flow of changes (acks coming in
+all the time) calls are at least ``min_interval`` apart, the last one always with
+the latest state; session changes (enabled, resumed, ended) go out at once. A
+failing ``fn`` is logged and called again with the next change (or after
+``retry_delay``); it never touches the stream.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
@@ -32,12 +36,20 @@ class SMStateHooks:
         export: Callable[[], SMState | None],
         load: Callable[[object], None],
         retry_delay: float = 1.0,
+        min_interval: float = 0.0,
     ) -> None:
+        if not min_interval >= 0:
+            raise ValueError(f"min_interval must be >= 0 seconds, not {min_interval!r}")
         self._export = export
         self._load = load
         self.retry_delay = retry_delay
+        #: Seconds between two calls while changes keep coming (0: every loop turn).
+        self.min_interval = min_interval
         self._fn: CacheFn | None = None
         self._dirty = False
+        self._urgent = False
+        self._last_call_at: float | None = None
+        self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._last_sent: object = None  # None: there is no saved state to retract
         #: How many times ``fn`` ran, and how many of those raised.
@@ -60,22 +72,42 @@ class SMStateHooks:
         if fn is not None:
             self.changed()
 
-    def changed(self) -> None:
-        """Note a change; cheap, it only schedules one call per burst."""
+    def changed(self, *, urgent: bool = False) -> None:
+        """Note a change; cheap, it only schedules one call per burst.
+
+        ``urgent``: a session change, handed over without waiting for ``min_interval``.
+        """
         if self._fn is None:
             return
         self._dirty = True
+        if urgent:
+            self._hurry()
         if self._task is None:
             self._task = asyncio.ensure_future(self._run())
 
+    def _hurry(self) -> None:
+        self._urgent = True
+        if self._wake is not None:
+            self._wake.set()
+
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
             while self._dirty:
                 await asyncio.sleep(0)  # let the rest of this burst happen first
-                self._dirty = False
+                last = self._last_call_at
+                wait = 0.0 if last is None else last + self.min_interval - loop.time()
+                if wait > 0 and not self._urgent:
+                    self._wake = asyncio.Event()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), wait)
+                    self._wake = None
+                self._dirty = self._urgent = False
+                self._last_call_at = loop.time()
                 await self._call(self._export())
         finally:
             self._task = None
+            self._urgent = False
 
     async def _call(self, state: SMState | None) -> None:
         fn = self._fn
@@ -94,8 +126,9 @@ class SMStateHooks:
         self._last_sent = state
 
     async def flush(self) -> None:
-        """Wait until ``fn`` has seen the latest state."""
+        """Wait until ``fn`` has seen the latest state (without waiting ``min_interval``)."""
         while self._task is not None or self._dirty:
+            self._hurry()
             if self._task is None:
                 self._task = asyncio.ensure_future(self._run())
             await asyncio.shield(self._task)
