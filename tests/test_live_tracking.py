@@ -425,3 +425,52 @@ async def test_an_ack_request_follows_the_stanza_that_fills_the_window_not_the_b
         assert sent[i].index("<message") < sent[i].index("<r ")  # ...and comes after it
     assert requests[0] < messages[-1]  # the first one did not wait for the whole burst
     assert alice.log.ids("message:acked") == ids[: alice.log.count("message:acked")]
+
+
+async def test_the_text_is_made_when_written_and_every_later_snapshot_carries_it(
+    prosody: ProsodyServer, proxy: FaultProxy, clients: ClientFactory
+) -> None:
+    # On a live session a message is serialized once, when written: its message:sent
+    # snapshot has no text yet; get(), pending(), the store and every later event do.
+    alice = await clients("alice", proxy.address, **FAST)
+    sent: list[Any] = []
+    alice.xmpp.add_event_handler("message:sent", sent.append)
+    proxy.stall()
+    first = alice.send("bob@localhost", "text when written")
+    assert [(r.id, r.xml) for r in sent] == [(first, "")]
+    fetched = await alice.tracker.get(first)  # asked before it was written
+    assert fetched is not None and "text when written" in fetched.xml
+    [pending] = await alice.tracker.pending()
+    assert pending.id == first and pending.xml == fetched.xml
+    second = alice.send("bob@localhost", "written by the filter")
+    await wait_for(lambda: alice.on_wire([first, second]))
+    await alice.tracker.flush()
+    stored = await alice.tracker.store.get(second)
+    assert stored is not None and "written by the filter" in stored.xml
+    assert stored.xml.startswith("<message") and f'id="{second}"' in stored.xml
+    proxy.heal()
+    await wait_for(lambda: alice.log.count("message:acked") == 2)
+    assert alice.records[second].xml == stored.xml
+
+
+async def test_a_message_the_link_drops_under_before_it_is_written_keeps_its_text(
+    prosody: ProsodyServer, proxy: FaultProxy, clients: ClientFactory
+) -> None:
+    # Tracked on a live session, so serialized only when written; but the link is
+    # lost first (connection_lost runs before the send queue): the hibernated
+    # snapshot must carry the text all the same, and the message goes out once.
+    bob = await clients("bob", prosody.address, tracked=False)
+    alice = await clients("alice", proxy.address, **FAST)
+    hibernated: list[Any] = []
+    alice.xmpp.add_event_handler("message:hibernated", hibernated.append)
+    transport = alice.xmpp.transport
+    assert transport is not None
+    transport.abort()  # its connection_lost is scheduled before the send below
+    message_id = alice.send("bob@localhost", "dropped before written")
+    await wait_for(lambda: alice.log.count("message:acked") == 1)
+    [snapshot] = [r for r in hibernated if r.id == message_id]
+    assert snapshot.seq is None and "dropped before written" in snapshot.xml
+    assert alice.log.names_for(message_id)[:2] == ["message:sent", "message:hibernated"]
+    await wait_for(lambda: bob.received.bodies == ["dropped before written"])
+    await asyncio.sleep(0.2)
+    assert bob.received.counts["dropped before written"] == 1

@@ -187,6 +187,9 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         self._enable_sent_here = False
         #: Tracked messages slixmpp holds until the next session start, by id.
         self._parked: dict[str, StanzaBase] = {}
+        #: Messages tracked on a live session, serialized only when written (the text
+        #: is made once, for the record and the wire, and a burst starts going out sooner).
+        self._unwritten: dict[str, Message] = {}
         #: Parked copies of messages that failed meanwhile (by object id): never sent.
         self._withheld_copies: set[int] = set()
         self._ack_timer: asyncio.TimerHandle | None = None
@@ -308,6 +311,8 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
 
     async def flush(self) -> None:
         """Make every record change so far durable, and hand the SM state to ``sm.cache``."""
+        for message_id in list(self._unwritten):
+            self._write_text(message_id)
         await self._writer.flush()
         await self.sm.flush()
 
@@ -315,6 +320,8 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         """The latest record of a message."""
         record = self.core.get(message_id)
         if record is not None:
+            if message_id in self._unwritten:
+                return self._write_text(message_id)[1] or record
             return record
         await self.flush()
         return await self.store.get(message_id)
@@ -442,7 +449,16 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         for event in events:
             payload = event.payload
             if isinstance(payload, TrackedMessage):
-                writer.put(payload)
+                if payload.xml:
+                    writer.put(payload)
+                elif payload.state is not DeliveryState.SENT and payload.id in self._unwritten:
+                    # Moving on (failing, hibernating) before it was written: no snapshot
+                    # leaves without its text. Only message:sent may, and is stored once
+                    # the stanza is written.
+                    text, _ = self._write_text(payload.id)
+                    payload = payload.moved(payload.state, payload.updated_at, xml=text)
+                    event = Event(event.name, payload)
+                    writer.put(payload)
                 if retrying:
                     self.resender.on_record(payload)
             name = event.name
@@ -468,16 +484,23 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
     def _send(self, data: StanzaBase | str, use_filters: bool = True) -> None:
         """``xmpp.send`` as wrapped: track outgoing messages with a body, then send."""
         if use_filters and isinstance(data, Message):
-            record = self._track(data)
+            # On a live session the text is made when the stanza is written, unless
+            # another filter would come after ours (then slixmpp writes it itself).
+            record = self._track(data, lazy=self._session_live and self._we_write_last())
             if record is not None and self.resender.hold(record, data):
+                if record.id in self._unwritten:
+                    self._write_text(record.id)  # it waits: the record needs its text now
                 return  # goes out after the older messages being resent to that peer
         self._hand_over(data, use_filters)
 
     def _hand_over(self, data: StanzaBase | str, use_filters: bool = True) -> None:
         self._original_send(data, use_filters)
 
-    def _track(self, message: Message) -> TrackedMessage | None:
-        """Start tracking a message, unless it is already tracked or is not for tracking."""
+    def _track(self, message: Message, *, lazy: bool = False) -> TrackedMessage | None:
+        """Start tracking a message, unless it is already tracked or is not for tracking.
+
+        ``lazy``: leave the record's text to the outgoing filter (see ``_unwritten``).
+        """
         xml = message.xml
         message_id = xml.get("id")
         records = self.core.records
@@ -506,8 +529,10 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             to=xml.get("to", ""),
             type=kind,
             body=body,
-            xml=tostring(xml, top_level=True),
+            xml="" if lazy else tostring(xml, top_level=True),
         )
+        if lazy:
+            self._unwritten[message_id] = message
         self._dispatch(self.core.track(outgoing, link_up=self._session_live))
         return records.get(message_id)
 
@@ -535,6 +560,8 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             message_id = data.xml.get("id")
             if message_id in self.core.records:
                 self._parked[message_id] = data
+                if message_id in self._unwritten:
+                    self._write_text(message_id)  # it waits: the record needs its text now
 
     def _filters_keep_messages(self) -> bool:
         """True when no other outgoing filter can have rewritten a message since we
@@ -577,6 +604,18 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         )
         return last, kept
 
+    def _write_text(self, message_id: str) -> tuple[str, TrackedMessage | None]:
+        """Serialize a lazily tracked message now (it waits, or its record is needed)."""
+        message = self._unwritten.pop(message_id)
+        text = tostring(message.xml, top_level=True)
+        return text, self._record_written(message_id, text)
+
+    def _record_written(self, message_id: str, text: str) -> TrackedMessage | None:
+        record = self.core.written(message_id, text)
+        if record is not None:
+            self._writer.put(record)
+        return record
+
     def _withhold_parked(self, message_id: str) -> None:
         """A failed message's copy in slixmpp's queue must never go out by itself."""
         parked = self._parked.pop(message_id, None)
@@ -607,6 +646,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             self._withheld_copies.discard(id(stanza))
             return None
         message_id = stanza.xml.get("id") if isinstance(stanza, Message) else None
+        written = None  # the text made now for a record tracked before it was serialized
         if message_id is not None:
             if self._parked.get(message_id) is stanza:
                 del self._parked[message_id]
@@ -614,18 +654,40 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
                 return None  # failed before it ever went out; only resend() sends it
             if message_id not in core.records:
                 message_id = None
+            else:
+                unwritten = self._unwritten.get(message_id)
+                if unwritten is not None and unwritten is stanza:
+                    del self._unwritten[message_id]
+                    written = tostring(unwritten.xml, top_level=True)
+        if message_id is not None and self.xmpp.transport is None and not self._session_live:
+            # The link dropped while it waited in slixmpp's send queue, which would fail
+            # to write it and forget it: park it for the next session instead, as if it
+            # had been sent offline (hibernated, it goes out after resumption).
+            if written is not None:
+                self._record_written(message_id, written)
+            self._original_send(stanza)
+            return None
         if not core.session.enabled_out:
-            return stanza
+            if written is None:
+                return stanza
+            self._record_written(message_id, written)  # type: ignore[arg-type]
+            return written if self._we_write_last() else stanza
         link_up = self.xmpp.transport is not None
-        same = message_id is not None and self._filters_keep_messages()
-        events = core.counted(stanza, message_id, link_up=link_up, same_as_record=same)
+        same = written is None and message_id is not None and self._filters_keep_messages()
+        events = core.counted(stanza, message_id, link_up=link_up, same_as_record=same, xml=written)
         if events:
             self._dispatch(events)
+        if written is not None:
+            record = core.records.get(message_id)  # type: ignore[arg-type]
+            if record is not None:
+                self._writer.put(record)  # the first snapshot with its text
         self.sm.changed()
         if not link_up:
             return None  # counted: the server will ask for it back after <resumed/>
         text = None
-        if same:
+        if written is not None:
+            text = written if self._we_write_last() else None
+        elif same:
             counted = core.ledger.newest
             if counted is not None and counted.message_id == message_id and counted.serialized:
                 text = counted.serialized  # the record's text, tied to this very stanza

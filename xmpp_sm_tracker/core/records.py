@@ -58,7 +58,10 @@ class TrackedMessage:
     """An immutable snapshot of a tracked message after a change.
 
     ``seq`` is our XEP-0198 sequence number for the stanza (None until it reaches
-    the wire); ``xml`` is the stanza as sent, so it can be sent again unchanged.
+    the wire); ``xml`` is the stanza as sent, so it can be sent again unchanged. It is
+    serialized when the stanza is written, so the ``message:sent`` snapshot of a
+    message sent on a live session has ``xml == ""``; every later snapshot, and every
+    record in a store, carries it.
     """
 
     id: str
@@ -100,6 +103,7 @@ class TrackedMessage:
         attempts: int | None = None,
         reason: str | _Keep | None = _KEEP,
         seq: int | _Keep | None = _KEEP,
+        xml: str | None = None,
     ) -> TrackedMessage:
         """A copy in ``state``; the caller has checked the move against the table.
 
@@ -112,7 +116,7 @@ class TrackedMessage:
             self.type,
             self.body,
             state,
-            self.xml,
+            self.xml if xml is None else xml,
             self.created_at,
             now,
             self.via_carbon,

@@ -227,11 +227,13 @@ class Tracker(Generic[P]):
         *,
         link_up: bool,
         same_as_record: bool = False,
+        xml: str | None = None,
     ) -> list[Event]:
         """A stanza passed the outgoing filter: count it when SM is on.
 
         ``same_as_record``: the stanza is still what the record's XML says, so a saved
-        state can reuse that text instead of serializing it again.
+        state can reuse that text instead of serializing it again. ``xml``: the stanza
+        as it is written now, for a record tracked before it was serialized.
 
         With the link down it is counted all the same (the server will tell us with
         ``<resumed h>`` that it never got it) and hibernated.
@@ -247,11 +249,16 @@ class Tracker(Generic[P]):
             record, message_id = None, None
         entry = self.ledger.record(payload, message_id)
         events: list[Event] = []
-        if record is not None and same_as_record:
-            entry.serialized = record.xml  # the caller knows nothing rewrote it since
         if record is not None:
+            if xml is not None:
+                entry.serialized = xml
+            elif same_as_record:
+                entry.serialized = record.xml  # the caller knows nothing rewrote it since
             if record.state is _S.HIBERNATED and link_up:
                 # Hibernated before it was ever written: this is its first attempt.
+                if xml is not None:
+                    record = record.moved(record.state, record.updated_at, xml=xml)
+                    self.records[record.id] = record
                 first = record.seq is None
                 attempts = record.attempts if first else record.attempts + 1
                 moved = self._move(message_id, _S.RESENT, seq=entry.seq, attempts=attempts)
@@ -259,11 +266,21 @@ class Tracker(Generic[P]):
                     events.append(moved)
             else:
                 self.records[record.id] = record.moved(
-                    record.state, record.updated_at, seq=entry.seq
+                    record.state, record.updated_at, seq=entry.seq, xml=xml
                 )
         if not link_up and self.session.can_resume:
             events.extend(self._fate([entry], _S.HIBERNATED))
         return events
+
+    def written(self, message_id: str, xml: str) -> TrackedMessage | None:
+        """The stanza of a record tracked before it was serialized has its text now
+        (it was parked, held back, or is failing before it was written). No event:
+        the state did not change. Returns the new snapshot, if the record is held."""
+        record = self.records.get(message_id)
+        if record is None:
+            return None
+        record = self.records[message_id] = record.moved(record.state, record.updated_at, xml=xml)
+        return record
 
     def resend(self, record: TrackedMessage, xml: str | None = None) -> list[Event]:
         """The user sends a failed message again (same id, same origin-id): RESENT.
