@@ -725,6 +725,33 @@ async def test_resumed_for_another_stream_drops_the_session_and_loses_nothing(
     )
 
 
+async def test_a_connection_lost_while_waiting_for_resumed_does_not_end_the_next_session(
+    prosody: ProsodyServer, proxy: FaultProxy, clients: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Found by scripts/chaos: the wait for <resumed/> outlived its connection; when it
+    # timed out it fired session_end on the next connection's session (its messages
+    # failed, and the server's next <a/> looked like a protocol error).
+    bob = await clients("bob", prosody.address, tracked=False)
+    alice = await clients("alice", proxy.address, negotiation_timeout=1.5)
+    [first] = [alice.send("bob@localhost", "before the cuts")]
+    await wait_for(lambda: alice.count("message:acked") == 1)
+    proxy.rewrite(rb"<resumed [^>]*/>", b"")  # the server's answer never arrives...
+    proxy.cut()
+    await wait_for(lambda: alice.tracker.core.session.resuming, timeout=10)
+    alice.tracker.allow_resume = False  # the next connection starts a fresh session
+    proxy.heal()  # ...and the connection is lost while alice waits for it
+    proxy.cut()
+    await wait_for(lambda: alice.tracker.session_live, timeout=10)
+    await asyncio.sleep(2.0)  # past the first wait's timeout
+    assert alice.tracker.session_live and alice.tracker.core.session.enabled_out
+    later = alice.send("bob@localhost", "after the stale wait")
+    await wait_for(lambda: alice.count("message:acked") == 2)
+    assert alice.ids("message:acked") == [first, later]
+    assert alice.ids("message:failed") == []
+    assert "protocol error" not in caplog.text
+    await wait_for(lambda: "after the stale wait" in bob.bodies)
+
+
 # ---------------------------------------------------------------------- raising user code
 
 

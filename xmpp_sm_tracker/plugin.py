@@ -949,12 +949,14 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         if not self._enable_sent_here:
             self._send_enable()
         waiter = Waiter(
-            "sm_tracker enabled_or_failed",
+            f"sm_tracker enabled_or_failed {uuid.uuid4().hex}",  # one per wait: removed by name
             MatchMany([MatchXPath(sm_stanza.Enabled.tag_name()), MatchXPath(_FAILED_TAG)]),
         )
+        transport = xmpp.transport
         xmpp.register_handler(waiter)
         await waiter.wait(timeout=self.negotiation_timeout)
-        return False
+        # A connection lost meanwhile: these features belong to it; stop reading them.
+        return xmpp.transport is not transport
 
     async def _resume(self) -> bool:
         session = self.core.session
@@ -962,12 +964,18 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         resume["h"] = session.handled
         resume["previd"] = session.sm_id
         waiter = Waiter(
-            "sm_tracker resumed_or_failed",
+            f"sm_tracker resumed_or_failed {uuid.uuid4().hex}",
             MatchMany([MatchXPath(sm_stanza.Resumed.tag_name()), MatchXPath(_FAILED_TAG)]),
         )
+        transport = self.xmpp.transport
         self.xmpp.register_handler(waiter)
         self._original_send(resume)
         result = await waiter.wait(timeout=self.negotiation_timeout)
+        if self.xmpp.transport is not transport:
+            # The connection that asked was lost while waiting (its loss was handled
+            # then); a "session_end" now would end the session of the next connection.
+            log.info("the connection was lost during <resume/>; nothing more to do for it")
+            return True
         if result and result.xml.tag == sm_stanza.Resumed.tag_name():
             return self.core.session.enabled_in  # False if <resumed> was rejected
         if not result and self.core.session.resuming:
