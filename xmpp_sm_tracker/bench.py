@@ -1101,6 +1101,14 @@ def _metrics(
     def ratios(variant: str, bare: str = "bare") -> list[float]:
         return [t / b for t, b in zip(rates(variant), rates(bare), strict=False)]
 
+    def server_cpu(variant: str) -> list[float]:
+        """Prosody's CPU per message in the throughput runs (where the stanza size shows)."""
+        return [
+            1e6 * r["cpu_s"]["prosody"] / r["messages"]
+            for r in thr
+            if r["variant"] == variant and r["cpu_s"].get("prosody") is not None
+        ]
+
     n, m = config.messages, config.resume_messages
     tracked_mem = [r["bytes_per_message"] for r in mem if r["tracked"]]
     bare_mem = [r["bytes_per_message"] for r in mem if not r["tracked"]]
@@ -1173,6 +1181,34 @@ def _metrics(
             lambda v: v >= 0.90,
             part="throughput",
             needs_sqlite=True,
+        ),
+        metric(
+            "ratio.bare_oid",
+            "bare with the same stanzas / bare (what the origin-id costs)",
+            "×",
+            ratios("bare_oid"),
+            part="throughput",
+        ),
+        metric(
+            "server_cpu.bare",
+            "Prosody CPU per message, bare",
+            "µs",
+            server_cpu("bare"),
+            part="throughput",
+        ),
+        metric(
+            "server_cpu.bare_oid",
+            "Prosody CPU per message, bare, same stanzas as tracked",
+            "µs",
+            server_cpu("bare_oid"),
+            part="throughput",
+        ),
+        metric(
+            "server_cpu.memory",
+            "Prosody CPU per message, tracker + MemoryStore",
+            "µs",
+            server_cpu("memory"),
+            part="throughput",
         ),
         metric(
             "cpu.bare",

@@ -87,7 +87,10 @@ class TrackerEvents(AsyncIOEventEmitter):
 
     def has_listeners(self, event: str) -> bool:
         """Like ``bool(listeners(event))`` without copying the list under a lock."""
-        return bool(self._events.get(event))
+        events = getattr(self, "_events", None)  # pyee's table; if it ever goes, ask it
+        if not isinstance(events, dict):
+            return bool(self.listeners(event))
+        return bool(events.get(event))
 
 
 def _parse_counter(value: str | None) -> int | None:
