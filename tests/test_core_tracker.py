@@ -12,7 +12,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from xmpp_sm_tracker.core.counters import MAX_SEQ, seq_add
 from xmpp_sm_tracker.core.ledger import Entry, HBackwards, HTooHigh
 from xmpp_sm_tracker.core.records import FailureReason, TrackedMessage
-from xmpp_sm_tracker.core.smstate import RestoredEntry, RestoredState
+from xmpp_sm_tracker.core.smstate import RestoredEntry, RestoredState, SMStateError, parse_state
 from xmpp_sm_tracker.core.states import DeliveryState, IllegalTransition, next_state
 from xmpp_sm_tracker.core.tracker import Event, OutgoingMessage, Tracker
 
@@ -709,6 +709,67 @@ def test_export_state_round_trips_the_counters(tracker: Tracker[Stanza]) -> None
     assert state["unacked"] == [{"seq": 2, "xml": "<message id='m2'/>", "id": "m2"}]
     tracker.enabled("sm-9", resumable=False, location=None, max=None, jid="a@b/c")
     assert tracker.export_state(lambda e: "", now=5.0) is None
+
+
+def test_rooms_live_and_die_with_the_session(tracker: Tracker[Stanza]) -> None:
+    # Occupancy belongs to the session: a resumed stream is still in its rooms (the
+    # server never saw it leave), a session that ends has left them all.
+    tracker.enabled("sm-1", resumable=True, location=None, max=None, jid="a@b/c")
+    tracker.joined_room("r@muc", "Alice")
+    tracker.joined_room("s@muc", "Al")
+    tracker.link_lost()
+    tracker.resume_sent()
+    tracker.resumed(0)
+    assert tracker.nick_in("r@muc") == "Alice"
+    state = tracker.export_state(lambda e: "", now=1.0)
+    assert state is not None and state["rooms"] == {"r@muc": "Alice", "s@muc": "Al"}
+    tracker.left_room("s@muc", FailureReason.LEFT_ROOM)
+    assert tracker.nick_in("s@muc") is None
+    tracker.session_ended()
+    assert tracker.nick_in("r@muc") is None
+
+
+@pytest.mark.parametrize("how", ["resume-failed", "enable-sent", "protocol-error"])
+def test_rooms_are_forgotten_when_the_session_is_not_resumed(
+    tracker: Tracker[Stanza], how: str
+) -> None:
+    tracker.joined_room("r@muc", "Alice")
+    tracker.link_lost()
+    if how == "resume-failed":
+        tracker.resume_sent()
+        tracker.resume_failed(None)
+    elif how == "enable-sent":
+        tracker.enable_sent()
+    else:
+        tracker.protocol_error(HTooHigh("too high", 5, 0, 0))
+    assert tracker.nick_in("r@muc") is None
+
+
+def test_a_restored_state_brings_its_rooms_back() -> None:
+    tracker = new_tracker()
+    tracker.restore(restored_state(rooms={"r@muc": "Alice"}), [Stanza("a"), Stanza("iq")])
+    assert tracker.nick_in("r@muc") == "Alice"
+    tracker.resume_sent()
+    tracker.resumed(14)
+    assert tracker.nick_in("r@muc") == "Alice"
+
+
+def test_rooms_in_a_saved_state_are_checked_and_optional() -> None:
+    state = {
+        "version": 1,
+        "jid": "a@b/c",
+        "stream_id": "sm-1",
+        "handled": 0,
+        "seq": 0,
+        "last_ack": 0,
+        "unacked": [],
+    }
+    assert parse_state(state, bare_jid="a@b").rooms == {}  # states saved before rooms
+    with_rooms = {**state, "rooms": {"r@muc": "Alice"}}
+    assert parse_state(with_rooms, bare_jid="a@b").rooms == {"r@muc": "Alice"}
+    for bad in (["r@muc"], {"r@muc": ""}, {"r@muc": 3}, {"": "Alice"}):
+        with pytest.raises(SMStateError, match="rooms"):
+            parse_state({**state, "rooms": bad}, bare_jid="a@b")
 
 
 def test_illegal_transition_is_raised_not_swallowed(tracker: Tracker[Stanza]) -> None:

@@ -255,6 +255,8 @@ def _corrupt(state: SMState, how: str) -> object:
         state["stream_id"] = ""
     elif how == "jid-not-a-jid":
         state["jid"] = "localhost"
+    elif how == "room-nick-not-a-string":
+        state["rooms"] = {"room@conference.localhost": 5}
     elif how == "no-version":
         del state["version"]
     elif how == "next-version":
@@ -277,6 +279,7 @@ def _corrupt(state: SMState, how: str) -> object:
         "counter-is-bool",
         "empty-stream-id",
         "jid-not-a-jid",
+        "room-nick-not-a-string",
         "no-version",
         "next-version",
     ],

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
 import slixmpp
 
-from xmpp_sm_tracker import DeliveryState
+from xmpp_sm_tracker import DeliveryState, SQLiteStore
 from xmpp_sm_tracker.testing import FaultProxy, ProsodyServer
-from xmpp_sm_tracker.testing.client import ClientPool, Party, wait_for
+from xmpp_sm_tracker.testing.client import ClientPool, Party, make_client, wait_for
 
 FAST = {"reconnect_delay": 0.1, "reconnect_max_delay": 1.0, "ack_delay": 0.05}
 
@@ -202,3 +203,60 @@ async def test_should_track_predicate_and_no_store_hint_opt_out(
     await asyncio.sleep(0.2)
     assert alice.log.ids("message:sent") == [kept]
     assert await alice.tracker.get(skipped) is None
+
+
+async def test_a_restarted_process_that_resumes_still_knows_its_rooms(
+    prosody: ProsodyServer, proxy: FaultProxy, clients: Any, tmp_path: Path
+) -> None:
+    # The room never sees a resumed session leave, so it sends no new self-presence:
+    # the nick has to come from the saved SM state, or reflections go unrecognised
+    # and the room's messages stay ACKED forever.
+    room = room_jid(prosody)
+    bob = await clients("bob", prosody.address, tracked=False)
+    await bob.join(room, "Bob")
+    db = tmp_path / "alice.sqlite"
+
+    async def start_alice(resource: str) -> tuple[Party, SQLiteStore]:
+        xmpp = make_client(f"alice@localhost/{resource}", "pass", tracker_config=FAST)
+        xmpp.register_plugin("xep_0045")
+        party = Party(xmpp)
+        store = SQLiteStore(db)
+        await party.tracker.attach(store)
+        party.tracker.sm.load(await store.load_sm_state())
+        party.tracker.sm.cache(store.save_sm_state)
+        xmpp.connect(*proxy.address)
+        await wait_for(lambda: party.tracker.core.session.enabled_in, timeout=15)
+        return party, store
+
+    first, first_store = await start_alice("first")
+    try:
+        await first.join(room, "Alice")
+        proxy.blackhole()
+        in_flight = first.send(room, "in flight at the crash", "groupchat")
+        await wait_for(lambda: first.on_wire([in_flight]))
+        await first.tracker.flush()
+        # The process dies: its connection goes, nothing more is written.
+        first.tracker.auto_reconnect = False
+        proxy.cut()
+        await wait_for(lambda: first.log.count("message:hibernated") == 1)
+        await first.tracker.flush()
+    finally:
+        await first_store.aclose()
+    proxy.heal()
+
+    second, second_store = await start_alice("second")
+    try:
+        assert second.xmpp.boundjid.resource == "first"  # the same stream, resumed
+        after = second.send(room, "after the restart", "groupchat")
+        await wait_for(lambda: second.log.count("message:room_received") == 2, timeout=15)
+        assert second.log.ids("message:room_received") == [in_flight, after]
+        assert "message:failed" not in second.log.names_for(in_flight)
+        await wait_for(lambda: "after the restart" in bob.received.counts)
+        assert bob.received.counts["in flight at the crash"] == 1
+        assert bob.received.counts["after the restart"] == 1
+    finally:
+        second.tracker.auto_reconnect = False
+        second.xmpp.disconnect(wait=0.5)
+        await asyncio.sleep(0.2)
+        await second_store.aclose()
+        first.xmpp.abort()

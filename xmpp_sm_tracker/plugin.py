@@ -200,8 +200,6 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         self._reconnect_timer: asyncio.TimerHandle | None = None
         self._negotiation_timer: asyncio.TimerHandle | None = None
         self._reconnect_attempt = 0
-        #: Our nick in each room we are in (from self-presence, status 110).
-        self._room_nicks: dict[str, str] = {}
         self._late_tasks: set[asyncio.Future[None]] = set()
 
         self.resender = Resender(self)
@@ -838,7 +836,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
 
     def _read_reflection(self, xml: ET.Element) -> None:
         room, _, nick = xml.get("from", "").partition("/")
-        if not nick or self._room_nicks.get(room) != nick:
+        if not nick or self.core.nick_in(room) != nick:
             return
         body = xml.find(f"{{{self.xmpp.default_ns}}}body")
         origin = xml.find(f"{{{SID_NS}}}origin-id")
@@ -882,17 +880,24 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             return
         room, _, nick = xml.get("from", "").partition("/")
         if xml.get("type") != "unavailable":
-            self._room_nicks[room] = nick
+            self._joined(room, nick)
             return
         if "303" in codes:  # nick change: the new nick comes in the item
             item = muc.find(f"{{{MUC_USER_NS}}}item")
             if item is not None and item.get("nick"):
-                self._room_nicks[room] = item.get("nick", "")
+                self._joined(room, item.get("nick", ""))
                 return
-        self._room_nicks.pop(room, None)
         removed = codes & {"301", "307", "321", "322", "332"}
         reason = FailureReason.REMOVED_FROM_ROOM if removed else FailureReason.LEFT_ROOM
         self._dispatch(self.core.left_room(room, reason))
+        self.sm.changed()  # the saved state must not bring this room back
+
+    def _joined(self, room: str, nick: str) -> None:
+        """We are ``nick`` in ``room``; the saved state learns it too, since a resumed
+        stream gets no new self-presence (the room never saw it leave)."""
+        if nick and self.core.nick_in(room) != nick:
+            self.core.joined_room(room, nick)
+            self.sm.changed()
 
     def _late_signal(self, message_id: str, signal: Callable[[str], list[Event]]) -> None:
         """Apply a peer's proof to a record, fetching it from the store if it was retired."""

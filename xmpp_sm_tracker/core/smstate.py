@@ -9,7 +9,7 @@ corrupt, foreign or unknown state raises :class:`SMStateError` and changes nothi
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .counters import MAX_SEQ, distance
@@ -49,6 +49,8 @@ class RestoredState:
     last_ack: int
     unacked: tuple[RestoredEntry, ...]
     saved_at: float
+    #: Our nick per room the session is in (states saved by 0.1.0 have none).
+    rooms: Mapping[str, str] = field(default_factory=dict)
 
 
 def _bare(jid: str) -> str:
@@ -112,7 +114,20 @@ def parse_state(state: object, *, bare_jid: str) -> RestoredState:
         last_ack=last_ack,
         unacked=unacked,
         saved_at=float(saved_at),
+        rooms=_parse_rooms(state.get("rooms", {})),
     )
+
+
+def _parse_rooms(raw: object) -> dict[str, str]:
+    if not isinstance(raw, Mapping):
+        raise SMStateError(f"SM state: 'rooms' must be a dict of room JID to nick, got {raw!r}")
+    for room, nick in raw.items():
+        if not isinstance(room, str) or not room or not isinstance(nick, str) or not nick:
+            raise SMStateError(
+                f"SM state: 'rooms' maps room JIDs to nicks, both non-empty strings; "
+                f"got {room!r}: {nick!r}"
+            )
+    return dict(raw)
 
 
 def _parse_unacked(raw: object, *, seq: int, last_ack: int) -> tuple[RestoredEntry, ...]:

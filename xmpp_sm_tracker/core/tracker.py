@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Generic, NamedTuple, TypeVar
 
 from .ledger import Entry, Ledger, ResumeResult, SMProtocolError
@@ -83,6 +83,10 @@ class SessionFacts:
     restored: bool = False
     #: The full JID the session was bound to (a resumed session keeps it).
     jid: str | None = None
+    #: Our nick in each room joined through this session. Occupancy lives and dies
+    #: with the session: resumption keeps it (no new self-presence comes), a session
+    #: that ends has left every room.
+    rooms: dict[str, str] = field(default_factory=dict)
 
     @property
     def can_resume(self) -> bool:
@@ -384,8 +388,17 @@ class Tracker(Generic[P]):
             self.withheld.add(message_id)
         return [moved]
 
+    def joined_room(self, room: str, nick: str) -> None:
+        """Our own occupant presence in ``room`` (joined, or nick changed)."""
+        self.session.rooms[room] = nick
+
+    def nick_in(self, room: str) -> str | None:
+        """Our nick in ``room``, or None when this session is not in it."""
+        return self.session.rooms.get(room)
+
     def left_room(self, room: str, reason: str) -> list[Event]:
         """We left (or were removed from) ``room``: what it has not reflected fails."""
+        self.session.rooms.pop(room, None)
         events: list[Event] = []
         for record in list(self.records.values()):
             if record.type != "groupchat" or record.conversation != room:
@@ -415,6 +428,7 @@ class Tracker(Generic[P]):
         session.sm_id = None
         session.resumable = False
         session.restored = False
+        session.rooms = {}  # a new session is in no room yet
         return self._fate(left, _S.FAILED, reason=FailureReason.SESSION_ENDED)
 
     def enabled(
@@ -549,6 +563,7 @@ class Tracker(Generic[P]):
             handled=state.handled,
             restored=True,
             jid=state.jid,
+            rooms=dict(state.rooms),
         )
         self.ledger = Ledger(seq=state.seq, last_ack=state.last_ack)
         for saved, payload in zip(state.unacked, payloads, strict=True):
@@ -574,6 +589,7 @@ class Tracker(Generic[P]):
                 {"seq": entry.seq, "xml": serialize(entry), "id": entry.message_id}
                 for entry in self.ledger
             ],
+            "rooms": dict(session.rooms),
             "saved_at": now,
         }
 
