@@ -745,6 +745,56 @@ def test_rooms_are_forgotten_when_the_session_is_not_resumed(
     assert tracker.nick_in("r@muc") is None
 
 
+def test_rooms_of_an_ended_session_wait_for_the_app_to_rejoin(tracker: Tracker[Stanza]) -> None:
+    tracker.joined_room("r@muc", "Alice")
+    tracker.joined_room("s@muc", "Al")
+    tracker.session_ended()
+    assert tracker.rejoining == {"r@muc": "Alice", "s@muc": "Al"}
+    tracker.enable_sent()  # the next session: still in neither
+    tracker.enabled("sm-2", resumable=True, location=None, max=None)
+    assert tracker.rejoining == {"r@muc": "Alice", "s@muc": "Al"}
+    tracker.joined_room("r@muc", "Alice2")
+    assert tracker.rejoining == {"s@muc": "Al"}
+    tracker.left_room("s@muc", FailureReason.LEFT_ROOM)
+    assert tracker.rejoining == {}
+
+
+def test_a_join_the_ended_session_never_saw_answered_is_to_be_done_again(
+    tracker: Tracker[Stanza],
+) -> None:
+    tracker.join_sent("r@muc", "Alice")
+    tracker.join_sent("s@muc", "Al")
+    tracker.joined_room("s@muc", "Al")
+    tracker.session_ended()
+    assert tracker.rejoining == {"r@muc": "Alice", "s@muc": "Al"}
+    tracker.join_sent("r@muc", "Alice")
+    tracker.left_room("r@muc", FailureReason.LEFT_ROOM)
+    assert tracker.rejoining == {"s@muc": "Al"}
+    assert tracker.join_refused("s@muc")  # the room said no: stop waiting for it
+    assert not tracker.join_refused("s@muc")
+    assert tracker.rejoining == {}
+
+
+def test_a_room_that_shuts_down_is_to_be_rejoined_a_kick_is_not(
+    tracker: Tracker[Stanza],
+) -> None:
+    tracker.joined_room("r@muc", "Alice")
+    tracker.joined_room("s@muc", "Al")
+    tracker.left_room("r@muc", FailureReason.REMOVED_FROM_ROOM, rejoin=True)
+    tracker.left_room("s@muc", FailureReason.REMOVED_FROM_ROOM)
+    tracker.session_ended()
+    assert tracker.rejoining == {"r@muc": "Alice"}
+
+
+def test_a_resumed_session_has_no_room_to_rejoin(tracker: Tracker[Stanza]) -> None:
+    tracker.enabled("sm-1", resumable=True, location=None, max=None, jid="a@b/c")
+    tracker.joined_room("r@muc", "Alice")
+    tracker.link_lost()
+    tracker.resume_sent()
+    tracker.resumed(0)
+    assert tracker.rejoining == {}
+
+
 def test_a_restored_state_brings_its_rooms_back() -> None:
     tracker = new_tracker()
     tracker.restore(restored_state(rooms={"r@muc": "Alice"}), [Stanza("a"), Stanza("iq")])

@@ -260,3 +260,158 @@ async def test_a_restarted_process_that_resumes_still_knows_its_rooms(
         await asyncio.sleep(0.2)
         await second_store.aclose()
         first.xmpp.abort()
+
+
+async def test_room_messages_wait_for_the_rejoin_after_a_fresh_session(
+    prosody: ProsodyServer, proxy: FaultProxy, clients: Any
+) -> None:
+    # A fresh session is in no room: a message the app (or slixmpp's queue) sends to
+    # the room before the app has joined it again would bounce (not-acceptable).
+    room = room_jid(prosody)
+    bob = await clients("bob", prosody.address, tracked=False)
+    await bob.join(room, "Bob")
+    alice = await clients("alice", proxy.address, allow_resume=False)
+    await alice.join(room, "Alice")
+    rejoined = asyncio.Event()
+
+    async def rejoin_late(_event: Any) -> None:
+        early.append(alice.send(room, "sent before the rejoin", "groupchat"))
+        await asyncio.sleep(0.5)
+        await alice.join(room, "Alice")
+        rejoined.set()
+
+    early: list[str] = []
+    ended = asyncio.Event()
+    alice.xmpp.add_event_handler("session_end", lambda _: ended.set())
+    proxy.refuse()
+    proxy.cut()
+    await asyncio.wait_for(ended.wait(), 10)
+    offline = alice.send(room, "sent while offline", "groupchat")
+    alice.xmpp.add_event_handler("session_start", rejoin_late, disposable=True)
+    proxy.heal()
+    await asyncio.wait_for(rejoined.wait(), 20)
+
+    await wait_for(lambda: alice.log.count("message:room_received") == 2, timeout=15)
+    assert alice.log.ids("message:room_received") == [offline, *early]
+    assert alice.log.count("message:failed") == 0
+    await wait_for(lambda: "sent before the rejoin" in bob.received.counts)
+    assert bob.received.counts["sent while offline"] == 1
+    assert bob.received.counts["sent before the rejoin"] == 1
+
+
+async def test_a_join_lost_with_its_session_holds_room_messages_until_it_is_redone(
+    prosody: ProsodyServer, proxy: FaultProxy, clients: Any
+) -> None:
+    room = room_jid(prosody)
+    bob = await clients("bob", prosody.address, tracked=False)
+    await bob.join(room, "Bob")
+    alice = await clients("alice", proxy.address, allow_resume=False)
+    ended = asyncio.Event()
+    alice.xmpp.add_event_handler("session_end", lambda _: ended.set())
+    proxy.blackhole()
+    alice.xmpp.plugin["xep_0045"].join_muc(slixmpp.JID(room), "Alice")  # never arrives
+    await asyncio.sleep(0.2)
+    proxy.refuse()
+    proxy.cut()
+    await asyncio.wait_for(ended.wait(), 10)
+    offline = alice.send(room, "sent after a lost join", "groupchat")
+
+    async def rejoin_late(_event: Any) -> None:
+        await asyncio.sleep(0.5)
+        await alice.join(room, "Alice")
+
+    alice.xmpp.add_event_handler("session_start", rejoin_late, disposable=True)
+    proxy.heal()
+    await wait_for(lambda: alice.log.count("message:room_received") == 1, timeout=15)
+    assert alice.log.ids("message:room_received") == [offline]
+    assert alice.log.count("message:failed") == 0
+    await wait_for(lambda: "sent after a lost join" in bob.received.counts)
+    assert bob.received.counts["sent after a lost join"] == 1
+
+
+async def test_room_messages_go_out_anyway_when_the_app_does_not_rejoin(
+    prosody: ProsodyServer, proxy: FaultProxy, clients: Any
+) -> None:
+    room = room_jid(prosody)
+    alice = await clients("alice", proxy.address, allow_resume=False, room_rejoin_wait=0.5)
+    await alice.join(room, "Alice")
+    ended = asyncio.Event()
+    alice.xmpp.add_event_handler("session_end", lambda _: ended.set())
+    proxy.refuse()
+    proxy.cut()
+    await asyncio.wait_for(ended.wait(), 10)
+    message_id = alice.send(room, "to a room left behind", "groupchat")
+    proxy.heal()
+
+    await wait_for(lambda: alice.log.count("message:failed") == 1, timeout=15)
+    failed = alice.records[message_id]
+    # The room is gone (item-not-found) or refuses non-occupants (not-acceptable).
+    assert failed.reason in ("cancel:item-not-found", "cancel:not-acceptable")
+    assert alice.tracker.core.rejoining == {}
+
+
+async def test_a_server_restart_holds_room_messages_until_the_app_is_back(
+    fresh_prosody: ProsodyServer, clients: Any
+) -> None:
+    # Prosody stops: the session and the room are gone. The app joins again once the
+    # server is back; what it sends before must wait (the room does not exist yet).
+    room = room_jid(fresh_prosody)
+    alice = await clients("alice", fresh_prosody.address)
+    await alice.join(room, "Alice")
+    ended = asyncio.Event()
+    alice.xmpp.add_event_handler("session_end", lambda _: ended.set())
+    early: list[str] = []
+
+    async def rejoin_late(_event: Any) -> None:
+        early.append(alice.send(room, "sent before the rejoin", "groupchat"))
+        await asyncio.sleep(0.5)
+        await alice.join(room, "Alice")
+
+    alice.xmpp.add_event_handler("session_start", rejoin_late, disposable=True)
+    await fresh_prosody.stop()
+    offline = alice.send(room, "sent while the server was down", "groupchat")
+    await fresh_prosody.start()
+    await asyncio.wait_for(ended.wait(), 20)
+
+    await wait_for(lambda: alice.log.count("message:room_received") == 2, timeout=20)
+    assert alice.log.ids("message:room_received") == [offline, *early]
+    assert alice.log.count("message:failed") == 0
+
+
+@pytest.mark.parametrize("code", ["332", "333"])
+async def test_removed_by_a_shutdown_or_a_technical_error_the_app_is_expected_back(
+    prosody: ProsodyServer, proxy: FaultProxy, clients: Any, code: str
+) -> None:
+    # 332 (the service shuts down) and 333 (removed for a technical reason) end our
+    # occupancy before the session ends; unlike a kick, the app will join again.
+    room = room_jid(prosody)
+    bob = await clients("bob", prosody.address, tracked=False)
+    await bob.join(room, "Bob")
+    alice = await clients("alice", proxy.address, allow_resume=False)
+    await alice.join(room, "Alice")
+    removed = (
+        f"<presence from='{room}/Alice' to='{alice.xmpp.boundjid.full}' type='unavailable'>"
+        "<x xmlns='http://jabber.org/protocol/muc#user'>"
+        f"<item affiliation='none' role='none'/><status code='{code}'/><status code='110'/>"
+        "</x></presence>"
+    )
+    assert proxy.inject(removed.encode()) == 1
+    await wait_for(lambda: alice.tracker.core.nick_in(room) is None)
+    ended = asyncio.Event()
+    alice.xmpp.add_event_handler("session_end", lambda _: ended.set())
+    proxy.refuse()
+    proxy.cut()
+    await asyncio.wait_for(ended.wait(), 10)
+    offline = alice.send(room, f"after a {code}", "groupchat")
+
+    async def rejoin_late(_event: Any) -> None:
+        await asyncio.sleep(0.5)
+        await alice.join(room, "Alice")
+
+    alice.xmpp.add_event_handler("session_start", rejoin_late, disposable=True)
+    proxy.heal()
+    await wait_for(lambda: alice.log.count("message:room_received") == 1, timeout=15)
+    assert alice.log.ids("message:room_received") == [offline]
+    assert alice.log.count("message:failed") == 0
+    await wait_for(lambda: f"after a {code}" in bob.received.counts)
+    assert bob.received.counts[f"after a {code}"] == 1

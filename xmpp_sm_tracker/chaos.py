@@ -674,10 +674,9 @@ async def _sender_main(config: dict[str, Any]) -> None:
         if not future.cancelled() and future.exception() is not None:
             print(f"joining {room} failed: {future.exception()!r}", file=sys.stderr)
 
+    # A fresh session is in no room. A process that resumed its predecessor's stream
+    # is still in the room, and knows its nick from the saved state: no rejoin.
     xmpp.add_event_handler("session_start", join)
-    # A process that resumed its predecessor's stream is in the room already, but
-    # does not know its nick there: rejoin once so reflections are recognized.
-    xmpp.add_event_handler("session_resumed", join, disposable=True)
     xmpp.connect(*config["address"])
 
     loop = asyncio.get_running_loop()

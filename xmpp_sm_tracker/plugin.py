@@ -52,6 +52,7 @@ CARBONS_NS = "urn:xmpp:carbons:2"
 FORWARD_NS = "urn:xmpp:forward:0"
 RECEIPTS_NS = "urn:xmpp:receipts"
 MARKERS_NS = "urn:xmpp:chat-markers:0"
+MUC_NS = "http://jabber.org/protocol/muc"
 MUC_USER_NS = "http://jabber.org/protocol/muc#user"
 STANZAS_NS = "urn:ietf:params:xml:ns:xmpp-stanzas"
 DELAY_NS = "urn:xmpp:delay"
@@ -75,6 +76,7 @@ _ORIGIN_ID = f"{{{SID_NS}}}origin-id"
 _RECEIPT_REQUEST = f"{{{RECEIPTS_NS}}}request"
 _MARKABLE = f"{{{MARKERS_NS}}}markable"
 _NO_STORE = f"{{{HINTS_NS}}}no-store"
+_MUC_JOIN = f"{{{MUC_NS}}}x"
 
 _UNSIGNED_INT = re.compile(r"[0-9]{1,10}")
 
@@ -152,6 +154,9 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         "retry_policy": None,
         #: Hold new messages to a conversation while older ones there are being resent.
         "keep_order": True,
+        #: Seconds a new session holds messages to the rooms the ended one was in, waiting
+        #: for the app to join them again (they would bounce before); 0 never holds.
+        "room_rejoin_wait": 10.0,
         #: Seconds between two sm.cache calls while acks keep coming; session changes
         #: and lone messages are handed over at once.
         "cache_interval": 0.25,
@@ -195,6 +200,10 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         self._unwritten: dict[str, Message] = {}
         #: Parked copies of messages that failed meanwhile (by object id): never sent.
         self._withheld_copies: set[int] = set()
+        #: Messages to rooms the app has not joined again since a session ended, by room:
+        #: they go out once it has, or after room_rejoin_wait seconds.
+        self._room_held: dict[str, list[StanzaBase]] = {}
+        self._rejoin_timer: asyncio.TimerHandle | None = None
         self._ack_timer: asyncio.TimerHandle | None = None
         self._ack_timer_at: float | None = None
         self._reconnect_timer: asyncio.TimerHandle | None = None
@@ -617,6 +626,49 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             self._writer.put(record)
         return record
 
+    def _hold_for_room(self, stanza: StanzaBase, message_id: str, written: str | None) -> bool:
+        """Keep back a message to a room the ended session was in, until the app is in
+        it again: before that, the room would bounce it (not-acceptable)."""
+        xml = stanza.xml
+        room = xml.get("to", "").partition("/")[0]
+        if xml.get("type") != "groupchat" or room not in self.core.rejoining:
+            return False
+        if written is not None:
+            self._record_written(message_id, written)
+        self._room_held.setdefault(room, []).append(stanza)
+        self._parked[message_id] = stanza  # it goes out later, like one slixmpp parks
+        return True
+
+    def _release_room(self, room: str) -> None:
+        """The app is in ``room`` again: what waited for it goes out, in order."""
+        for stanza in self._room_held.pop(room, ()):
+            self._hand_over(stanza)
+        if not self.core.rejoining:
+            self._cancel_rejoin_timer()
+
+    def _wait_for_rejoins(self) -> None:
+        """A session is live: give the app room_rejoin_wait seconds to be back in the
+        rooms of the ended session."""
+        self._cancel_rejoin_timer()
+        wait = self.room_rejoin_wait
+        if self.core.rejoining and wait and wait > 0:
+            self._rejoin_timer = self.xmpp.loop.call_later(wait, self._stop_waiting_for_rooms)
+        else:
+            self._stop_waiting_for_rooms()
+
+    def _stop_waiting_for_rooms(self) -> None:
+        self._rejoin_timer = None
+        rooms = sorted(self.core.rejoining)
+        if rooms:
+            log.info("not back in %s: sending what waited for them anyway", ", ".join(rooms))
+        self.core.rejoining.clear()
+        for room in list(self._room_held):
+            self._release_room(room)
+
+    def _cancel_rejoin_timer(self) -> None:
+        self._cancel(self._rejoin_timer)
+        self._rejoin_timer = None
+
     def _withhold_parked(self, message_id: str) -> None:
         """A failed message's copy in slixmpp's queue must never go out by itself."""
         parked = self._parked.pop(message_id, None)
@@ -631,6 +683,8 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         message is serialized once, not once for us and once for the wire.
         """
         if isinstance(stanza, (Message, Presence, Iq)):
+            if isinstance(stanza, Presence):
+                self._read_own_presence(stanza)
             return self._count_outgoing(stanza)
         if isinstance(stanza, sm_stanza.Enable):
             self.ack_clock.reset()
@@ -667,6 +721,12 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             if written is not None:
                 self._record_written(message_id, written)
             self._original_send(stanza)
+            return None
+        if (
+            message_id is not None
+            and self._rejoin_timer is not None
+            and self._hold_for_room(stanza, message_id, written)
+        ):
             return None
         if not core.session.enabled_out:
             if written is None:
@@ -869,9 +929,23 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         )
         self._dispatch(self.core.track(outgoing, link_up=True))
 
+    def _read_own_presence(self, presence: Presence) -> None:
+        """A join on its way: should the session end before the room answers, the next
+        one must join again before messages to that room go out."""
+        xml = presence.xml
+        if xml.find(_MUC_JOIN) is not None and xml.get("type") in (None, "available"):
+            room, _, nick = xml.get("to", "").partition("/")
+            if nick:
+                self.core.join_sent(room, nick)
+
     def _read_presence(self, presence: Presence) -> None:
         """Our own occupant presence (status 110): which nick is ours in which room."""
         xml = presence.xml
+        if xml.get("type") == "error":
+            room = xml.get("from", "").partition("/")[0]
+            if self.core.join_refused(room) and room in self._room_held:
+                self._release_room(room)  # they bounce with the room's own condition
+            return
         muc = xml.find(f"{{{MUC_USER_NS}}}x")
         if muc is None:
             return
@@ -887,10 +961,15 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             if item is not None and item.get("nick"):
                 self._joined(room, item.get("nick", ""))
                 return
-        removed = codes & {"301", "307", "321", "322", "332"}
+        removed = codes & {"301", "307", "321", "322", "332", "333"}
         reason = FailureReason.REMOVED_FROM_ROOM if removed else FailureReason.LEFT_ROOM
-        self._dispatch(self.core.left_room(room, reason))
+        # 332: the service shuts down, 333: a technical error removed us. Unlike a kick
+        # or a ban, the app joins again once it can.
+        rejoin = bool(codes & {"332", "333"})
+        self._dispatch(self.core.left_room(room, reason, rejoin=rejoin))
         self.sm.changed()  # the saved state must not bring this room back
+        if room in self._room_held:
+            self._release_room(room)  # the app left it for good: they bounce or fail
 
     def _joined(self, room: str, nick: str) -> None:
         """We are ``nick`` in ``room``; the saved state learns it too, since a resumed
@@ -898,6 +977,8 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         if nick and self.core.nick_in(room) != nick:
             self.core.joined_room(room, nick)
             self.sm.changed()
+        if room in self._room_held:
+            self._release_room(room)
 
     def _late_signal(self, message_id: str, signal: Callable[[str], list[Event]]) -> None:
         """Apply a peer's proof to a record, fetching it from the store if it was retired."""
@@ -1107,6 +1188,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
 
     def _on_session_live(self, _event: Any) -> None:
         self._session_live = True
+        self._wait_for_rejoins()
         self._reconnect_attempt = 0
         self._cancel(self._negotiation_timer)
         self._negotiation_timer = None
@@ -1114,6 +1196,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
     def _on_disconnected(self, _reason: Any) -> None:
         self._session_live = False
         self._cancel_ack_timer()
+        self._cancel_rejoin_timer()  # the wait starts again with the next session
         self._cancel(self._negotiation_timer)
         self._negotiation_timer = None
         self.ack_clock.reset()
@@ -1194,6 +1277,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
 
     def _cancel_timers(self) -> None:
         self._cancel_ack_timer()
+        self._cancel_rejoin_timer()
         for handle in (self._reconnect_timer, self._negotiation_timer):
             self._cancel(handle)
         self._reconnect_timer = None

@@ -87,6 +87,8 @@ class SessionFacts:
     #: with the session: resumption keeps it (no new self-presence comes), a session
     #: that ends has left every room.
     rooms: dict[str, str] = field(default_factory=dict)
+    #: Rooms whose join went out on this session with no answer yet, with the nick.
+    joining: dict[str, str] = field(default_factory=dict)
 
     @property
     def can_resume(self) -> bool:
@@ -108,6 +110,10 @@ class Tracker(Generic[P]):
         self.withheld: set[str] = set()
         #: In-flight records taken over from a previous process, not settled yet.
         self._adopted: set[str] = set()
+        #: Rooms an ended session was in, with our nick there: the next session is in
+        #: none of them until the app joins again, and a message sent there before
+        #: that would bounce. Emptied room by room as the app rejoins.
+        self.rejoining: dict[str, str] = {}
         #: What the last ``<resumed h>`` meant (for logging gaps in a restored state).
         self.last_resume: ResumeResult[P] | None = None
         #: With a policy, a retryable failure of the last attempt reads "retries-exhausted".
@@ -388,17 +394,37 @@ class Tracker(Generic[P]):
             self.withheld.add(message_id)
         return [moved]
 
+    def join_sent(self, room: str, nick: str) -> None:
+        """Our join presence to ``room`` went out: if this session ends before the room
+        answers, the next one has to join it again as well."""
+        self.session.joining[room] = nick
+
     def joined_room(self, room: str, nick: str) -> None:
         """Our own occupant presence in ``room`` (joined, or nick changed)."""
         self.session.rooms[room] = nick
+        self.session.joining.pop(room, None)
+        self.rejoining.pop(room, None)
+
+    def join_refused(self, room: str) -> bool:
+        """The room answered our join with an error; True if we were waiting for it."""
+        waiting = self.session.joining.pop(room, None) is not None
+        return self.rejoining.pop(room, None) is not None or waiting
 
     def nick_in(self, room: str) -> str | None:
         """Our nick in ``room``, or None when this session is not in it."""
         return self.session.rooms.get(room)
 
-    def left_room(self, room: str, reason: str) -> list[Event]:
-        """We left (or were removed from) ``room``: what it has not reflected fails."""
-        self.session.rooms.pop(room, None)
+    def left_room(self, room: str, reason: str, *, rejoin: bool = False) -> list[Event]:
+        """We left (or were removed from) ``room``: what it has not reflected fails.
+
+        ``rejoin``: the app is expected back (the service is shutting down), so the
+        next session holds messages to the room until it is in it again.
+        """
+        nick = self.session.rooms.pop(room, None)
+        self.session.joining.pop(room, None)
+        self.rejoining.pop(room, None)
+        if rejoin and nick is not None:
+            self.rejoining[room] = nick
         events: list[Event] = []
         for record in list(self.records.values()):
             if record.type != "groupchat" or record.conversation != room:
@@ -428,7 +454,9 @@ class Tracker(Generic[P]):
         session.sm_id = None
         session.resumable = False
         session.restored = False
-        session.rooms = {}  # a new session is in no room yet
+        self.rejoining.update(session.joining)
+        self.rejoining.update(session.rooms)
+        session.rooms, session.joining = {}, {}  # a new session is in no room yet
         return self._fate(left, _S.FAILED, reason=FailureReason.SESSION_ENDED)
 
     def enabled(
@@ -613,4 +641,6 @@ class Tracker(Generic[P]):
         return record.created_at if record is not None else 0.0
 
     def _forget_session(self) -> None:
+        self.rejoining.update(self.session.joining)
+        self.rejoining.update(self.session.rooms)
         self.session = SessionFacts()
