@@ -770,8 +770,10 @@ def test_a_join_the_ended_session_never_saw_answered_is_to_be_done_again(
     tracker.join_sent("r@muc", "Alice")
     tracker.left_room("r@muc", FailureReason.LEFT_ROOM)
     assert tracker.rejoining == {"s@muc": "Al"}
+    assert not tracker.join_refused("s@muc")  # no join pending: about something else
+    assert tracker.rejoining == {"s@muc": "Al"}
+    tracker.join_sent("s@muc", "Al")
     assert tracker.join_refused("s@muc")  # the room said no: stop waiting for it
-    assert not tracker.join_refused("s@muc")
     assert tracker.rejoining == {}
 
 

@@ -394,6 +394,11 @@ async def test_removed_by_a_shutdown_or_a_technical_error_the_app_is_expected_ba
         "<x xmlns='http://jabber.org/protocol/muc#user'>"
         f"<item affiliation='none' role='none'/><status code='{code}'/><status code='110'/>"
         "</x></presence>"
+        # Prosody follows a 333 with an error presence (the bounce that caused it): it
+        # is not the answer to a join and must not cancel the wait.
+        f"<presence from='{room}/Alice' to='{alice.xmpp.boundjid.full}' type='error'>"
+        "<error type='cancel'><recipient-unavailable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/>"
+        "</error></presence>"
     )
     assert proxy.inject(removed.encode()) == 1
     await wait_for(lambda: alice.tracker.core.nick_in(room) is None)

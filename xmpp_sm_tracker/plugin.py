@@ -652,6 +652,11 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         self._cancel_rejoin_timer()
         wait = self.room_rejoin_wait
         if self.core.rejoining and wait and wait > 0:
+            log.info(
+                "messages to %s wait until the app is back in them (at most %gs)",
+                ", ".join(sorted(self.core.rejoining)),
+                wait,
+            )
             self._rejoin_timer = self.xmpp.loop.call_later(wait, self._stop_waiting_for_rooms)
         else:
             self._stop_waiting_for_rooms()

@@ -406,9 +406,13 @@ class Tracker(Generic[P]):
         self.rejoining.pop(room, None)
 
     def join_refused(self, room: str) -> bool:
-        """The room answered our join with an error; True if we were waiting for it."""
-        waiting = self.session.joining.pop(room, None) is not None
-        return self.rejoining.pop(room, None) is not None or waiting
+        """An error presence from ``room``: if our join there is pending, it was refused
+        and messages waiting for it stop waiting (True). Otherwise it is about something
+        else (a bounced presence) and changes nothing."""
+        if self.session.joining.pop(room, None) is None:
+            return False
+        self.rejoining.pop(room, None)
+        return True
 
     def nick_in(self, room: str) -> str | None:
         """Our nick in ``room``, or None when this session is not in it."""
