@@ -262,6 +262,30 @@ async def test_a_restarted_process_that_resumes_still_knows_its_rooms(
         first.xmpp.abort()
 
 
+async def end_the_session_offline(alice: Party, proxy: FaultProxy) -> None:
+    """Drop alice's link and keep the server out of reach until her session has ended."""
+    ended = asyncio.Event()
+    alice.xmpp.add_event_handler("session_end", lambda _: ended.set(), disposable=True)
+    proxy.refuse()
+    proxy.cut()
+    await asyncio.wait_for(ended.wait(), 10)
+
+
+def rejoin_late(alice: Party, room: str, send_first: str | None = None) -> list[str]:
+    """What an app does on its next session: join ``room`` again, here 0.5 s late, maybe
+    sending ``send_first`` to it before; the returned list gets that message's id."""
+    sent: list[str] = []
+
+    async def on_start(_event: Any) -> None:
+        if send_first is not None:
+            sent.append(alice.send(room, send_first, "groupchat"))
+        await asyncio.sleep(0.5)
+        await alice.join(room, "Alice")
+
+    alice.xmpp.add_event_handler("session_start", on_start, disposable=True)
+    return sent
+
+
 async def test_room_messages_wait_for_the_rejoin_after_a_fresh_session(
     prosody: ProsodyServer, proxy: FaultProxy, clients: Any
 ) -> None:
@@ -272,24 +296,10 @@ async def test_room_messages_wait_for_the_rejoin_after_a_fresh_session(
     await bob.join(room, "Bob")
     alice = await clients("alice", proxy.address, allow_resume=False)
     await alice.join(room, "Alice")
-    rejoined = asyncio.Event()
-
-    async def rejoin_late(_event: Any) -> None:
-        early.append(alice.send(room, "sent before the rejoin", "groupchat"))
-        await asyncio.sleep(0.5)
-        await alice.join(room, "Alice")
-        rejoined.set()
-
-    early: list[str] = []
-    ended = asyncio.Event()
-    alice.xmpp.add_event_handler("session_end", lambda _: ended.set())
-    proxy.refuse()
-    proxy.cut()
-    await asyncio.wait_for(ended.wait(), 10)
+    await end_the_session_offline(alice, proxy)
     offline = alice.send(room, "sent while offline", "groupchat")
-    alice.xmpp.add_event_handler("session_start", rejoin_late, disposable=True)
+    early = rejoin_late(alice, room, send_first="sent before the rejoin")
     proxy.heal()
-    await asyncio.wait_for(rejoined.wait(), 20)
 
     await wait_for(lambda: alice.log.count("message:room_received") == 2, timeout=15)
     assert alice.log.ids("message:room_received") == [offline, *early]
@@ -306,22 +316,14 @@ async def test_a_join_lost_with_its_session_holds_room_messages_until_it_is_redo
     bob = await clients("bob", prosody.address, tracked=False)
     await bob.join(room, "Bob")
     alice = await clients("alice", proxy.address, allow_resume=False)
-    ended = asyncio.Event()
-    alice.xmpp.add_event_handler("session_end", lambda _: ended.set())
     proxy.blackhole()
     alice.xmpp.plugin["xep_0045"].join_muc(slixmpp.JID(room), "Alice")  # never arrives
     await asyncio.sleep(0.2)
-    proxy.refuse()
-    proxy.cut()
-    await asyncio.wait_for(ended.wait(), 10)
+    await end_the_session_offline(alice, proxy)
     offline = alice.send(room, "sent after a lost join", "groupchat")
-
-    async def rejoin_late(_event: Any) -> None:
-        await asyncio.sleep(0.5)
-        await alice.join(room, "Alice")
-
-    alice.xmpp.add_event_handler("session_start", rejoin_late, disposable=True)
+    rejoin_late(alice, room)
     proxy.heal()
+
     await wait_for(lambda: alice.log.count("message:room_received") == 1, timeout=15)
     assert alice.log.ids("message:room_received") == [offline]
     assert alice.log.count("message:failed") == 0
@@ -335,11 +337,7 @@ async def test_room_messages_go_out_anyway_when_the_app_does_not_rejoin(
     room = room_jid(prosody)
     alice = await clients("alice", proxy.address, allow_resume=False, room_rejoin_wait=0.5)
     await alice.join(room, "Alice")
-    ended = asyncio.Event()
-    alice.xmpp.add_event_handler("session_end", lambda _: ended.set())
-    proxy.refuse()
-    proxy.cut()
-    await asyncio.wait_for(ended.wait(), 10)
+    await end_the_session_offline(alice, proxy)
     message_id = alice.send(room, "to a room left behind", "groupchat")
     proxy.heal()
 
@@ -360,14 +358,7 @@ async def test_a_server_restart_holds_room_messages_until_the_app_is_back(
     await alice.join(room, "Alice")
     ended = asyncio.Event()
     alice.xmpp.add_event_handler("session_end", lambda _: ended.set())
-    early: list[str] = []
-
-    async def rejoin_late(_event: Any) -> None:
-        early.append(alice.send(room, "sent before the rejoin", "groupchat"))
-        await asyncio.sleep(0.5)
-        await alice.join(room, "Alice")
-
-    alice.xmpp.add_event_handler("session_start", rejoin_late, disposable=True)
+    early = rejoin_late(alice, room, send_first="sent before the rejoin")
     await fresh_prosody.stop()
     offline = alice.send(room, "sent while the server was down", "groupchat")
     await fresh_prosody.start()
@@ -402,19 +393,11 @@ async def test_removed_by_a_shutdown_or_a_technical_error_the_app_is_expected_ba
     )
     assert proxy.inject(removed.encode()) == 1
     await wait_for(lambda: alice.tracker.core.nick_in(room) is None)
-    ended = asyncio.Event()
-    alice.xmpp.add_event_handler("session_end", lambda _: ended.set())
-    proxy.refuse()
-    proxy.cut()
-    await asyncio.wait_for(ended.wait(), 10)
+    await end_the_session_offline(alice, proxy)
     offline = alice.send(room, f"after a {code}", "groupchat")
-
-    async def rejoin_late(_event: Any) -> None:
-        await asyncio.sleep(0.5)
-        await alice.join(room, "Alice")
-
-    alice.xmpp.add_event_handler("session_start", rejoin_late, disposable=True)
+    rejoin_late(alice, room)
     proxy.heal()
+
     await wait_for(lambda: alice.log.count("message:room_received") == 1, timeout=15)
     assert alice.log.ids("message:room_received") == [offline]
     assert alice.log.count("message:failed") == 0
