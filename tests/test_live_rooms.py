@@ -37,6 +37,14 @@ def room_jid(prosody: ProsodyServer) -> str:
     return f"room-{uuid.uuid4().hex[:8]}@{prosody.muc_domain}"
 
 
+async def room_with_bob(prosody: ProsodyServer, clients: Any) -> tuple[str, Party]:
+    """A new room with bob (untracked) in it, to see what reaches it."""
+    room = room_jid(prosody)
+    bob = await clients("bob", prosody.address, tracked=False)
+    await bob.join(room, "Bob")
+    return room, bob
+
+
 async def test_groupchat_messages_end_room_received_in_order(
     prosody: ProsodyServer, proxy: FaultProxy, clients: Any
 ) -> None:
@@ -211,9 +219,7 @@ async def test_a_restarted_process_that_resumes_still_knows_its_rooms(
     # The room never sees a resumed session leave, so it sends no new self-presence:
     # the nick has to come from the saved SM state, or reflections go unrecognised
     # and the room's messages stay ACKED forever.
-    room = room_jid(prosody)
-    bob = await clients("bob", prosody.address, tracked=False)
-    await bob.join(room, "Bob")
+    room, bob = await room_with_bob(prosody, clients)
     db = tmp_path / "alice.sqlite"
 
     async def start_alice(resource: str) -> tuple[Party, SQLiteStore]:
@@ -291,9 +297,7 @@ async def test_room_messages_wait_for_the_rejoin_after_a_fresh_session(
 ) -> None:
     # A fresh session is in no room: a message the app (or slixmpp's queue) sends to
     # the room before the app has joined it again would bounce (not-acceptable).
-    room = room_jid(prosody)
-    bob = await clients("bob", prosody.address, tracked=False)
-    await bob.join(room, "Bob")
+    room, bob = await room_with_bob(prosody, clients)
     alice = await clients("alice", proxy.address, allow_resume=False)
     await alice.join(room, "Alice")
     await end_the_session_offline(alice, proxy)
@@ -312,9 +316,7 @@ async def test_room_messages_wait_for_the_rejoin_after_a_fresh_session(
 async def test_a_join_lost_with_its_session_holds_room_messages_until_it_is_redone(
     prosody: ProsodyServer, proxy: FaultProxy, clients: Any
 ) -> None:
-    room = room_jid(prosody)
-    bob = await clients("bob", prosody.address, tracked=False)
-    await bob.join(room, "Bob")
+    room, bob = await room_with_bob(prosody, clients)
     alice = await clients("alice", proxy.address, allow_resume=False)
     proxy.blackhole()
     alice.xmpp.plugin["xep_0045"].join_muc(slixmpp.JID(room), "Alice")  # never arrives
@@ -375,9 +377,7 @@ async def test_removed_by_a_shutdown_or_a_technical_error_the_app_is_expected_ba
 ) -> None:
     # 332 (the service shuts down) and 333 (removed for a technical reason) end our
     # occupancy before the session ends; unlike a kick, the app will join again.
-    room = room_jid(prosody)
-    bob = await clients("bob", prosody.address, tracked=False)
-    await bob.join(room, "Bob")
+    room, bob = await room_with_bob(prosody, clients)
     alice = await clients("alice", proxy.address, allow_resume=False)
     await alice.join(room, "Alice")
     removed = (
