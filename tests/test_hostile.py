@@ -1242,3 +1242,14 @@ async def test_inject_and_rewrite_speak_for_one_end_of_the_link() -> None:
         writer.close()
     server.close()
     await server.wait_closed()
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("room_rejoin_wait", -1), ("room_rejoin_wait", "10"), ("room_rejoin_wait", float("nan"))],
+)
+def test_a_bad_setting_is_refused_when_the_plugin_is_registered(key: str, value: object) -> None:
+    xmpp = slixmpp.ClientXMPP("alice@localhost/bad", "pass")
+    xmpp.register_plugin("xep_0198")
+    with pytest.raises(ValueError, match=key):
+        xmpp.register_plugin("sm_tracker", pconfig={key: value})

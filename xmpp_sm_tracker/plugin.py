@@ -178,6 +178,9 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         self.ack_clock = AckClock(
             AckPolicy(every=self.ack_every, delay=self.ack_delay, timeout=self.ack_timeout)
         )
+        wait = self.room_rejoin_wait
+        if isinstance(wait, bool) or not isinstance(wait, int | float) or not wait >= 0:
+            raise ValueError(f"room_rejoin_wait must be a number of seconds >= 0, not {wait!r}")
         #: pyee emitter with the same events, names, payloads and order as the slixmpp bus.
         self.events = TrackerEvents()
         self.events.add_listener("error", self._log_listener_error)
