@@ -275,6 +275,13 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         self._cancel_timers()
         self.resender.cancel()
         self._restore_xep_0198()
+        # What waited for a rejoin or a resend is no longer ours to hold: slixmpp sends
+        # it (untracked from now on) rather than nobody.
+        held = [stanza for stanzas in self._room_held.values() for stanza in stanzas]
+        self._room_held.clear()
+        for stanza in [*held, *self.resender.take_held()]:
+            if id(stanza) not in self._withheld_copies:
+                self._original_send(stanza)
 
     def _displace_xep_0198(self) -> None:
         """Unhook xep_0198's handlers, filters and feature: the tracker does its job."""
@@ -640,14 +647,45 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             self._record_written(message_id, written)
         self._room_held.setdefault(room, []).append(stanza)
         self._parked[message_id] = stanza  # it goes out later, like one slixmpp parks
+        self.resender.not_attempted_yet(message_id)  # no attempt timeout while it waits
         return True
 
     def _release_room(self, room: str) -> None:
         """The app is in ``room`` again: what waited for it goes out, in order."""
-        for stanza in self._room_held.pop(room, ()):
-            self._hand_over(stanza)
+        held = self._room_held.pop(room, ())
         if not self.core.rejoining:
             self._cancel_rejoin_timer()
+        for stanza in held:
+            self._send_held(stanza)
+
+    def _send_held(self, stanza: StanzaBase) -> None:
+        """Write a held message now, counted as it is written. It is older than anything
+        queued for the room since (queued, those would overtake it), and it has passed
+        every outgoing filter up to ours already (queued, they would run twice)."""
+        message_id = stanza.xml.get("id", "")
+        record = self.core.records.get(message_id)
+        if record is not None and self.resender.hold(record, stanza):
+            return  # older messages to the room are being resent: it goes after them
+        if self.xmpp.transport is None or not self._we_write_last():
+            self._parked.pop(message_id, None)  # slixmpp parks it again if it must
+            self._hand_over(stanza)
+            return
+        out = self._count_outgoing(stanza)
+        if out is None:
+            return
+        if not isinstance(out, str):
+            out = tostring(out.xml, xmlns=self.xmpp.default_ns, stream=self.xmpp, top_level=True)
+        self.xmpp.send_raw(out)
+        record = self.core.records.get(message_id)
+        if record is not None and self.core.retry_policy is not None:
+            self.resender.on_record(record)  # its attempt starts now
+
+    def _drop_held(self, room: str) -> None:
+        """We left ``room`` for good: its held messages failed with it; their copies must
+        not go out by themselves (resend() sends them again)."""
+        for stanza in self._room_held.pop(room, ()):
+            self._withheld_copies.discard(id(stanza))
+            self._parked.pop(stanza.xml.get("id", ""), None)
 
     def _wait_for_rejoins(self) -> None:
         """A session is live: give the app room_rejoin_wait seconds to be back in the
@@ -976,8 +1014,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         rejoin = bool(codes & {"332", "333"})
         self._dispatch(self.core.left_room(room, reason, rejoin=rejoin))
         self.sm.changed()  # the saved state must not bring this room back
-        if room in self._room_held:
-            self._release_room(room)  # the app left it for good: they bounce or fail
+        self._drop_held(room)
 
     def _joined(self, room: str, nick: str) -> None:
         """We are ``nick`` in ``room``; the saved state learns it too, since a resumed

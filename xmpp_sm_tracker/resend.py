@@ -186,6 +186,19 @@ class Resender:
         elif not record.in_flight:
             self._disarm(record.id)
 
+    def not_attempted_yet(self, message_id: str) -> None:
+        """The message waits before the wire (a room not rejoined yet): its attempt
+        timeout starts when it is written, not now."""
+        handle = self._timers.pop(message_id, None)
+        if handle is not None:
+            handle.cancel()
+
+    def take_held(self) -> list[Message]:
+        """Every message held behind a resend, oldest first (the plugin is ending)."""
+        held = [message for messages in self._held.values() for message in messages]
+        self._held.clear()
+        return held
+
     def _disarm(self, message_id: str) -> None:
         """No timer for a settled record; a retry it held a gate for lets it go."""
         handle = self._timers.pop(message_id, None)
