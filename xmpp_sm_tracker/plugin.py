@@ -647,7 +647,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             self._record_written(message_id, written)
         self._room_held.setdefault(room, []).append(stanza)
         self._parked[message_id] = stanza  # it goes out later, like one slixmpp parks
-        self.resender.not_attempted_yet(message_id)  # no attempt timeout while it waits
+        self.resender.cancel_timer(message_id)  # its attempt starts when it is written
         return True
 
     def _release_room(self, room: str) -> None:
@@ -692,7 +692,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         rooms of the ended session."""
         self._cancel_rejoin_timer()
         wait = self.room_rejoin_wait
-        if self.core.rejoining and wait and wait > 0:
+        if self.core.rejoining and wait > 0:
             log.info(
                 "messages to %s wait until the app is back in them (at most %gs)",
                 ", ".join(sorted(self.core.rejoining)),

@@ -186,9 +186,9 @@ class Resender:
         elif not record.in_flight:
             self._disarm(record.id)
 
-    def not_attempted_yet(self, message_id: str) -> None:
-        """The message waits before the wire (a room not rejoined yet): its attempt
-        timeout starts when it is written, not now."""
+    def cancel_timer(self, message_id: str) -> None:
+        """Stop the message's attempt timeout or retry timer (a message held before
+        the wire starts its attempt when it is written)."""
         handle = self._timers.pop(message_id, None)
         if handle is not None:
             handle.cancel()
@@ -201,9 +201,7 @@ class Resender:
 
     def _disarm(self, message_id: str) -> None:
         """No timer for a settled record; a retry it held a gate for lets it go."""
-        handle = self._timers.pop(message_id, None)
-        if handle is not None:
-            handle.cancel()
+        self.cancel_timer(message_id)
         conversation = self._scheduled.pop(message_id, None)
         if conversation is not None:
             self._open_gate([conversation])

@@ -458,8 +458,7 @@ class Tracker(Generic[P]):
         session.sm_id = None
         session.resumable = False
         session.restored = False
-        self.rejoining.update(session.joining)
-        self.rejoining.update(session.rooms)
+        self._rooms_to_rejoin()
         session.rooms, session.joining = {}, {}  # a new session is in no room yet
         return self._fate(left, _S.FAILED, reason=FailureReason.SESSION_ENDED)
 
@@ -644,7 +643,11 @@ class Tracker(Generic[P]):
         record = self.records.get(message_id)
         return record.created_at if record is not None else 0.0
 
-    def _forget_session(self) -> None:
+    def _rooms_to_rejoin(self) -> None:
+        """The session's rooms (and pending joins) end with it: the app joins them again."""
         self.rejoining.update(self.session.joining)
         self.rejoining.update(self.session.rooms)
+
+    def _forget_session(self) -> None:
+        self._rooms_to_rejoin()
         self.session = SessionFacts()
