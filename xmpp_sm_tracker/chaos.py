@@ -689,9 +689,16 @@ async def _sender_main(config: dict[str, Any]) -> None:
 
     loop.run_in_executor(None, read_commands)
     life = config["life"]
+    known_room = False
     for n in range(config["start"], schedule.messages):
         kind = schedule.target(n)
         to = room if kind == "groupchat" else bob
+        if kind == "groupchat" and not known_room:
+            # An app sends to a room once it has been in it: a message to a room it never
+            # joined bounces, and says nothing about the tracker. From then on, joins
+            # lost to faults are the tracker's business (it holds messages for them).
+            await _until_known(tracker, room, timeout=10.0)
+            known_room = True
         body = f"chaos {schedule.seed} life {life} #{n}"
         try:
             record = await tracker.send_message(to, body, mtype=kind)
@@ -722,6 +729,18 @@ async def _sender_main(config: dict[str, Any]) -> None:
     await store.aclose()
     print("BYE", flush=True)
     os._exit(0)  # the stdin reader thread would keep the interpreter alive
+
+
+async def _until_known(tracker: SMTracker, room: str, timeout: float) -> None:
+    """Wait until the session is in ``room``, or knows it must rejoin it (from a saved
+    state or an ended session); gives up after ``timeout`` seconds."""
+    core = tracker.core
+    deadline = asyncio.get_running_loop().time() + timeout
+    while core.nick_in(room) is None and room not in core.rejoining:
+        if asyncio.get_running_loop().time() > deadline:
+            print(f"not in {room} after {timeout:g}s: sending anyway", file=sys.stderr)
+            return
+        await asyncio.sleep(0.05)
 
 
 def _log_event(name: str) -> Callable[[TrackedMessage], None]:
