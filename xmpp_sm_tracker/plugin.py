@@ -212,6 +212,8 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         self._reconnect_timer: asyncio.TimerHandle | None = None
         self._negotiation_timer: asyncio.TimerHandle | None = None
         self._reconnect_attempt = 0
+        #: The app asked to reconnect (xmpp.reconnect): the next drop reconnects at once.
+        self._reconnect_now = False
         self._late_tasks: set[asyncio.Future[None]] = set()
 
         self.resender = Resender(self)
@@ -238,6 +240,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             ("stanza_not_sent", self._on_stanza_not_sent),
             ("session_end", self._on_session_end),
             ("disconnected", self._on_disconnected),
+            ("stream_error", self._on_stream_error),
         )
         for event, handler in self._event_handlers:
             xmpp.add_event_handler(event, handler)
@@ -245,11 +248,14 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             xmpp.register_feature("sm", self._handle_sm_feature, restart=True, order=order)
 
         # slixmpp offers no hook at send time for stanzas that will not pass the
-        # filters yet, nor a way to end an SM session cleanly: wrap both.
+        # filters yet, nor a way to end an SM session cleanly, and its reconnect()
+        # closes the stream (which ends the session on the server): wrap all three.
         self._original_send = xmpp.send
         self._original_disconnect = xmpp.disconnect
+        self._original_reconnect = xmpp.reconnect
         xmpp.send = self._send
         xmpp.disconnect = self._disconnect
+        xmpp.reconnect = self._reconnect_requested
         # Whether other filters may rewrite messages is asked per message: cache it,
         # and forget it whenever the filters change.
         self._filter_facts_cache: tuple[bool, bool] | None = None
@@ -262,6 +268,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         xmpp = self.xmpp
         xmpp.send = self._original_send
         xmpp.disconnect = self._original_disconnect
+        xmpp.reconnect = self._original_reconnect
         xmpp.add_filter = self._original_add_filter
         xmpp.del_filter = self._original_del_filter
         for order in (self._xep.resume_order, self._xep.order):
@@ -760,12 +767,16 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
                 if unwritten is not None and unwritten is stanza:
                     del self._unwritten[message_id]
                     written = tostring(unwritten.xml, top_level=True)
-        if message_id is not None and self.xmpp.transport is None and not self._session_live:
-            # The link dropped while it waited in slixmpp's send queue, which would fail
-            # to write it and forget it: park it for the next session instead, as if it
-            # had been sent offline (hibernated, it goes out after resumption).
+        if core.session.resuming or (
+            message_id is not None and self.xmpp.transport is None and not self._session_live
+        ):
+            # Written between <resume/> and <resumed/>, any stanza would be counted
+            # before the resends and then again among them (Smack #185). And a message
+            # whose link dropped while it waited in slixmpp's send queue would be
+            # written into nothing and forgotten. Either way: park it for the session
+            # start, as if it had been sent offline (it goes out after the resends).
             if written is not None:
-                self._record_written(message_id, written)
+                self._record_written(message_id, written)  # type: ignore[arg-type]
             self._original_send(stanza)
             return None
         if (
@@ -1248,8 +1259,28 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         if self._closing:
             return
         self._dispatch(self.core.link_lost())
-        if self.auto_reconnect:
+        if self._reconnect_now:
+            self._reconnect_now = False  # asked for by the app: at once, whatever the config
+            self._cancel(self._reconnect_timer)
+            self._reconnect_timer = self.xmpp.loop.call_later(0, self._reconnect)
+        elif self.auto_reconnect:
             self._schedule_reconnect()
+
+    def _on_stream_error(self, error: Any) -> None:
+        """A stream error answering ``<resume/>``: that session will not come back.
+
+        Asking again would meet the same error on every reconnect (aioxmpp #382): the
+        SM state is dropped instead, what it did not confirm fails ``resume-failed``,
+        and the next connection starts a fresh session.
+        """
+        if not self.core.session.resuming:
+            return  # any other stream error: the link drops, resumption is tried
+        condition = error["condition"] if error is not None else None
+        log.warning("stream error %r answered <resume/>: dropping the SM state", condition)
+        self._dispatch(self.core.resume_failed(None))
+        self.xmpp.features.discard("stream_management")
+        self.sm.changed(urgent=True)
+        self.xmpp.event("session_end")
 
     def _on_session_end(self, _event: Any) -> None:
         """The SM session is over for good: nothing unacked can be confirmed any more."""
@@ -1272,6 +1303,21 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         )
         self._reconnect_attempt += 1
         self._reconnect_timer = self.xmpp.loop.call_later(delay, self._reconnect)
+
+    def _reconnect_requested(self, wait: float = 2.0, reason: str = "Reconnecting") -> None:
+        """``xmpp.reconnect`` as wrapped: a resumable session is resumed, not ended.
+
+        slixmpp's reconnect closes the stream first, and a closed stream cannot be
+        resumed: what was unacked would fail. Apps call it on a network change and
+        ``xep_0199`` on a ping timeout, so the link is dropped and resumed instead.
+        """
+        if not self.core.session.can_resume or self.xmpp.transport is None:
+            self._original_reconnect(wait, reason)
+            return
+        log.info("%s: dropping the link to resume the session", reason)
+        self._reconnect_attempt = 0
+        self._reconnect_now = True
+        self.xmpp.abort()
 
     def _reconnect(self) -> None:
         self._reconnect_timer = None

@@ -1,0 +1,97 @@
+"""Ways a session can end or go on that slixmpp gets wrong, live through a FaultProxy.
+
+Each was found by reading the plugin against XEP-0198 and the bug reports of other
+libraries (docs/reliability.md): a stream error answering ``<resume/>`` (aioxmpp #382,
+a reconnect loop), and ``xmpp.reconnect()`` (what an app calls on a network change
+and what ``xep_0199`` calls on a ping timeout), which closes the stream gracefully
+and so ends a session that could simply have been resumed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from xmpp_sm_tracker.testing import FaultProxy, ProsodyServer
+from xmpp_sm_tracker.testing.client import ClientPool, wait_for
+
+FAST = {"reconnect_delay": 0.1, "reconnect_max_delay": 1.0, "ack_delay": 0.05}
+STREAM_ERROR = (
+    b"<stream:error><undefined-condition xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>"
+    b"</stream:error></stream:stream>"
+)
+
+
+async def test_a_stream_error_answering_resume_ends_the_session_instead_of_looping(
+    prosody: ProsodyServer,
+    proxy: FaultProxy,
+    clients: ClientPool,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    bob = await clients("bob", prosody.address, tracked=False)
+    alice = await clients("alice", proxy.address, **FAST)
+    first_stream = alice.tracker.core.session.sm_id
+    connections: list[object] = []
+    alice.xmpp.add_event_handler("connected", connections.append)
+    proxy.blackhole()
+    ids = [alice.send("bob@localhost", f"into the hole {i}") for i in range(3)]
+    await wait_for(lambda: alice.on_wire(ids))
+    proxy.heal()
+    proxy.rewrite(rb"<resumed [^>]*/>", STREAM_ERROR)  # every resumption is refused so
+    proxy.cut()
+
+    await wait_for(lambda: alice.log.count("message:failed") == 3, timeout=15)
+    assert {alice.records[i].reason for i in ids} == {"resume-failed"}
+    assert "stream error" in caplog.text
+    await wait_for(lambda: alice.tracker.session_live, timeout=10)
+    session = alice.tracker.core.session
+    assert session.sm_id not in (None, first_stream)  # a fresh stream, not a loop
+    made = len(connections)
+    await asyncio.sleep(1.5)
+    assert len(connections) == made, "it kept reconnecting"
+    assert [r.id for r in await alice.tracker.failed()] == ids
+    later = alice.send("bob@localhost", "on the fresh stream")
+    await wait_for(lambda: alice.log.names_for(later)[-1:] == ["message:acked"])
+    await wait_for(lambda: "on the fresh stream" in bob.received.bodies)
+    assert not any(body.startswith("into the hole") for body in bob.received.bodies)
+
+
+async def test_reconnect_resumes_the_session_instead_of_ending_it(
+    prosody: ProsodyServer, proxy: FaultProxy, clients: ClientPool
+) -> None:
+    bob = await clients("bob", prosody.address, tracked=False)
+    alice = await clients("alice", proxy.address, **FAST)
+    stream = alice.tracker.core.session.sm_id
+    proxy.blackhole()
+    ids = [alice.send("bob@localhost", f"before the switch {i}") for i in range(3)]
+    await wait_for(lambda: alice.on_wire(ids))
+    proxy.heal()
+
+    alice.xmpp.reconnect(0.0)  # as xep_0199 does on a ping timeout
+
+    await wait_for(lambda: alice.log.count("message:acked") == 3, timeout=15)
+    for message_id in ids:
+        assert alice.log.names_for(message_id) == [
+            "message:sent",
+            "message:hibernated",
+            "message:resent",
+            "message:acked",
+        ]
+    assert alice.tracker.core.session.sm_id == stream
+    await wait_for(lambda: len(bob.received.bodies) == 3)
+    assert bob.received.bodies == [f"before the switch {i}" for i in range(3)]
+
+
+async def test_reconnect_without_a_resumable_session_still_reconnects(
+    prosody: ProsodyServer, proxy: FaultProxy, clients: ClientPool
+) -> None:
+    alice = await clients("alice", proxy.address, allow_resume=False, **FAST)
+    connections: list[object] = []
+    alice.xmpp.add_event_handler("session_start", connections.append)
+
+    alice.xmpp.reconnect(0.0)
+
+    await wait_for(lambda: len(connections) == 1, timeout=15)
+    later = alice.send("bob@localhost", "after a plain reconnect")
+    await wait_for(lambda: alice.log.names_for(later)[-1:] == ["message:acked"])

@@ -1,0 +1,119 @@
+"""Races around resumption, driven through the real plugin over a transport that only
+records what is written: which stanza reaches the outgoing filter in which event-loop
+turn is what matters here, and a live server cannot pin that."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest_asyncio
+import slixmpp
+from slixmpp.plugins.xep_0198 import stanza as sm_stanza
+from slixmpp.xmlstream import ET
+
+from xmpp_sm_tracker import DeliveryState, SMTracker
+
+SM_NS = "urn:xmpp:sm:3"
+
+
+class RecordingTransport:
+    """Stands in for the socket: keeps every write."""
+
+    def __init__(self) -> None:
+        self.out: list[str] = []
+
+    def write(self, data: bytes) -> None:
+        self.out.append(data.decode())
+
+    def get_extra_info(self, *_args: Any, **_kwargs: Any) -> None:
+        return None
+
+    def bodies(self) -> list[str]:
+        found = (re.search(r"<body>(.*?)</body>", data) for data in self.out)
+        return [match.group(1) for match in found if match is not None]
+
+
+class Client:
+    """alice with a live, resumable SM session over a recording transport."""
+
+    def __init__(self) -> None:
+        self.xmpp = slixmpp.ClientXMPP("alice@localhost/r", "pass")
+        self.xmpp.register_plugin("xep_0198")
+        self.xmpp.register_plugin("sm_tracker", pconfig={"auto_reconnect": False})
+        self.tracker: SMTracker = self.xmpp.plugin["sm_tracker"]
+        self.transport = RecordingTransport()
+        self.xmpp.transport = self.transport
+        self.xmpp._session_started = True
+        self.tracker._session_live = True
+        self.tracker._on_outgoing(sm_stanza.Enable(self.xmpp))
+        self.tracker.core.enabled(
+            "sm-1", resumable=True, location=None, max=None, jid="alice@localhost/r"
+        )
+        self.sender = asyncio.ensure_future(self.xmpp.run_filters())
+
+    def message(self, body: str) -> slixmpp.Message:
+        return self.xmpp.make_message(mto="bob@localhost", mbody=body, mtype="chat")
+
+    def drop_and_reconnect(self) -> RecordingTransport:
+        """The link drops; a new connection is up and ``<resume/>`` went out on it."""
+        self.xmpp.transport = None
+        self.xmpp.event("disconnected", "cut")
+        self.transport = RecordingTransport()
+        self.xmpp.transport = self.transport
+        self.tracker._on_outgoing(sm_stanza.Resume(self.xmpp))
+        return self.transport
+
+    def server_says(self, xml: str) -> None:
+        element = ET.fromstring(xml)
+        if element.tag == f"{{{SM_NS}}}resumed":
+            self.tracker._on_resumed(sm_stanza.Resumed(self.xmpp, xml=element))
+        else:
+            self.tracker._on_ack(sm_stanza.Ack(self.xmpp, xml=element))
+
+    async def turns(self, n: int = 50) -> None:
+        for _ in range(n):
+            await asyncio.sleep(0)
+
+    async def aclose(self) -> None:
+        self.sender.cancel()
+        await asyncio.gather(self.sender, return_exceptions=True)
+        self.tracker._cancel_timers()
+        self.tracker.resender.cancel()
+
+
+@pytest_asyncio.fixture
+async def alice() -> AsyncIterator[Client]:
+    client = Client()
+    yield client
+    await client.aclose()
+
+
+async def test_a_stanza_reaching_the_wire_while_resuming_waits_for_resumed(
+    alice: Client,
+) -> None:
+    # Smack #185: a stanza written between <resume/> and <resumed/> is counted before
+    # the resends, then once more among them; the server's next <a/> is "too high".
+    first = alice.message("on the wire before the cut")
+    first.send()
+    await alice.turns()
+    late = alice.message("queued before the cut, written after it")
+    wire = alice.drop_and_reconnect()
+    alice.xmpp.waiting_queue.put_nowait((late, True))  # slixmpp's queue gets to it now
+    await alice.turns()
+    assert wire.bodies() == []  # not before <resumed/>
+
+    alice.server_says(f"<resumed xmlns='{SM_NS}' previd='sm-1' h='0'/>")
+    await alice.turns()
+    assert wire.bodies() == [
+        "on the wire before the cut",
+        "queued before the cut, written after it",
+    ]
+    alice.server_says(f"<a xmlns='{SM_NS}' h='2'/>")
+    core = alice.tracker.core
+    assert core.session.sm_id == "sm-1" and len(core.ledger) == 0
+    for message in (first, late):
+        record = alice.tracker.core.get(message["id"])
+        assert record is None or record.state is DeliveryState.ACKED
