@@ -45,6 +45,15 @@ def test_reflection_is_found_by_origin_id_then_id_then_body() -> None:
     assert tracker.find_reflected("other@muc.example", "o-g1", "g1", "body of g1") is None
 
 
+def test_a_foreign_origin_id_or_a_history_copy_is_never_matched_by_body() -> None:
+    # profanity #1544, Conversations #3905: our nick can be another client of ours (the
+    # same nick on another device), or the room's history: an equal body proves nothing.
+    tracker = tracker_with_room_messages("g1")
+    assert tracker.find_reflected(ROOM, "someone-elses", "other-id", "body of g1") is None
+    assert tracker.find_reflected(ROOM, None, "other-id", "body of g1", history=True) is None
+    assert tracker.find_reflected(ROOM, "o-g1", "other-id", "body of g1", history=True) == "g1"
+
+
 def test_a_reflected_message_is_not_matched_twice() -> None:
     tracker = tracker_with_room_messages("g1")
     tracker.room_received("g1")

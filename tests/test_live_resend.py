@@ -187,8 +187,9 @@ async def test_a_cancel_bounce_is_never_retried(server: ProsodyServer, parties: 
     assert record.attempts == 1
 
 
+@pytest.mark.parametrize("durable", [False, True], ids=["send", "send_message"])
 async def test_new_messages_wait_behind_a_resend_of_the_same_conversation(
-    server: ProsodyServer, parties: Any
+    server: ProsodyServer, parties: Any, durable: bool
 ) -> None:
     async with FaultProxy(server.host, server.c2s_port) as proxy:
         bob = await parties("bob", server.address)
@@ -199,7 +200,10 @@ async def test_new_messages_wait_behind_a_resend_of_the_same_conversation(
 
         resending = asyncio.ensure_future(alice.tracker.resend_failed())
         await asyncio.sleep(0)  # the archive check is running: the conversation is held
-        alice.send("bob@localhost", "new")
+        if durable:
+            await alice.tracker.send_message("bob@localhost", "new")
+        else:
+            alice.send("bob@localhost", "new")
         await resending
         await wait_for(lambda: len(bob.received.bodies) == 4)
         assert bob.received.bodies == ["old 0", "old 1", "old 2", "new"]

@@ -111,7 +111,7 @@ async def test_sent_carbon_from_our_other_resource_is_tracked_via_carbon(
     record = first.records[message_id]
     assert record.via_carbon is True
     assert record.state is DeliveryState.ACKED
-    assert first.log.names_for(message_id) == ["message:sent"]
+    assert first.log.names_for(message_id) == ["message:sent", "message:acked"]
     assert record.body == "from my phone"
 
 

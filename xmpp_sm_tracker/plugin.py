@@ -400,7 +400,8 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         current = self.core.get(record.id)
         if current is None or not current.in_flight:
             return current or record  # the session ended meanwhile: it failed, unsent
-        self._hand_over(message)
+        if not self.resender.hold(current, message):  # behind older ones being resent
+            self._hand_over(message)
         return current
 
     async def resend(self, message_id: str) -> TrackedMessage:
@@ -962,6 +963,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             origin.get("id") if origin is not None else None,
             xml.get("id"),
             body.text if body is not None else None,
+            history=xml.find(f"{{{DELAY_NS}}}delay") is not None,
         )
         if message_id is not None:
             self._dispatch(self.core.room_received(message_id))

@@ -195,10 +195,10 @@ class Tracker(Generic[P]):
         ``hibernated``: it will go out after resumption.
         """
         now = self.clock()
-        if message.via_carbon:
-            record = self._new_record(message, _S.ACKED, now)
-            return [Event(MESSAGE_EVENT[_S.SENT], record)]
         record = self._new_record(message, _S.SENT, now)
+        if message.via_carbon:  # the server sent the carbon: it has the message
+            acked = record.moved(_S.ACKED, now)
+            return [Event(MESSAGE_EVENT[_S.SENT], record), Event(MESSAGE_EVENT[_S.ACKED], acked)]
         self.records[record.id] = record
         events = [Event(MESSAGE_EVENT[_S.SENT], record)]
         if not link_up and self.session.can_resume:
@@ -318,11 +318,21 @@ class Tracker(Generic[P]):
         self.records.setdefault(record.id, record)
 
     def find_reflected(
-        self, room: str, origin_id: str | None, stanza_id: str | None, body: str | None
+        self,
+        room: str,
+        origin_id: str | None,
+        stanza_id: str | None,
+        body: str | None,
+        *,
+        history: bool = False,
     ) -> str | None:
         """Which of our groupchat messages to ``room`` a reflection is: by origin-id,
         then id, then (for rooms that rewrite both) the oldest unreflected one with
-        the same body."""
+        the same body.
+
+        Not by body when the reflection carries an origin-id of somebody else (our
+        nick on another client) or is the room's ``history`` (an old equal body).
+        """
         candidates = [
             r
             for r in self.records.values()
@@ -335,7 +345,7 @@ class Tracker(Generic[P]):
                 for record in candidates:
                     if getattr(record, key) == wanted:
                         return record.id
-        if body:
+        if body and origin_id is None and not history:
             same_body = [r for r in candidates if r.body == body]
             if same_body:
                 return min(same_body, key=lambda r: r.created_at).id
