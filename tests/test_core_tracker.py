@@ -492,6 +492,48 @@ def test_failed_record_can_be_resent_explicitly(tracker: Tracker[Stanza], clock:
         tracker.resend(events[0].payload)  # type: ignore[arg-type]
 
 
+def test_a_late_ack_upgrades_a_message_its_attempt_timeout_failed(
+    tracker: Tracker[Stanza],
+) -> None:
+    # The retry policy gave up waiting, but the copy on the wire can still be acked:
+    # then it is ACKED (FAILED -> ACKED is in the table), and is not retried twice.
+    send_all(tracker, "m1", "m2")
+    assert show(tracker.timed_out("m1")) == [("message:failed", "m1", "ack-timeout", 1, 1)]
+    assert show(tracker.ack(1)) == [
+        ("stanza:acked", "m1"),
+        ("message:acked", "m1", None, 1, 1),
+    ]
+    assert "m1" not in tracker.records
+
+
+def test_a_message_failed_by_its_attempt_timeout_offline_is_acked_by_resumed_h(
+    tracker: Tracker[Stanza],
+) -> None:
+    send_all(tracker, "m1", "m2")
+    tracker.link_lost()
+    assert [e.name for e in tracker.timed_out("m1")] == ["message:failed"]
+    assert [e.name for e in tracker.timed_out("m2")] == ["message:failed"]
+    tracker.resume_sent()
+    events, resend = tracker.resumed(1)  # the server had m1, not m2
+    assert show(events) == [
+        ("stanza:acked", "m1"),
+        ("message:acked", "m1", None, 1, 1),
+        ("stanza:resent", "m2"),
+        ("message:resent", "m2", None, 2, 2),
+    ]
+    assert [entry.message_id for entry in resend] == ["m2"]
+    assert show(tracker.ack(2)) == [("stanza:acked", "m2"), ("message:acked", "m2", None, 2, 2)]
+
+
+def test_a_message_failed_by_its_attempt_timeout_leaves_memory_when_the_session_ends(
+    tracker: Tracker[Stanza],
+) -> None:
+    send_all(tracker, "m1")
+    tracker.timed_out("m1")
+    assert show(tracker.session_ended()) == [("stanza:failed", "m1")]  # no second failure
+    assert tracker.records == {}
+
+
 # ---------------------------------------------------------------- session end
 
 

@@ -174,6 +174,37 @@ async def test_retry_policy_delivers_once_the_link_is_back_in_time(
         assert bob.received.counts["patience"] == 1
 
 
+async def test_an_ack_after_the_attempt_timeout_settles_the_message_without_a_retry(
+    server: ProsodyServer, parties: Any
+) -> None:
+    # The copy on the wire outlived its attempt timeout in a stalled link; the server
+    # gets it when the link heals. Its ack must count: resending would duplicate it.
+    policy = RetryPolicy(max_attempts=3, delay=1.5, attempt_timeout=0.5)
+    async with FaultProxy(server.host, server.c2s_port) as proxy:
+        bob = await parties("bob", server.address)
+        alice = await parties(
+            "alice",
+            proxy.address,
+            retry_policy=policy,
+            ack_timeout=60.0,
+            reconcile_with_archive=False,  # the ack alone must settle it
+        )
+        proxy.stall()
+        message_id = alice.send("bob@localhost", "slow but there")
+        await wait_for(lambda: alice.log.count("message:failed") == 1, timeout=10)
+        assert alice.records[message_id].reason == "ack-timeout"
+        proxy.heal()
+
+        await wait_for(lambda: alice.log.count("message:acked") == 1, timeout=10)
+        await asyncio.sleep(2.0)  # past the retry's delay
+        assert alice.log.names_for(message_id) == [
+            "message:sent",
+            "message:failed",
+            "message:acked",
+        ]
+        assert bob.received.counts["slow but there"] == 1
+
+
 async def test_a_cancel_bounce_is_never_retried(server: ProsodyServer, parties: Any) -> None:
     policy = RetryPolicy(max_attempts=5, delay=0.05)
     alice = await parties("alice", server.address, retry_policy=policy)

@@ -110,6 +110,9 @@ class Tracker(Generic[P]):
         self.withheld: set[str] = set()
         #: In-flight records taken over from a previous process, not settled yet.
         self._adopted: set[str] = set()
+        #: Failed by their attempt timeout while a copy is still on the wire: kept
+        #: until the stream answers for that copy, so a late ack still counts.
+        self._late_ack_possible: set[str] = set()
         #: Rooms an ended session was in, with our nick there: the next session is in
         #: none of them until the app joins again, and a message sent there before
         #: that would bounce. Emptied room by room as the app rejoins.
@@ -146,7 +149,7 @@ class Tracker(Generic[P]):
             return None
         state = next_state(record.state, signal)
         if state is None:
-            if self._settled(record):
+            if self._settled(record) and message_id not in self._late_ack_possible:
                 del self.records[message_id]  # a reinstated record goes back out
             return None
         if state is _S.RESENT and attempts is None:
@@ -157,7 +160,9 @@ class Tracker(Generic[P]):
         policy = self.retry_policy
         if state is _S.FAILED and policy is not None and policy.exhausted(moved):
             moved = moved.moved(state, moved.updated_at, reason=FailureReason.RETRIES_EXHAUSTED)
-        if self._settled(moved):
+        if state is not _S.FAILED:
+            self._late_ack_possible.discard(message_id)
+        if self._settled(moved) and message_id not in self._late_ack_possible:
             del self.records[message_id]
         else:
             self.records[message_id] = moved
@@ -179,8 +184,11 @@ class Tracker(Generic[P]):
         """Events for ledger entries that all met the same fate, stanza event first."""
         stanza_event = _STANZA_EVENT[state]
         events: list[Event] = []
+        late = self._late_ack_possible
         for entry in entries:
             events.append(Event(stanza_event, entry.payload))
+            if late and state is _S.FAILED:
+                late.discard(entry.message_id)  # type: ignore[arg-type]
             message_event = self._move(entry.message_id, state, reason=reason)
             if message_event is not None:
                 events.append(message_event)
@@ -397,6 +405,8 @@ class Tracker(Generic[P]):
         record = self.records.get(message_id)
         if record is None or not record.in_flight:
             return []
+        if record.seq is not None:
+            self._late_ack_possible.add(message_id)  # kept by _move
         moved = self._move(message_id, _S.FAILED, reason=FailureReason.ACK_TIMEOUT)
         if moved is None:
             return []
