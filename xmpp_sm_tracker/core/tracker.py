@@ -188,7 +188,7 @@ class Tracker(Generic[P]):
         for entry in entries:
             events.append(Event(stanza_event, entry.payload))
             if late and state is _S.FAILED:
-                late.discard(entry.message_id)  # type: ignore[arg-type]
+                late.discard(entry.message_id)
             message_event = self._move(entry.message_id, state, reason=reason)
             if message_event is not None:
                 events.append(message_event)
