@@ -403,3 +403,29 @@ async def test_removed_by_a_shutdown_or_a_technical_error_the_app_is_expected_ba
     assert alice.log.count("message:failed") == 0
     await wait_for(lambda: f"after a {code}" in bob.received.counts)
     assert bob.received.counts[f"after a {code}"] == 1
+
+
+async def test_a_failed_room_message_the_history_shows_is_room_received_and_not_resent(
+    prosody: ProsodyServer, proxy: FaultProxy, clients: Any
+) -> None:
+    # Conversations #1245: the room has the message but its reflection never reached
+    # us and the resumption was refused, so it failed. The room's history on the next
+    # join shows it (same origin-id): it is there, and resending would duplicate it.
+    room, bob = await room_with_bob(prosody, clients)
+    alice = await clients("alice", proxy.address, ack_every=10**6, ack_delay=3600.0)
+    await alice.join(room, "Alice")
+    proxy.rewrite(rb"<message [^>]*type=['\"]groupchat['\"][^>]*>.*?</message>", b"")
+    message_id = alice.send(room, "the room has it, alice does not know", "groupchat")
+    await wait_for(lambda: "the room has it, alice does not know" in bob.received.bodies)
+    alice.tracker.core.session.sm_id = "not-a-stream-the-server-knows"  # refused, no h
+    proxy.heal()
+    proxy.cut()
+    await wait_for(lambda: alice.records[message_id].state is DeliveryState.FAILED, timeout=15)
+    await wait_for(lambda: alice.tracker.session_live, timeout=15)
+
+    await alice.xmpp.plugin["xep_0045"].join_muc_wait(slixmpp.JID(room), "Alice")  # + history
+
+    await wait_for(lambda: alice.records[message_id].state is DeliveryState.ROOM_RECEIVED)
+    assert await alice.tracker.resend_failed() == []
+    await asyncio.sleep(0.5)
+    assert bob.received.bodies.count("the room has it, alice does not know") == 1

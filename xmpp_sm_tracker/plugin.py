@@ -967,6 +967,21 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         )
         if message_id is not None:
             self._dispatch(self.core.room_received(message_id))
+            return
+        # Not one in memory: perhaps one that failed (its reflection was lost, the
+        # resumption refused) and that the room's history now shows. By its stable id
+        # only: the store is asked for it, so a resend does not duplicate it in the room.
+        wanted = origin.get("id") if origin is not None else xml.get("id")
+        if wanted:
+            self._late_signal(wanted, lambda mid: self._reflected_late(mid, room))
+
+    def _reflected_late(self, message_id: str, room: str) -> list[Event]:
+        record = self.core.get(message_id)
+        if record is None or record.type != "groupchat" or record.conversation != room:
+            if record is not None and not record.in_flight:
+                self.core.records.pop(message_id, None)  # fetched for nothing
+            return []
+        return self.core.room_received(message_id)
 
     def _read_sent_carbon(self, forwarded: ET.Element) -> None:
         inner = forwarded.find(f"{{{self.xmpp.default_ns}}}message")
