@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import sqlite3
 import stat
 import subprocess
@@ -670,6 +671,30 @@ async def test_enabled_with_an_out_of_range_location_port_is_ignored(
     proxy.cut()
     alice.ask_for_acks()
     await wait_for(lambda: alice.count("message:acked") == 1, timeout=5)
+
+
+async def test_a_location_that_does_not_answer_falls_back_to_the_address_we_were_given(
+    prosody: ProsodyServer, proxy: FaultProxy, clients: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A server may prefer another node for resumption; if that node is down the client
+    # must come back to the address the app gave, not knock on the dead one for ever.
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()[1]
+    proxy.rewrite(_ENABLED, f"<enabled location='127.0.0.1:{dead}' ".encode())
+    alice = await clients("alice", proxy.address, **SILENT)
+    assert alice.tracker.core.session.location == f"127.0.0.1:{dead}"
+    proxy.heal()
+    ids = [alice.send("bob@localhost", f"elsewhere {i}") for i in range(3)]
+    await wait_for(lambda: alice.on_wire(ids))
+    proxy.cut()
+    await wait_for(lambda: alice.count("message:hibernated") == 3)
+    alice.ask_for_acks()
+
+    await wait_for(lambda: alice.count("message:acked") == 3, timeout=10)
+    assert alice.count("message:failed") == 0
+    assert "does not answer" in caplog.text
+    assert alice.xmpp.custom_address == proxy.address
 
 
 @pytest.mark.parametrize("max_value", ["soon", "-5", "4294967296", ""])

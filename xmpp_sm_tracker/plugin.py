@@ -214,6 +214,11 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         self._reconnect_attempt = 0
         #: The app asked to reconnect (xmpp.reconnect): the next drop reconnects at once.
         self._reconnect_now = False
+        #: Where the app connected us (None: DNS), the ``<enabled location>`` we went
+        #: to instead, and one that did not answer (not tried again for that session).
+        self._app_address: tuple[str, int] | None = None
+        self._location_tried: tuple[str, int] | None = None
+        self._location_dead: tuple[str, int] | None = None
         self._late_tasks: set[asyncio.Future[None]] = set()
 
         self.resender = Resender(self)
@@ -241,6 +246,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             ("session_end", self._on_session_end),
             ("disconnected", self._on_disconnected),
             ("stream_error", self._on_stream_error),
+            ("connection_failed", self._on_connection_failed),
         )
         for event, handler in self._event_handlers:
             xmpp.add_event_handler(event, handler)
@@ -1165,6 +1171,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         self.xmpp.features.add("stream_management")
         resumable = xml.get("resume", "false").lower() in ("true", "1")
         location = xml.get("location")
+        self._location_dead = None  # a new session: its location gets a chance
         events = self.core.enabled(
             xml.get("id"),
             resumable=resumable and self.allow_resume,
@@ -1337,16 +1344,39 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         self.xmpp.abort()
 
     def _reconnect(self) -> None:
+        """Connect again: to the server's ``<enabled location>`` while it answers, else
+        to the address the app gave (slixmpp would keep the location for good)."""
         self._reconnect_timer = None
         xmpp = self.xmpp
         if self._closing or xmpp.transport is not None or xmpp.is_connecting():
             return
-        address = _parse_location(self.core.session.location) or xmpp.custom_address
+        if xmpp.custom_address != self._location_tried:
+            self._app_address = xmpp.custom_address  # the app's (None: DNS)
+        location = _parse_location(self.core.session.location)
+        if location is not None and location == self._location_dead:
+            location = None
+        self._location_tried = location
+        address = location or self._app_address
         log.info("reconnecting to %s", address or xmpp.boundjid.domain)
         if address:
             xmpp.connect(*address)
         else:
             xmpp.connect()
+
+    def _on_connection_failed(self, _error: Any) -> None:
+        """The server's preferred location did not answer: back to the app's address."""
+        tried, xmpp = self._location_tried, self.xmpp
+        if tried is None or xmpp.custom_address != tried:
+            return
+        log.warning(
+            "the server's resumption location %s:%s does not answer: back to %s",
+            *tried,
+            self._app_address or xmpp.boundjid.domain,
+        )
+        self._location_dead = tried
+        xmpp.cancel_connection_attempt()
+        self._cancel(self._reconnect_timer)
+        self._reconnect_timer = xmpp.loop.call_later(0, self._reconnect)
 
     def _disconnect(
         self, wait: float = 2.0, reason: str | None = None, ignore_send_queue: bool = False
