@@ -171,3 +171,39 @@ def test_reset_forgets_everything() -> None:
     assert not clock.request_due(100.0)
     assert not clock.counted(200.0)  # the window restarted from zero
     assert clock.counted(200.0)
+
+
+# ---------------------------------------------------------------- keepalive
+
+
+def test_keepalive_asks_when_the_server_has_been_silent_that_long() -> None:
+    # A link that died while idle is otherwise found only when the next message goes
+    # unacked, and by then the server may have dropped the session.
+    clock = AckClock(AckPolicy(timeout=5.0, keepalive=30.0))
+    assert clock.next_deadline() is None  # nothing heard yet: no session
+    clock.heard(100.0)
+    assert clock.next_deadline() == 130.0
+    assert not clock.keepalive_due(129.9)
+    clock.heard(120.0)  # any stanza from the server says the link is alive
+    assert not clock.keepalive_due(130.0)
+    assert clock.keepalive_due(150.0)
+    clock.request_sent(150.0)
+    assert not clock.keepalive_due(200.0)  # one question at a time
+    assert clock.next_deadline() == 155.0  # now the ack timeout runs
+    assert clock.link_dead(155.0)
+
+
+def test_keepalive_off_by_default_and_reset_forgets_what_was_heard() -> None:
+    quiet = AckClock(AckPolicy(timeout=5.0))
+    quiet.heard(0.0)
+    assert quiet.next_deadline() is None and not quiet.keepalive_due(1e9)
+    clock = AckClock(AckPolicy(keepalive=1.0))
+    clock.heard(0.0)
+    clock.reset()
+    assert clock.next_deadline() is None and not clock.keepalive_due(1e9)
+
+
+@pytest.mark.parametrize("keepalive", [0, -1.0, math.nan])
+def test_keepalive_must_be_positive(keepalive: float) -> None:
+    with pytest.raises(ValueError, match="keepalive"):
+        AckPolicy(keepalive=keepalive)

@@ -1271,7 +1271,13 @@ async def test_inject_and_rewrite_speak_for_one_end_of_the_link() -> None:
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("room_rejoin_wait", -1), ("room_rejoin_wait", "10"), ("room_rejoin_wait", float("nan"))],
+    [
+        ("room_rejoin_wait", -1),
+        ("room_rejoin_wait", "10"),
+        ("room_rejoin_wait", float("nan")),
+        ("ack_keepalive", 0),
+        ("ack_keepalive", -5.0),
+    ],
 )
 def test_a_bad_setting_is_refused_when_the_plugin_is_registered(key: str, value: object) -> None:
     xmpp = slixmpp.ClientXMPP("alice@localhost/bad", "pass")

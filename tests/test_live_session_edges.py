@@ -95,3 +95,27 @@ async def test_reconnect_without_a_resumable_session_still_reconnects(
     await wait_for(lambda: len(connections) == 1, timeout=15)
     later = alice.send("bob@localhost", "after a plain reconnect")
     await wait_for(lambda: alice.log.names_for(later)[-1:] == ["message:acked"])
+
+
+async def test_a_link_that_dies_while_idle_is_found_without_sending_anything(
+    prosody: ProsodyServer,
+    proxy: FaultProxy,
+    clients: ClientPool,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    bob = await clients("bob", prosody.address, tracked=False)
+    alice = await clients(
+        "alice", proxy.address, ack_keepalive=0.5, ack_timeout=1.0, negotiation_timeout=2.0, **FAST
+    )
+    stream = alice.tracker.core.session.sm_id
+    await asyncio.sleep(1.5)  # idle, healthy: the keepalive is answered
+    assert "presumed dead" not in caplog.text and alice.tracker.session_live
+    proxy.blackhole()  # the link dies silently: no FIN, no RST
+
+    await wait_for(lambda: "presumed dead" in caplog.text, timeout=5)
+    proxy.heal()
+    await wait_for(lambda: alice.tracker.session_live, timeout=15)
+    assert alice.tracker.core.session.sm_id == stream  # resumed, not started afresh
+    message_id = alice.send("bob@localhost", "after the silent death")
+    await wait_for(lambda: alice.log.names_for(message_id)[-1:] == ["message:acked"])
+    await wait_for(lambda: "after the silent death" in bob.received.bodies)

@@ -130,6 +130,9 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         "ack_delay": 0.2,
         #: Seconds an ``<r/>`` may stay unanswered before the link is declared dead.
         "ack_timeout": 15.0,
+        #: Ask for an ack when the server has been silent this many seconds (None: never),
+        #: so a link that died while idle is found before a message is written into it.
+        "ack_keepalive": 60.0,
         #: Reconnect (and resume) by itself after the link drops; never after disconnect().
         "auto_reconnect": True,
         #: Seconds before the first reconnect; doubled per attempt up to reconnect_max_delay.
@@ -175,9 +178,19 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
     def plugin_init(self) -> None:
         xmpp = self.xmpp
         self.core: Tracker[StanzaBase] = Tracker(clock=time.time)
-        self.ack_clock = AckClock(
-            AckPolicy(every=self.ack_every, delay=self.ack_delay, timeout=self.ack_timeout)
-        )
+        try:
+            policy = AckPolicy(
+                every=self.ack_every,
+                delay=self.ack_delay,
+                timeout=self.ack_timeout,
+                keepalive=self.ack_keepalive,
+            )
+        except (TypeError, ValueError) as exc:
+            message = str(exc)  # named as the user wrote them: ack_every, ack_delay, ...
+            for field in ("every", "delay", "timeout", "keepalive"):
+                message = message.replace(f"'{field}'", f"ack_{field}")
+            raise ValueError(f"sm_tracker config: {message}") from exc
+        self.ack_clock = AckClock(policy)
         wait = self.room_rejoin_wait
         if isinstance(wait, bool) or not isinstance(wait, int | float) or not wait >= 0:
             raise ValueError(f"room_rejoin_wait must be a number of seconds >= 0, not {wait!r}")
@@ -863,6 +876,8 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         self._ack_timer = None
         self._ack_timer_at = None
         now = self.xmpp.loop.time()
+        if not self.core.session.enabled_out:
+            return  # no SM on this connection: nothing to ask (the next one re-arms)
         if self.ack_clock.link_dead(now):
             log.warning(
                 "no <a/> for %.1fs: the link is presumed dead, dropping it to resume",
@@ -871,7 +886,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             self.ack_clock.reset()
             self.xmpp.abort()
             return
-        if self.ack_clock.request_due(now):
+        if self.ack_clock.request_due(now) or self.ack_clock.keepalive_due(now):
             self._request_ack(now)
         self._arm_ack_timer()
 
@@ -894,6 +909,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         self._arm_ack_timer()
 
     def _on_request_ack(self, _stanza: StanzaBase) -> None:
+        self.ack_clock.heard(self.xmpp.loop.time())
         self._send_ack()
 
     def _send_ack(self) -> None:
@@ -908,6 +924,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         if self.core.session.enabled_in:
             self.core.inbound()
             self.sm.changed()
+            self.ack_clock.heard(self.xmpp.loop.time())
         try:
             if isinstance(stanza, Message):
                 self._read_message(stanza)
@@ -1268,6 +1285,9 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
 
     def _on_session_live(self, _event: Any) -> None:
         self._session_live = True
+        if self.core.session.enabled_out:
+            self.ack_clock.heard(self.xmpp.loop.time())  # the keepalive counts from here
+            self._arm_ack_timer()
         self._wait_for_rejoins()
         self._reconnect_attempt = 0
         self._cancel(self._negotiation_timer)

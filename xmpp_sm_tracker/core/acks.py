@@ -4,7 +4,9 @@ slixmpp asks only every 5 stanzas, writes ``<r/>`` before the stanza that fills 
 window and has no timer, so the last message of a burst is never acked. This clock
 asks after ``every`` counted stanzas, or ``delay`` seconds after the first stanza
 nobody asked about yet, and declares the link dead when an ``<r/>`` stays
-unanswered for ``timeout`` seconds. Times are plain floats from the caller's clock.
+unanswered for ``timeout`` seconds. With ``keepalive``, it also asks when the server
+has said nothing for that long, so a link that died while idle is found before the
+next message is written into it. Times are plain floats from the caller's clock.
 """
 
 from __future__ import annotations
@@ -21,18 +23,28 @@ class AckPolicy:
     every: int = 10
     delay: float = 0.2
     timeout: float = 15.0
+    keepalive: float | None = None
 
     def __post_init__(self) -> None:
         if self.every < 1:
             raise ValueError("ack policy: 'every' must be at least 1")
         if self.delay < 0 or self.timeout <= 0:
             raise ValueError("ack policy: 'delay' must be >= 0 and 'timeout' > 0")
+        if self.keepalive is not None and not self.keepalive > 0:
+            raise ValueError("ack policy: 'keepalive' must be None or > 0 seconds")
 
 
 class AckClock:
     """Sans-I/O scheduling of ``<r/>`` requests and of the ack timeout."""
 
-    __slots__ = ("_first_unasked_at", "_outstanding", "_unasked", "_waiting_since", "policy")
+    __slots__ = (
+        "_first_unasked_at",
+        "_last_heard",
+        "_outstanding",
+        "_unasked",
+        "_waiting_since",
+        "policy",
+    )
 
     def __init__(self, policy: AckPolicy | None = None) -> None:
         self.policy = policy or AckPolicy()
@@ -40,6 +52,7 @@ class AckClock:
         self._first_unasked_at: float | None = None
         self._outstanding = 0
         self._waiting_since: float | None = None
+        self._last_heard: float | None = None
 
     def reset(self) -> None:
         """Forget everything (a new connection)."""
@@ -47,6 +60,11 @@ class AckClock:
         self._first_unasked_at = None
         self._outstanding = 0
         self._waiting_since = None
+        self._last_heard = None
+
+    def heard(self, now: float) -> None:
+        """The server sent something (a stanza, an ``<a/>``): the link is alive."""
+        self._last_heard = now
 
     def counted(self, now: float) -> bool:
         """A stanza was counted; True means "write an ``<r/>`` after it now"."""
@@ -65,6 +83,7 @@ class AckClock:
 
     def ack_received(self, now: float) -> None:
         """An ``<a/>`` came in: the link is alive, one request is answered."""
+        self._last_heard = now
         self._outstanding = max(0, self._outstanding - 1)
         self._waiting_since = now if self._outstanding else None
 
@@ -73,15 +92,33 @@ class AckClock:
         first = self._first_unasked_at
         return first is not None and now - first >= self.policy.delay
 
+    def keepalive_due(self, now: float) -> bool:
+        """True when the server has been silent for ``keepalive`` seconds and nothing
+        is asked yet: time for an ``<r/>`` that proves the link, or times out."""
+        deadline = self._keepalive_deadline()
+        return deadline is not None and now >= deadline
+
+    def _keepalive_deadline(self) -> float | None:
+        keepalive, heard = self.policy.keepalive, self._last_heard
+        if keepalive is None or heard is None or self._outstanding:
+            return None
+        return heard + keepalive
+
     def link_dead(self, now: float) -> bool:
         """True when an ``<r/>`` has gone unanswered for longer than ``timeout``."""
         since = self._waiting_since
         return since is not None and now - since >= self.policy.timeout
 
     def next_deadline(self) -> float | None:
-        """The next time :meth:`request_due` or :meth:`link_dead` may turn true."""
+        """The next time :meth:`request_due`, :meth:`keepalive_due` or :meth:`link_dead`
+        may turn true."""
+        # Plain comparisons: this runs for every counted stanza.
         first, since = self._first_unasked_at, self._waiting_since
-        if first is None:
-            return None if since is None else since + self.policy.timeout
-        due = first + self.policy.delay
-        return due if since is None else min(due, since + self.policy.timeout)
+        deadline = None if first is None else first + self.policy.delay
+        if since is not None:
+            timeout = since + self.policy.timeout
+            deadline = timeout if deadline is None or timeout < deadline else deadline
+        keepalive = self._keepalive_deadline()
+        if keepalive is not None and (deadline is None or keepalive < deadline):
+            deadline = keepalive
+        return deadline
