@@ -474,3 +474,24 @@ async def test_a_message_the_link_drops_under_before_it_is_written_keeps_its_tex
     await wait_for(lambda: bob.received.bodies == ["dropped before written"])
     await asyncio.sleep(0.2)
     assert bob.received.counts["dropped before written"] == 1
+
+
+async def test_unacked_messages_go_out_again_before_those_sent_while_the_link_was_down(
+    prosody: ProsodyServer, proxy: FaultProxy, clients: ClientFactory
+) -> None:
+    # The order slixmpp gets wrong (new0, new1, old0, old1): what the server never got
+    # from the old connection is resent first, then what was written while down, once.
+    bob = await clients("bob", prosody.address, tracked=False)
+    alice = await clients("alice", (proxy.host, proxy.port), **FAST)
+    proxy.blackhole()
+    old = [alice.send("bob@localhost", f"old {i}") for i in range(3)]
+    await wait_for(lambda: alice.on_wire(old))
+    await take_the_link_down(alice, proxy)
+    new = [alice.send("bob@localhost", f"new {i}") for i in range(3)]
+    proxy.heal()  # back, and the blackhole gone
+
+    await wait_for(lambda: alice.log.count("message:acked") == 6, timeout=15)
+    await wait_for(lambda: len(bob.received.bodies) == 6)
+    await asyncio.sleep(0.3)
+    assert bob.received.bodies == [f"old {i}" for i in range(3)] + [f"new {i}" for i in range(3)]
+    assert alice.log.ids("message:acked") == old + new
