@@ -543,10 +543,18 @@ async def test_h_beyond_what_was_sent_fails_unacked_as_protocol_error_and_starts
     ids = [alice.send("bob@localhost", f"too high {i}") for i in range(5)]
     await wait_for(lambda: len(bob.bodies) == 5)  # the server has them, unacked
     first_stream = alice.tracker.core.session.sm_id
+    written: list[str] = []
+    write = alice.xmpp.send_raw
+    alice.xmpp.send_raw = lambda data: (written.append(str(data)), write(data))[1]
 
     assert proxy.inject(f"<a xmlns='{SM_NS}' h='4000000'/>".encode()) == 1
     await wait_for(lambda: alice.count("message:failed") == 5)
     assert alice.ids("message:failed") == ids
+    # XEP-0198 §4: the server is told why, in a stream error
+    [error] = [data for data in written if "handled-count-too-high" in data]
+    assert (
+        error.startswith("<stream:error>") and "h='4000000' send-count='7'" in error
+    )  # 2 presences + 5
     assert {alice.last[i].reason for i in ids} == {"protocol-error"}
     assert any(
         r.levelno >= logging.ERROR and "protocol error" in r.getMessage() for r in caplog.records
