@@ -912,6 +912,22 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         self.ack_clock.heard(self.xmpp.loop.time())
         self._send_ack()
 
+    def _ack_before_footer(self) -> None:
+        """Our last ``<a/>`` goes right before ``</stream:stream>`` (XEP-0198 §4), not
+        when disconnect() is called: stanzas that come in while slixmpp drains its
+        send queue are acknowledged too, so the server does not deliver them again."""
+        xmpp = self.xmpp
+        write, footer = xmpp.send_raw, xmpp.stream_footer
+
+        def send_raw(data: str | bytes) -> None:
+            if data == footer:
+                if xmpp.send_raw is send_raw:
+                    xmpp.send_raw = write
+                self._send_ack()
+            write(data)
+
+        xmpp.send_raw = send_raw
+
     def _send_ack(self) -> None:
         if self.xmpp.transport is None or not self.core.session.enabled_in:
             return
@@ -1416,7 +1432,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         else:
             if not ignore_send_queue:
                 self._request_ack(xmpp.loop.time())
-            self._send_ack()
+            self._ack_before_footer()
             xmpp.end_session_on_disconnect = True
         future: asyncio.Future[Any] = self._original_disconnect(wait, reason, ignore_send_queue)
         return future
