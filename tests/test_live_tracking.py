@@ -168,15 +168,19 @@ async def test_clean_disconnect_on_a_healthy_link_gets_everything_acked_first(
     prosody: ProsodyServer, proxy: FaultProxy, clients: ClientFactory
 ) -> None:
     alice = await clients("alice", (proxy.host, proxy.port), **SILENT)
-    ids = [alice.send("bob@localhost", f"last words {i}") for i in range(5)]
-    await wait_for(lambda: alice.on_wire(ids))
     written: list[str] = []
     write = alice.xmpp.send_raw
     alice.xmpp.send_raw = lambda data: (written.append(str(data)), write(data))[1]
+    ids = [alice.send("bob@localhost", f"last words {i}") for i in range(5)]
+    await wait_for(lambda: alice.on_wire(ids))
     await alice.xmpp.disconnect(wait=2)
     # XEP-0198 §4: our last <a/> goes right before the stream's end, so what came in
     # while slixmpp drained its queue is acknowledged too (not redelivered later).
     assert written[-1] == alice.xmpp.stream_footer
+    # Messages go out as slixmpp writes stanzas: the stream's namespace is not repeated.
+    messages = [data for data in written if data.startswith("<message")]
+    assert len(messages) == 5
+    assert all(data.startswith('<message type="chat"') for data in messages)
     assert re.fullmatch(r"<a xmlns='urn:xmpp:sm:3' h='\d+'/>", written[-2])
 
     await wait_for(lambda: alice.log.count("message:acked") == 5)

@@ -15,7 +15,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
 from xml.etree import ElementTree as ET
 
 from pyee.asyncio import AsyncIOEventEmitter
@@ -104,6 +104,18 @@ def _parse_counter(value: str | None) -> int | None:
         return None
     number = int(value)
     return number if number < 2**32 else None
+
+
+_CLIENT_MESSAGE: Final = '<message xmlns="jabber:client"'
+
+
+def _on_the_wire(text: str) -> str:
+    """A record's text as slixmpp writes a stanza: without the stream's default
+    namespace, which the record keeps to be parsed on its own (a resend, a restart).
+    The redundant declaration would cost the server time on every message."""
+    if text.startswith(_CLIENT_MESSAGE):
+        return "<message" + text[len(_CLIENT_MESSAGE) :]
+    return text
 
 
 def _parse_location(location: str | None) -> tuple[str, int] | None:
@@ -809,7 +821,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             if written is None:
                 return stanza
             self._record_written(message_id, written)  # type: ignore[arg-type]
-            return written if self._we_write_last() else stanza
+            return _on_the_wire(written) if self._we_write_last() else stanza
         link_up = self.xmpp.transport is not None
         same = written is None and message_id is not None and self._filters_keep_messages()
         events = core.counted(stanza, message_id, link_up=link_up, same_as_record=same, xml=written)
@@ -829,6 +841,8 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             counted = core.ledger.newest
             if counted is not None and counted.message_id == message_id and counted.serialized:
                 text = counted.serialized  # the record's text, tied to this very stanza
+        if text is not None:
+            text = _on_the_wire(text)
         now = self.xmpp.loop.time()
         if not self.ack_clock.counted(now):
             self._arm_ack_timer()  # cheap when the deadline did not move (the usual case)
