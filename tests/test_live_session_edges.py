@@ -16,6 +16,8 @@ import pytest
 from xmpp_sm_tracker.testing import FaultProxy, ProsodyServer
 from xmpp_sm_tracker.testing.client import ClientPool, wait_for
 
+from .helpers.wire import RESUMED_JOURNEY
+
 FAST = {"reconnect_delay": 0.1, "reconnect_max_delay": 1.0, "ack_delay": 0.05}
 STREAM_ERROR = (
     b"<stream:error><undefined-condition xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>"
@@ -72,12 +74,7 @@ async def test_reconnect_resumes_the_session_instead_of_ending_it(
 
     await wait_for(lambda: alice.log.count("message:acked") == 3, timeout=15)
     for message_id in ids:
-        assert alice.log.names_for(message_id) == [
-            "message:sent",
-            "message:hibernated",
-            "message:resent",
-            "message:acked",
-        ]
+        assert alice.log.names_for(message_id) == RESUMED_JOURNEY
     assert alice.tracker.core.session.sm_id == stream
     await wait_for(lambda: len(bob.received.bodies) == 3)
     assert bob.received.bodies == [f"before the switch {i}" for i in range(3)]

@@ -10,43 +10,24 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest_asyncio
-import slixmpp
 from slixmpp.stanza import Presence
 from slixmpp.xmlstream import ET
 
-from xmpp_sm_tracker import DeliveryState, RetryPolicy, SMTracker
+from xmpp_sm_tracker import DeliveryState, RetryPolicy
+
+from .helpers.wire import WiredClient
 
 ROOM = "room@muc.localhost"
 
 
-class RecordingTransport:
-    """Stands in for the socket: keeps every write."""
-
-    def __init__(self) -> None:
-        self.out: list[str] = []
-
-    def write(self, data: bytes) -> None:
-        self.out.append(data.decode())
-
-    def get_extra_info(self, *_args: Any, **_kwargs: Any) -> None:
-        return None
-
-
-class Client:
+class Client(WiredClient):
     """alice on a live session whose previous one was in ROOM: she is not back yet."""
 
     def __init__(self, **config: Any) -> None:
-        self.xmpp = slixmpp.ClientXMPP("alice@localhost/r", "pass")
-        self.xmpp.register_plugin("xep_0198")
-        self.xmpp.register_plugin("sm_tracker", pconfig=config)
-        self.tracker: SMTracker = self.xmpp.plugin["sm_tracker"]
-        self.transport = RecordingTransport()
-        self.xmpp.transport = self.transport
-        self.xmpp._session_started = True
-        self.tracker._session_live = True
+        super().__init__(**config)
         self.tracker.core.rejoining = {ROOM: "Alice"}
         self.tracker._wait_for_rejoins()
-        self.sender = asyncio.ensure_future(self.xmpp.run_filters())
+        self.start_writing()
 
     def send(self, body: str) -> str:
         message = self.xmpp.make_message(mto=ROOM, mbody=body, mtype="groupchat")
@@ -69,16 +50,6 @@ class Client:
     def wire(self) -> list[str]:
         bodies = (re.search(r"<body>(.*?)</body>", data) for data in self.transport.out)
         return [found.group(1) for found in bodies if found is not None]
-
-    async def turns(self, n: int = 50) -> None:
-        for _ in range(n):
-            await asyncio.sleep(0)
-
-    async def aclose(self) -> None:
-        self.sender.cancel()
-        await asyncio.gather(self.sender, return_exceptions=True)
-        self.tracker._cancel_timers()
-        self.tracker.resender.cancel()
 
 
 @pytest_asyncio.fixture

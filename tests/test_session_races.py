@@ -4,55 +4,30 @@ turn is what matters here, and a live server cannot pin that."""
 
 from __future__ import annotations
 
-import asyncio
-import re
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest_asyncio
 import slixmpp
 from slixmpp.plugins.xep_0198 import stanza as sm_stanza
 from slixmpp.xmlstream import ET
 
-from xmpp_sm_tracker import DeliveryState, SMTracker
+from xmpp_sm_tracker import DeliveryState
+
+from .helpers.wire import RecordingTransport, WiredClient
 
 SM_NS = "urn:xmpp:sm:3"
 
 
-class RecordingTransport:
-    """Stands in for the socket: keeps every write."""
-
-    def __init__(self) -> None:
-        self.out: list[str] = []
-
-    def write(self, data: bytes) -> None:
-        self.out.append(data.decode())
-
-    def get_extra_info(self, *_args: Any, **_kwargs: Any) -> None:
-        return None
-
-    def bodies(self) -> list[str]:
-        found = (re.search(r"<body>(.*?)</body>", data) for data in self.out)
-        return [match.group(1) for match in found if match is not None]
-
-
-class Client:
+class Client(WiredClient):
     """alice with a live, resumable SM session over a recording transport."""
 
     def __init__(self) -> None:
-        self.xmpp = slixmpp.ClientXMPP("alice@localhost/r", "pass")
-        self.xmpp.register_plugin("xep_0198")
-        self.xmpp.register_plugin("sm_tracker", pconfig={"auto_reconnect": False})
-        self.tracker: SMTracker = self.xmpp.plugin["sm_tracker"]
-        self.transport = RecordingTransport()
-        self.xmpp.transport = self.transport
-        self.xmpp._session_started = True
-        self.tracker._session_live = True
+        super().__init__(auto_reconnect=False)
         self.tracker._on_outgoing(sm_stanza.Enable(self.xmpp))
         self.tracker.core.enabled(
             "sm-1", resumable=True, location=None, max=None, jid="alice@localhost/r"
         )
-        self.sender = asyncio.ensure_future(self.xmpp.run_filters())
+        self.start_writing()
 
     def message(self, body: str) -> slixmpp.Message:
         return self.xmpp.make_message(mto="bob@localhost", mbody=body, mtype="chat")
@@ -72,16 +47,6 @@ class Client:
             self.tracker._on_resumed(sm_stanza.Resumed(self.xmpp, xml=element))
         else:
             self.tracker._on_ack(sm_stanza.Ack(self.xmpp, xml=element))
-
-    async def turns(self, n: int = 50) -> None:
-        for _ in range(n):
-            await asyncio.sleep(0)
-
-    async def aclose(self) -> None:
-        self.sender.cancel()
-        await asyncio.gather(self.sender, return_exceptions=True)
-        self.tracker._cancel_timers()
-        self.tracker.resender.cancel()
 
 
 @pytest_asyncio.fixture
