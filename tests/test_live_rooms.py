@@ -429,3 +429,35 @@ async def test_a_failed_room_message_the_history_shows_is_room_received_and_not_
     assert await alice.tracker.resend_failed() == []
     await asyncio.sleep(0.5)
     assert bob.received.bodies.count("the room has it, alice does not know") == 1
+
+
+async def test_resending_a_failed_room_message_asks_the_room_archive_first(
+    prosody: ProsodyServer, proxy: FaultProxy, clients: Any
+) -> None:
+    # The same loss as above, but the app rejoins without history: the room's own
+    # archive (XEP-0313 on the room) shows the message, so resend_failed() does not
+    # send it into the room a second time.
+    room, bob = await room_with_bob(prosody, clients)
+    alice = await clients("alice", proxy.address, ack_every=10**6, ack_delay=3600.0)
+    await alice.join(room, "Alice")
+    proxy.rewrite(rb"<message [^>]*type=['\"]groupchat['\"][^>]*>.*?</message>", b"")
+    kept = alice.send(room, "archived by the room", "groupchat")
+    await wait_for(lambda: "archived by the room" in bob.received.bodies)
+    proxy.blackhole()  # this one never reaches the room
+    lost = alice.send(room, "lost on the way", "groupchat")
+    await wait_for(lambda: alice.on_wire([lost]))
+    alice.tracker.core.session.sm_id = "not-a-stream-the-server-knows"  # refused, no h
+    proxy.heal()
+    proxy.cut()
+    await wait_for(lambda: alice.log.count("message:failed") == 2, timeout=15)
+    await wait_for(lambda: alice.tracker.session_live, timeout=15)
+    await alice.join(room, "Alice")  # no history
+
+    results = {r.id: r for r in await alice.tracker.resend_failed()}
+
+    assert results[kept].state is DeliveryState.ROOM_RECEIVED
+    assert results[lost].state is DeliveryState.RESENT
+    await wait_for(lambda: alice.records[lost].state is DeliveryState.ROOM_RECEIVED)
+    await asyncio.sleep(0.5)
+    assert bob.received.bodies.count("archived by the room") == 1
+    assert bob.received.bodies.count("lost on the way") == 1

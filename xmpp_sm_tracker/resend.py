@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from xml.etree import ElementTree as ET
 
+from slixmpp import JID
 from slixmpp.stanza import Message
 from slixmpp.xmlstream import tostring
 
@@ -101,7 +102,10 @@ class Resender:
     def _found(self, record: TrackedMessage) -> TrackedMessage:
         core = self.plugin.core
         core.reinstate(record)
-        events = core.found_in_archive(record.id)
+        if record.type == "groupchat":  # in the room's archive: the room has it
+            events = core.room_received(record.id)
+        else:
+            events = core.found_in_archive(record.id)
         self.plugin._dispatch(events)
         return _latest(record, events)
 
@@ -121,52 +125,67 @@ class Resender:
         return _latest(record, events)
 
     async def _reconcile(self, records: list[TrackedMessage]) -> set[str]:
-        """Ids of records our archive shows the server stored (XEP-0313)."""
+        """Ids of records an archive shows arrived (XEP-0313): ours for 1:1 messages,
+        the room's for groupchat (its reflection may have been lost with the link)."""
         plugin = self.plugin
         # Only what reached the wire unanswered can be on the server: a seq says so, and
-        # a record a dead process left behind may have gone out before its seq was
-        # saved. A room keeps its own archive, and the room's reflection already tells.
-        wanted = {
-            record.origin_id: record.id
+        # a record a dead process left behind may have gone out before its seq was saved.
+        unanswered = [
+            record
             for record in records
             if record.reason in UNANSWERED
             and (record.seq is not None or record.reason == FailureReason.RESUME_FAILED)
-            and record.type != "groupchat"
-        }
-        if not wanted or not plugin.reconcile_with_archive:
+        ]
+        if not unanswered or not plugin.reconcile_with_archive:
             return set()
         if not plugin.session_live:
-            log.info("offline: resending %d messages without the archive check", len(wanted))
+            log.info("offline: resending %d messages without the archive check", len(unanswered))
             return set()
+        if "xep_0313" not in plugin.xmpp.plugin:
+            plugin.xmpp.register_plugin("xep_0313")
+        by_archive: dict[str | None, list[TrackedMessage]] = defaultdict(list)
+        for record in unanswered:
+            by_archive[record.conversation if record.type == "groupchat" else None].append(record)
+        found: set[str] = set()
+        for room, wanted in by_archive.items():
+            found |= await self._search_archive(room, wanted)
+        if found:
+            log.info("%d failed messages were found in an archive: not resent", len(found))
+        return found
+
+    async def _search_archive(self, room: str | None, records: list[TrackedMessage]) -> set[str]:
+        """Which of ``records`` the archive of ``room`` (None: our own) holds, by
+        origin-id or id; an error or a timeout finds none (they are resent)."""
+        plugin = self.plugin
         xmpp = plugin.xmpp
-        if "xep_0313" not in xmpp.plugin:
-            xmpp.register_plugin("xep_0313")
-        ids = {record_id: record_id for record_id in wanted.values()}
-        oldest = min(record.created_at for record in records if record.origin_id in wanted)
+        wanted = {record.origin_id: record.id for record in records}
+        wanted.update((record.id, record.id) for record in records)
+        oldest = min(record.created_at for record in records)
         start = datetime.fromtimestamp(oldest - plugin.reconcile_slack, UTC)
         ours = xmpp.boundjid.bare
         found: set[str] = set()
         try:
             async with asyncio.timeout(plugin.reconcile_timeout):
                 async for result in xmpp.plugin["xep_0313"].iterate(
-                    start=start, rsm={"max": 100}, total=plugin.reconcile_limit
+                    jid=JID(room) if room else None,
+                    start=start,
+                    rsm={"max": 100},
+                    total=plugin.reconcile_limit,
                 ):
                     inner = result.xml.find(
                         f".//{{{FORWARD_NS}}}forwarded/{{{xmpp.default_ns}}}message"
                     )
-                    if inner is None or inner.get("from", "").split("/", 1)[0] != ours:
+                    if inner is None:
                         continue
+                    if room is None and inner.get("from", "").split("/", 1)[0] != ours:
+                        continue  # in a room's archive the sender is a nick: the ids decide
                     origin = inner.find(f"{{{SID_NS}}}origin-id")
-                    keys = (origin.get("id") if origin is not None else None, inner.get("id"))
-                    for key in keys:
+                    for key in (origin.get("id") if origin is not None else None, inner.get("id")):
                         if key in wanted:
                             found.add(wanted[key])
-                        elif key in ids:
-                            found.add(ids[key])
         except Exception as exc:  # no archive, an error, a timeout: resend as usual
-            log.warning("archive check before resending failed (%r): resending anyway", exc)
-        if found:
-            log.info("%d failed messages were found in the archive: not resent", len(found))
+            where = room or "our archive"
+            log.warning("archive check of %s before resending failed (%r): resending", where, exc)
         return found
 
     # ---------------------------------------------------------------- retry policy
