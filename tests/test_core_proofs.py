@@ -54,6 +54,17 @@ def test_a_foreign_origin_id_or_a_history_copy_is_never_matched_by_body() -> Non
     assert tracker.find_reflected(ROOM, "o-g1", "other-id", "body of g1", history=True) == "g1"
 
 
+def test_a_record_reinstated_for_nothing_is_retired_but_one_in_flight_stays() -> None:
+    tracker = tracker_with_room_messages("g1")
+    send(tracker, "c1")
+    [acked] = [e for e in tracker.ack(2) if e.name == "message:acked" and e.payload.id == "c1"]  # type: ignore[union-attr]
+    assert "c1" not in tracker.records  # settled: it left memory
+    tracker.reinstate(acked.payload)  # type: ignore[arg-type]
+    tracker.retire("c1")
+    tracker.retire("g1")  # in flight: not ours to drop
+    assert set(tracker.records) == {"g1"}
+
+
 def test_a_reflected_message_is_not_matched_twice() -> None:
     tracker = tracker_with_room_messages("g1")
     tracker.room_received("g1")

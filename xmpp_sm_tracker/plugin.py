@@ -1031,8 +1031,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
     def _reflected_late(self, message_id: str, room: str) -> list[Event]:
         record = self.core.get(message_id)
         if record is None or record.type != "groupchat" or record.conversation != room:
-            if record is not None and not record.in_flight:
-                self.core.records.pop(message_id, None)  # fetched for nothing
+            self.core.retire(message_id)  # fetched for nothing
             return []
         return self.core.room_received(message_id)
 

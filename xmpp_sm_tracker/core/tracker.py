@@ -325,6 +325,12 @@ class Tracker(Generic[P]):
         """Bring a settled record (from the store) back for one late signal."""
         self.records.setdefault(record.id, record)
 
+    def retire(self, message_id: str) -> None:
+        """Let a reinstated record go again when the signal was not for it after all."""
+        record = self.records.get(message_id)
+        if record is not None and self._settled(record):
+            del self.records[message_id]
+
     def find_reflected(
         self,
         room: str,
