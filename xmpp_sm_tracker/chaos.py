@@ -697,7 +697,9 @@ async def _sender_main(config: dict[str, Any]) -> None:
             # An app sends to a room once it has been in it: a message to a room it never
             # joined bounces, and says nothing about the tracker. From then on, joins
             # lost to faults are the tracker's business (it holds messages for them).
-            await _until_known(tracker, room, timeout=10.0)
+            # The first connection is slixmpp's own, with a backoff that grows on each
+            # refusal: after a few short refusals it can take more than 10 s.
+            await _until_known(tracker, room, timeout=30.0)
             known_room = True
         body = f"chaos {schedule.seed} life {life} #{n}"
         try:
