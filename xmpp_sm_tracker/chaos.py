@@ -697,9 +697,7 @@ async def _sender_main(config: dict[str, Any]) -> None:
             # An app sends to a room once it has been in it: a message to a room it never
             # joined bounces, and says nothing about the tracker. From then on, joins
             # lost to faults are the tracker's business (it holds messages for them).
-            # The first connection is slixmpp's own, with a backoff that grows on each
-            # refusal: after a few short refusals it can take more than 10 s.
-            await _until_known(tracker, room, timeout=30.0)
+            await _until_known(tracker, room, timeout=10.0)
             known_room = True
         body = f"chaos {schedule.seed} life {life} #{n}"
         try:
@@ -735,12 +733,21 @@ async def _sender_main(config: dict[str, Any]) -> None:
 
 async def _until_known(tracker: SMTracker, room: str, timeout: float) -> None:
     """Wait until the session is in ``room``, or knows it must rejoin it (from a saved
-    state or an ended session); gives up after ``timeout`` seconds."""
-    core = tracker.core
-    deadline = asyncio.get_running_loop().time() + timeout
+    state or an ended session); gives up ``timeout`` seconds after a session is up.
+
+    The first connection is slixmpp's own, with a backoff that grows on each refusal:
+    after a few short refusals it can take longer than the join itself may (at most
+    three times ``timeout`` in all)."""
+    core, loop = tracker.core, asyncio.get_running_loop()
+    started = loop.time()
+    live_since: float | None = None
     while core.nick_in(room) is None and room not in core.rejoining:
-        if asyncio.get_running_loop().time() > deadline:
-            print(f"not in {room} after {timeout:g}s: sending anyway", file=sys.stderr)
+        now = loop.time()
+        if live_since is None and tracker.session_live:
+            live_since = now
+        joined_too_late = live_since is not None and now - live_since > timeout
+        if joined_too_late or now - started > 3 * timeout:
+            print(f"not in {room} after {now - started:.1f}s: sending anyway", file=sys.stderr)
             return
         await asyncio.sleep(0.05)
 
