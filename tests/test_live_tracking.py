@@ -65,7 +65,8 @@ async def test_cut_link_hibernates_then_resume_resends_each_once(
 
     await wait_for(lambda: alice.log.count("message:hibernated") == 20)
     await wait_for(lambda: alice.log.count("message:acked") == 20, timeout=15)
-    await wait_for(lambda: len(bob.received.bodies) == 20)
+    await wait_for(lambda: len(bob.received.bodies) >= 20)  # more: the diff below says
+    await asyncio.sleep(0.2)
 
     assert alice.log.ids("message:hibernated") == ids
     assert alice.log.ids("message:resent") == ids
