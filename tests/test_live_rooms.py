@@ -405,23 +405,38 @@ async def test_removed_by_a_shutdown_or_a_technical_error_the_app_is_expected_ba
     assert bob.received.counts[f"after a {code}"] == 1
 
 
+async def alice_in_the_room_deaf_to_it(
+    prosody: ProsodyServer, proxy: FaultProxy, clients: Any
+) -> tuple[str, Party, Party]:
+    """(room, bob, alice): alice is in the room with bob, never asks for acks, and the
+    room's reflections never reach her, so the room may have what she cannot confirm."""
+    room, bob = await room_with_bob(prosody, clients)
+    alice = await clients("alice", proxy.address, ack_every=10**6, ack_delay=3600.0)
+    await alice.join(room, "Alice")
+    proxy.rewrite(rb"<message [^>]*type=['\"]groupchat['\"][^>]*>.*?</message>", b"")
+    return room, bob, alice
+
+
+async def refuse_the_resumption(alice: Party, proxy: FaultProxy) -> None:
+    """The link drops and the resumption is refused without an h; a fresh session follows."""
+    alice.tracker.core.session.sm_id = "not-a-stream-the-server-knows"
+    proxy.heal()  # drops the rewrite too
+    proxy.cut()
+    await wait_for(lambda: alice.log.count("message:failed") >= 1, timeout=15)
+    await wait_for(lambda: alice.tracker.session_live, timeout=15)
+
+
 async def test_a_failed_room_message_the_history_shows_is_room_received_and_not_resent(
     prosody: ProsodyServer, proxy: FaultProxy, clients: Any
 ) -> None:
     # Conversations #1245: the room has the message but its reflection never reached
     # us and the resumption was refused, so it failed. The room's history on the next
     # join shows it (same origin-id): it is there, and resending would duplicate it.
-    room, bob = await room_with_bob(prosody, clients)
-    alice = await clients("alice", proxy.address, ack_every=10**6, ack_delay=3600.0)
-    await alice.join(room, "Alice")
-    proxy.rewrite(rb"<message [^>]*type=['\"]groupchat['\"][^>]*>.*?</message>", b"")
+    room, bob, alice = await alice_in_the_room_deaf_to_it(prosody, proxy, clients)
     message_id = alice.send(room, "the room has it, alice does not know", "groupchat")
     await wait_for(lambda: "the room has it, alice does not know" in bob.received.bodies)
-    alice.tracker.core.session.sm_id = "not-a-stream-the-server-knows"  # refused, no h
-    proxy.heal()
-    proxy.cut()
-    await wait_for(lambda: alice.records[message_id].state is DeliveryState.FAILED, timeout=15)
-    await wait_for(lambda: alice.tracker.session_live, timeout=15)
+    await refuse_the_resumption(alice, proxy)
+    assert alice.records[message_id].state is DeliveryState.FAILED
 
     await alice.xmpp.plugin["xep_0045"].join_muc_wait(slixmpp.JID(room), "Alice")  # + history
 
@@ -437,20 +452,14 @@ async def test_resending_a_failed_room_message_asks_the_room_archive_first(
     # The same loss as above, but the app rejoins without history: the room's own
     # archive (XEP-0313 on the room) shows the message, so resend_failed() does not
     # send it into the room a second time.
-    room, bob = await room_with_bob(prosody, clients)
-    alice = await clients("alice", proxy.address, ack_every=10**6, ack_delay=3600.0)
-    await alice.join(room, "Alice")
-    proxy.rewrite(rb"<message [^>]*type=['\"]groupchat['\"][^>]*>.*?</message>", b"")
+    room, bob, alice = await alice_in_the_room_deaf_to_it(prosody, proxy, clients)
     kept = alice.send(room, "archived by the room", "groupchat")
     await wait_for(lambda: "archived by the room" in bob.received.bodies)
     proxy.blackhole()  # this one never reaches the room
     lost = alice.send(room, "lost on the way", "groupchat")
     await wait_for(lambda: alice.on_wire([lost]))
-    alice.tracker.core.session.sm_id = "not-a-stream-the-server-knows"  # refused, no h
-    proxy.heal()
-    proxy.cut()
-    await wait_for(lambda: alice.log.count("message:failed") == 2, timeout=15)
-    await wait_for(lambda: alice.tracker.session_live, timeout=15)
+    await refuse_the_resumption(alice, proxy)
+    await wait_for(lambda: alice.log.count("message:failed") == 2)
     await alice.join(room, "Alice")  # no history
 
     results = {r.id: r for r in await alice.tracker.resend_failed()}
