@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from typing import Any, ClassVar, Final
+from typing import Any, ClassVar
 from xml.etree import ElementTree as ET
 
 from pyee.asyncio import AsyncIOEventEmitter
@@ -28,6 +27,7 @@ from slixmpp.xmlstream import StanzaBase, tostring
 from slixmpp.xmlstream.handler import Callback, Waiter
 from slixmpp.xmlstream.matcher import MatchMany, MatchXPath
 
+from . import stanzas
 from .core.acks import AckClock, AckPolicy
 from .core.ledger import Entry, HBackwards, SMProtocolError
 from .core.records import FailureReason, TrackedMessage
@@ -37,6 +37,7 @@ from .core.states import DeliveryState
 from .core.tracker import Event, OutgoingMessage, Tracker
 from .resend import Resender
 from .smhooks import SMStateHooks
+from .stanzas import FAILED_TAG, REQUEST_ACK, parse_counter, parse_location
 from .stores.base import StoreError, TrackerStore
 from .stores.memory import MemoryStore
 from .writer import StoreWriter
@@ -45,40 +46,18 @@ __all__ = ["SMTracker"]
 
 log = logging.getLogger(__name__)
 
-SM_NS = "urn:xmpp:sm:3"
-SID_NS = "urn:xmpp:sid:0"
-HINTS_NS = "urn:xmpp:hints"
-CARBONS_NS = "urn:xmpp:carbons:2"
-FORWARD_NS = "urn:xmpp:forward:0"
-RECEIPTS_NS = "urn:xmpp:receipts"
-MARKERS_NS = "urn:xmpp:chat-markers:0"
-MUC_NS = "http://jabber.org/protocol/muc"
-MUC_USER_NS = "http://jabber.org/protocol/muc#user"
-STANZAS_NS = "urn:ietf:params:xml:ns:xmpp-stanzas"
-DELAY_NS = "urn:xmpp:delay"
-_FAILED_TAG = f"{{{SM_NS}}}failed"
-
 #: xep_0198's stream handlers: (handler name, tag, xep_0198 method). Used both to
 #: take them over and to give them back in ``plugin_end``.
 _XEP_0198_HANDLERS = (
     ("Stream Management Enabled", sm_stanza.Enabled.tag_name(), "_handle_enabled"),
     ("Stream Management Resumed", sm_stanza.Resumed.tag_name(), "_handle_resumed"),
-    ("Stream Management Failed", _FAILED_TAG, "_handle_failed"),
+    ("Stream Management Failed", FAILED_TAG, "_handle_failed"),
     ("Stream Management Ack", sm_stanza.Ack.tag_name(), "_handle_ack"),
     ("Stream Management Request Ack", sm_stanza.RequestAck.tag_name(), "_handle_request_ack"),
 )
 _XEP_0198_FILTERS = (("in", "_handle_incoming"), ("out_sync", "_handle_outgoing"))
 _XEP_0198_EVENTS = (("disconnected", "disconnected"), ("session_end", "session_end"))
 
-
-_REQUEST_ACK = f"<r xmlns='{SM_NS}'/>"
-_ORIGIN_ID = f"{{{SID_NS}}}origin-id"
-_RECEIPT_REQUEST = f"{{{RECEIPTS_NS}}}request"
-_MARKABLE = f"{{{MARKERS_NS}}}markable"
-_NO_STORE = f"{{{HINTS_NS}}}no-store"
-_MUC_JOIN = f"{{{MUC_NS}}}x"
-
-_UNSIGNED_INT = re.compile(r"[0-9]{1,10}")
 
 #: slixmpp outgoing filters that never touch a message stanza (checked on 1.17).
 _MESSAGE_SAFE_FILTERS = frozenset({"Roster._save_last_status", "XEP_0115._filter_add_caps"})
@@ -93,40 +72,6 @@ class TrackerEvents(AsyncIOEventEmitter):
         if not isinstance(events, dict):
             return bool(self.listeners(event))
         return bool(events.get(event))
-
-
-def _parse_counter(value: str | None) -> int | None:
-    """An ``h`` attribute as an int in [0, 2**32), or None when absent or malformed.
-
-    Only ASCII digits: ``int()`` alone would take ``1_0`` or non-ASCII digits.
-    """
-    if value is None or not _UNSIGNED_INT.fullmatch(value):
-        return None
-    number = int(value)
-    return number if number < 2**32 else None
-
-
-_CLIENT_MESSAGE: Final = '<message xmlns="jabber:client"'
-
-
-def _on_the_wire(text: str) -> str:
-    """A record's text as slixmpp writes a stanza: without the stream's default
-    namespace, which the record keeps to be parsed on its own (a resend, a restart).
-    The redundant declaration would cost the server time on every message."""
-    if text.startswith(_CLIENT_MESSAGE):
-        return "<message" + text[len(_CLIENT_MESSAGE) :]
-    return text
-
-
-def _parse_location(location: str | None) -> tuple[str, int] | None:
-    """``host:port`` or ``[v6]:port`` from ``<enabled location>``; None if unusable."""
-    if not location:
-        return None
-    host, sep, port = location.rpartition(":")
-    if not sep or not _UNSIGNED_INT.fullmatch(port) or not 0 < int(port) < 65536:
-        return None
-    host = host.strip("[]")
-    return (host, int(port)) if host else None
 
 
 class SMTracker(BasePlugin):  # type: ignore[misc]
@@ -253,7 +198,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         self._handlers = (
             ("SM Tracker Enabled", sm_stanza.Enabled.tag_name(), self._on_enabled),
             ("SM Tracker Resumed", sm_stanza.Resumed.tag_name(), self._on_resumed),
-            ("SM Tracker Failed", _FAILED_TAG, self._on_failed),
+            ("SM Tracker Failed", FAILED_TAG, self._on_failed),
             ("SM Tracker Ack", sm_stanza.Ack.tag_name(), self._on_ack),
             ("SM Tracker Request Ack", sm_stanza.RequestAck.tag_name(), self._on_request_ack),
         )
@@ -488,7 +433,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             element = ET.fromstring(xml)
         except ET.ParseError as exc:
             raise SMStateError(f"SM state: an unacked stanza is not valid XML ({exc})") from exc
-        kind = element.tag.rpartition("}")[2]
+        kind = stanzas.stanza_kind(element)
         stanza_class = {"message": Message, "presence": Presence, "iq": Iq}.get(kind)
         if stanza_class is None:
             raise SMStateError(f"SM state: <{kind}> is not a stanza that can be resent")
@@ -568,41 +513,25 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         body = self._body_to_track(message)
         if body is None:
             return None
-        if not message_id:
-            message_id = uuid.uuid4().hex
-            xml.set("id", message_id)
-        origin = xml.find(_ORIGIN_ID)
         config = self.config  # read once: each plugin attribute is a config lookup
-        if origin is None and config["add_origin_id"]:
-            origin = ET.SubElement(xml, _ORIGIN_ID, {"id": message_id})
-        origin_id = origin.get("id", message_id) if origin is not None else message_id
-        kind = xml.get("type", "normal")
-        if kind in ("chat", "normal"):
-            if config["request_receipts"] and xml.find(_RECEIPT_REQUEST) is None:
-                ET.SubElement(xml, _RECEIPT_REQUEST)
-            if config["request_markers"] and xml.find(_MARKABLE) is None:
-                ET.SubElement(xml, _MARKABLE)
-        outgoing = OutgoingMessage(
-            id=message_id,
-            origin_id=origin_id,
-            to=xml.get("to", ""),
-            type=kind,
-            body=body,
-            xml="" if lazy else tostring(xml, top_level=True),
+        fields = stanzas.complete_outgoing(
+            xml,
+            body,
+            uuid.uuid4().hex,
+            add_origin_id=config["add_origin_id"],
+            request_receipts=config["request_receipts"],
+            request_markers=config["request_markers"],
         )
+        outgoing = OutgoingMessage(*fields, xml="" if lazy else tostring(xml, top_level=True))
         if lazy:
-            self._unwritten[message_id] = message
+            self._unwritten[fields.id] = message
         self._dispatch(self.core.track(outgoing, link_up=self._session_live))
-        return records.get(message_id)
+        return records.get(fields.id)
 
     def _body_to_track(self, message: Message) -> str | None:
         """The body of a message to track; None for one that is not for tracking."""
-        xml = message.xml
-        if xml.get("type") == "error":
-            return None
-        body = xml.find(f"{{{message.namespace}}}body")
-        text: str | None = body.text if body is not None else None
-        if not text or xml.find(_NO_STORE) is not None:
+        text = stanzas.trackable_body(message.xml)
+        if text is None:
             return None
         predicate = self.config["should_track"]
         if predicate is None:
@@ -821,7 +750,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             if written is None:
                 return stanza
             self._record_written(message_id, written)  # type: ignore[arg-type]
-            return _on_the_wire(written) if self._we_write_last() else stanza
+            return stanzas.on_the_wire(written) if self._we_write_last() else stanza
         link_up = self.xmpp.transport is not None
         same = written is None and message_id is not None and self._filters_keep_messages()
         events = core.counted(stanza, message_id, link_up=link_up, same_as_record=same, xml=written)
@@ -842,7 +771,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             if counted is not None and counted.message_id == message_id and counted.serialized:
                 text = counted.serialized  # the record's text, tied to this very stanza
         if text is not None:
-            text = _on_the_wire(text)
+            text = stanzas.on_the_wire(text)
         now = self.xmpp.loop.time()
         if not self.ack_clock.counted(now):
             self._arm_ack_timer()  # cheap when the deadline did not move (the usual case)
@@ -858,7 +787,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             self._request_ack(now)
             return stanza
         self._ack_requested(now)
-        return text + _REQUEST_ACK
+        return text + REQUEST_ACK
 
     # ---------------------------------------------------------------- acks
 
@@ -868,7 +797,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             return
         # As text, straight into slixmpp's send queue: behind what is queued, and
         # without building and serializing a stanza every ack_every messages.
-        self.xmpp.waiting_queue.put_nowait((_REQUEST_ACK, False))
+        self.xmpp.waiting_queue.put_nowait((REQUEST_ACK, False))
         self._ack_requested(now)
 
     def _ack_requested(self, now: float) -> None:
@@ -905,7 +834,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         self._arm_ack_timer()
 
     def _on_ack(self, stanza: StanzaBase) -> None:
-        h = _parse_counter(stanza.xml.get("h"))
+        h = parse_counter(stanza.xml.get("h"))
         if h is None:
             log.warning("ignoring an <a/> without a valid h: %r", stanza.xml.get("h"))
             return
@@ -945,7 +874,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
     def _send_ack(self) -> None:
         if self.xmpp.transport is None or not self.core.session.enabled_in:
             return
-        self.xmpp.send_raw(f"<a xmlns='{SM_NS}' h='{self.core.session.handled}'/>")
+        self.xmpp.send_raw(stanzas.ack(self.core.session.handled))
 
     def _count_inbound(self, stanza: StanzaBase) -> StanzaBase:
         """in filter: count handled stanzas, and read the proofs peers send back."""
@@ -968,55 +897,36 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         xml = message.xml
         kind = xml.get("type")
         if kind == "error":
-            self._read_bounce(xml)
+            bounce = stanzas.read_bounce(xml)
+            if bounce is not None:
+                reason = FailureReason.bounce(bounce.error_type, bounce.condition, bounce.text)
+                self._late_signal(bounce.id, lambda mid: self.core.bounced(mid, reason))
             return
         if kind == "groupchat":
-            self._read_reflection(xml)
+            reflection = stanzas.read_reflection(xml)
+            if reflection is not None:
+                self._read_reflection(reflection)
             return
-        sender = xml.get("from", "")
-        if sender.split("/", 1)[0] == self.xmpp.boundjid.bare:
-            carbon = xml.find(f"{{{CARBONS_NS}}}sent/{{{FORWARD_NS}}}forwarded")
-            if carbon is not None:
-                self._read_sent_carbon(carbon)
-                return
-        receipt = xml.find(f"{{{RECEIPTS_NS}}}received")
-        if receipt is not None and receipt.get("id"):
-            self._late_signal(receipt.get("id", ""), self.core.delivered)
-        marker = xml.find(f"{{{MARKERS_NS}}}displayed")
-        if marker is not None and marker.get("id"):
-            self._late_signal(marker.get("id", ""), self.core.displayed)
+        carbon = stanzas.read_sent_carbon(xml, self.xmpp.boundjid.bare)
+        if carbon is not None:
+            if carbon.fields.id not in self.core.records:
+                outgoing = OutgoingMessage(*carbon.fields, xml=carbon.xml, via_carbon=True)
+                self._dispatch(self.core.track(outgoing, link_up=True))
+            return
+        for proof in stanzas.read_peer_proofs(xml):
+            signal = self.core.delivered if proof.kind == "delivered" else self.core.displayed
+            self._late_signal(proof.id, signal)
 
-    def _read_bounce(self, xml: ET.Element) -> None:
-        message_id = xml.get("id")
-        if not message_id:
+    def _read_reflection(self, reflection: stanzas.Reflection) -> None:
+        room = reflection.room
+        if self.core.nick_in(room) != reflection.nick:
             return
-        error = xml.find(f"{{{self.xmpp.default_ns}}}error")
-        error_type, condition, text = "cancel", "undefined-condition", ""
-        if error is not None:
-            error_type = error.get("type", "cancel")
-            for child in error:
-                if not child.tag.startswith(f"{{{STANZAS_NS}}}"):
-                    continue
-                tag = child.tag.rpartition("}")[2]
-                if tag == "text":
-                    text = child.text or ""
-                else:
-                    condition = tag
-        reason = FailureReason.bounce(error_type, condition, text)
-        self._late_signal(message_id, lambda mid: self.core.bounced(mid, reason))
-
-    def _read_reflection(self, xml: ET.Element) -> None:
-        room, _, nick = xml.get("from", "").partition("/")
-        if not nick or self.core.nick_in(room) != nick:
-            return
-        body = xml.find(f"{{{self.xmpp.default_ns}}}body")
-        origin = xml.find(f"{{{SID_NS}}}origin-id")
         message_id = self.core.find_reflected(
             room,
-            origin.get("id") if origin is not None else None,
-            xml.get("id"),
-            body.text if body is not None else None,
-            history=xml.find(f"{{{DELAY_NS}}}delay") is not None,
+            reflection.origin_id,
+            reflection.id,
+            reflection.body,
+            history=reflection.history,
         )
         if message_id is not None:
             self._dispatch(self.core.room_received(message_id))
@@ -1024,7 +934,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         # Not one in memory: perhaps one that failed (its reflection was lost, the
         # resumption refused) and that the room's history now shows. By its stable id
         # only: the store is asked for it, so a resend does not duplicate it in the room.
-        wanted = origin.get("id") if origin is not None else xml.get("id")
+        wanted = reflection.origin_id or reflection.id
         if wanted:
             self._late_signal(wanted, lambda mid: self._reflected_late(mid, room))
 
@@ -1035,58 +945,29 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             return []
         return self.core.room_received(message_id)
 
-    def _read_sent_carbon(self, forwarded: ET.Element) -> None:
-        inner = forwarded.find(f"{{{self.xmpp.default_ns}}}message")
-        if inner is None:
-            return
-        body = inner.find(f"{{{self.xmpp.default_ns}}}body")
-        message_id = inner.get("id")
-        if body is None or not body.text or not message_id or message_id in self.core.records:
-            return
-        origin = inner.find(f"{{{SID_NS}}}origin-id")
-        outgoing = OutgoingMessage(
-            id=message_id,
-            origin_id=origin.get("id", message_id) if origin is not None else message_id,
-            to=inner.get("to", ""),
-            type=inner.get("type", "normal"),
-            body=body.text,
-            xml=tostring(inner, top_level=True),
-            via_carbon=True,
-        )
-        self._dispatch(self.core.track(outgoing, link_up=True))
-
     def _read_own_presence(self, presence: Presence) -> None:
         """A join on its way: should the session end before the room answers, the next
         one must join again before messages to that room go out."""
-        xml = presence.xml
-        if xml.find(_MUC_JOIN) is not None and xml.get("type") in (None, "available"):
-            room, _, nick = xml.get("to", "").partition("/")
-            if nick:
-                self.core.join_sent(room, nick)
+        join = stanzas.read_join(presence.xml)
+        if join is not None:
+            self.core.join_sent(join.room, join.nick)
 
     def _read_presence(self, presence: Presence) -> None:
         """Our own occupant presence (status 110): which nick is ours in which room."""
-        xml = presence.xml
-        if xml.get("type") == "error":
-            room = xml.get("from", "").partition("/")[0]
+        fact = stanzas.read_room_presence(presence.xml)
+        if fact is None:
+            return
+        room, codes = fact.room, fact.codes
+        if fact.error:
             if self.core.join_refused(room) and room in self._room_held:
                 self._release_room(room)  # they bounce with the room's own condition
             return
-        muc = xml.find(f"{{{MUC_USER_NS}}}x")
-        if muc is None:
+        if not fact.unavailable:
+            self._joined(room, fact.nick)
             return
-        codes = {status.get("code") for status in muc.findall(f"{{{MUC_USER_NS}}}status")}
-        if "110" not in codes:
+        if "303" in codes and fact.new_nick:  # nick change: the new nick comes in the item
+            self._joined(room, fact.new_nick)
             return
-        room, _, nick = xml.get("from", "").partition("/")
-        if xml.get("type") != "unavailable":
-            self._joined(room, nick)
-            return
-        if "303" in codes:  # nick change: the new nick comes in the item
-            item = muc.find(f"{{{MUC_USER_NS}}}item")
-            if item is not None and item.get("nick"):
-                self._joined(room, item.get("nick", ""))
-                return
         removed = codes & {"301", "307", "321", "322", "332", "333"}
         reason = FailureReason.REMOVED_FROM_ROOM if removed else FailureReason.LEFT_ROOM
         # 332: the service shuts down, 333: a technical error removed us. Unlike a kick
@@ -1131,12 +1012,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         """XEP-0198 §4: an ``h`` beyond what we sent ends the stream; nothing is lost."""
         log.error("stream management protocol error: %s; dropping the session", exc)
         if self.xmpp.transport is not None:
-            self.xmpp.send_raw(
-                "<stream:error><undefined-condition "
-                "xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>"
-                f"<handled-count-too-high xmlns='{SM_NS}' h='{exc.h}' send-count='{exc.seq}'/>"
-                "</stream:error>"
-            )
+            self.xmpp.send_raw(stanzas.handled_count_too_high(exc.h, exc.seq))
         self._drop_session()
 
     def _drop_session(self) -> None:
@@ -1164,7 +1040,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             self._send_enable()
         waiter = Waiter(
             f"sm_tracker enabled_or_failed {uuid.uuid4().hex}",  # one per wait: removed by name
-            MatchMany([MatchXPath(sm_stanza.Enabled.tag_name()), MatchXPath(_FAILED_TAG)]),
+            MatchMany([MatchXPath(sm_stanza.Enabled.tag_name()), MatchXPath(FAILED_TAG)]),
         )
         transport = xmpp.transport
         xmpp.register_handler(waiter)
@@ -1179,7 +1055,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         resume["previd"] = session.sm_id
         waiter = Waiter(
             f"sm_tracker resumed_or_failed {uuid.uuid4().hex}",
-            MatchMany([MatchXPath(sm_stanza.Resumed.tag_name()), MatchXPath(_FAILED_TAG)]),
+            MatchMany([MatchXPath(sm_stanza.Resumed.tag_name()), MatchXPath(FAILED_TAG)]),
         )
         transport = self.xmpp.transport
         self.xmpp.register_handler(waiter)
@@ -1221,16 +1097,16 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         events = self.core.enabled(
             xml.get("id"),
             resumable=resumable and self.allow_resume,
-            location=location if _parse_location(location) else None,
-            max=_parse_counter(xml.get("max")),
+            location=location if parse_location(location) else None,
+            max=parse_counter(xml.get("max")),
             jid=self.xmpp.boundjid.full,
         )
         self._dispatch(events)
         self.sm.changed(urgent=True)
-        if location and _parse_location(location) is None:
+        if location and parse_location(location) is None:
             log.warning("ignoring an unusable <enabled location=%r>", location)
         max_text = xml.get("max")
-        if max_text is not None and _parse_counter(max_text) is None:
+        if max_text is not None and parse_counter(max_text) is None:
             log.warning("ignoring an unusable <enabled max=%r>", max_text)
         self.xmpp.end_session_on_disconnect = not self.core.session.can_resume
 
@@ -1238,7 +1114,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         xml = stanza.xml
         session = self.core.session
         previd = xml.get("previd")
-        h = _parse_counter(xml.get("h"))
+        h = parse_counter(xml.get("h"))
         if previd != session.sm_id or h is None:
             log.error(
                 "<resumed previd=%r h=%r> does not match our stream %r: dropping the session",
@@ -1284,7 +1160,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
     def _on_failed(self, stanza: StanzaBase) -> None:
         """``<failed/>`` answers either ``<enable/>`` or ``<resume/>``; slixmpp cannot
         tell which and never reads its ``h``."""
-        h = _parse_counter(stanza.xml.get("h"))
+        h = parse_counter(stanza.xml.get("h"))
         if self.core.session.resuming:
             log.info("resumption refused (h=%s): failing what it does not cover", h)
             self._dispatch(self.core.resume_failed(h))
@@ -1401,7 +1277,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             return
         if xmpp.custom_address != self._location_tried:
             self._app_address = xmpp.custom_address  # the app's (None: DNS)
-        location = _parse_location(self.core.session.location)
+        location = parse_location(self.core.session.location)
         if location is not None and location == self._location_dead:
             location = None
         self._location_tried = location

@@ -23,6 +23,7 @@ from slixmpp.xmlstream import tostring
 
 from .core.records import FailureReason, TrackedMessage
 from .core.states import DeliveryState
+from .stanzas import archived_ids, with_delay
 
 if TYPE_CHECKING:
     from .plugin import SMTracker
@@ -30,10 +31,6 @@ if TYPE_CHECKING:
 __all__ = ["Resender"]
 
 log = logging.getLogger(__name__)
-
-DELAY_NS = "urn:xmpp:delay"
-FORWARD_NS = "urn:xmpp:forward:0"
-SID_NS = "urn:xmpp:sid:0"
 
 #: Failures after which the server may still have the message: worth an archive look.
 UNANSWERED = frozenset(
@@ -114,10 +111,7 @@ class Resender:
         plugin = self.plugin
         message = Message(plugin.xmpp, xml=ET.fromstring(record.xml))
         xml = None
-        if message.xml.find(f"{{{DELAY_NS}}}delay") is None:
-            stamp = datetime.fromtimestamp(record.created_at, UTC)
-            text = stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-            ET.SubElement(message.xml, f"{{{DELAY_NS}}}delay", {"stamp": text})
+        if with_delay(message.xml, record.created_at):
             xml = tostring(message.xml, top_level=True)  # the record keeps what is sent
         events = plugin.core.resend(record, xml)
         plugin._dispatch(events)
@@ -172,15 +166,8 @@ class Resender:
                     rsm={"max": 100},
                     total=plugin.reconcile_limit,
                 ):
-                    inner = result.xml.find(
-                        f".//{{{FORWARD_NS}}}forwarded/{{{xmpp.default_ns}}}message"
-                    )
-                    if inner is None:
-                        continue
-                    if room is None and inner.get("from", "").split("/", 1)[0] != ours:
-                        continue  # in a room's archive the sender is a nick: the ids decide
-                    origin = inner.find(f"{{{SID_NS}}}origin-id")
-                    for key in (origin.get("id") if origin is not None else None, inner.get("id")):
+                    # In a room's archive the sender is a nick: the ids decide.
+                    for key in archived_ids(result.xml, None if room else ours):
                         if key in wanted:
                             found.add(wanted[key])
         except Exception as exc:  # no archive, an error, a timeout: resend as usual
