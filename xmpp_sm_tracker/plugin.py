@@ -30,6 +30,16 @@ from slixmpp.xmlstream.matcher import MatchMany, MatchXPath
 from . import stanzas
 from .core.acks import AckClock, AckPolicy
 from .core.ledger import Entry, HBackwards, SMProtocolError
+from .core.phases import (
+    CLOSED_BY_APP,
+    LINK_TRANSITIONS,
+    SESSION_UP,
+    LinkEvent,
+    LinkPhase,
+    PhaseMachine,
+    SMPhase,
+)
+from .core.reconnect import backoff_delay, choose_address
 from .core.records import FailureReason, TrackedMessage
 from .core.retry import RetryPolicy
 from .core.smstate import SMStateError, parse_state
@@ -162,10 +172,8 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         )
         self._xep = xmpp.plugin["xep_0198"]
 
-        self._session_live = False
-        self._closing = False
-        self._sm_offered = False
-        self._enable_sent_here = False
+        #: The connection's phase; the SM session's is the core's (``core.sm_phase``).
+        self._link = PhaseMachine(LINK_TRANSITIONS, LinkPhase.OFFLINE)
         #: Tracked messages slixmpp holds until the next session start, by id.
         self._parked: dict[str, StanzaBase] = {}
         #: Messages tracked on a live session, serialized only when written (the text
@@ -182,8 +190,6 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         self._reconnect_timer: asyncio.TimerHandle | None = None
         self._negotiation_timer: asyncio.TimerHandle | None = None
         self._reconnect_attempt = 0
-        #: The app asked to reconnect (xmpp.reconnect): the next drop reconnects at once.
-        self._reconnect_now = False
         #: Where the app connected us (None: DNS), the ``<enabled location>`` we went
         #: to instead, and one that did not answer (not tried again for that session).
         self._app_address: tuple[str, int] | None = None
@@ -310,7 +316,22 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
     @property
     def session_live(self) -> bool:
         """True while a session (fresh or resumed) is up and stanzas can go out."""
-        return self._session_live
+        return self._link.phase in SESSION_UP
+
+    @property
+    def link_phase(self) -> LinkPhase:
+        """Where the connection stands (see :mod:`xmpp_sm_tracker.core.phases`)."""
+        return self._link.phase
+
+    @property
+    def sm_phase(self) -> SMPhase:
+        """Where the XEP-0198 session stands (see :mod:`xmpp_sm_tracker.core.phases`)."""
+        return self.core.sm_phase
+
+    @property
+    def managed(self) -> bool:
+        """True while stream management is on for this connection (both ways counted)."""
+        return self.core.counting_in
 
     async def flush(self) -> None:
         """Make every record change so far durable, and hand the SM state to ``sm.cache``."""
@@ -413,7 +434,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
 
     def _load_state(self, state: object) -> None:
         """Check a saved state completely, then install it; on error stay fresh."""
-        if self.xmpp.transport is not None or self.core.session.enabled_out:
+        if self.xmpp.transport is not None or self.core.counting_out:
             raise SMStateError("sm.load() must be called before connect()")
         try:
             restored = parse_state(state, bare_jid=self.xmpp.boundjid.bare)
@@ -490,7 +511,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         if use_filters and isinstance(data, Message):
             # On a live session the text is made when the stanza is written, unless
             # another filter would come after ours (then slixmpp writes it itself).
-            record = self._track(data, lazy=self._session_live and self._we_write_last())
+            record = self._track(data, lazy=self.session_live and self._we_write_last())
             if record is not None and self.resender.hold(record, data):
                 if record.id in self._unwritten:
                     self._write_text(record.id)  # it waits: the record needs its text now
@@ -525,7 +546,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         outgoing = OutgoingMessage(*fields, xml="" if lazy else tostring(xml, top_level=True))
         if lazy:
             self._unwritten[fields.id] = message
-        self._dispatch(self.core.track(outgoing, link_up=self._session_live))
+        self._dispatch(self.core.track(outgoing, link_up=self.session_live))
         return records.get(fields.id)
 
     def _body_to_track(self, message: Message) -> str | None:
@@ -728,8 +749,8 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
                 if unwritten is not None and unwritten is stanza:
                     del self._unwritten[message_id]
                     written = tostring(unwritten.xml, top_level=True)
-        if core.session.resuming or (
-            message_id is not None and self.xmpp.transport is None and not self._session_live
+        if core.sm_phase is SMPhase.RESUMING or (
+            message_id is not None and self.xmpp.transport is None and not self.session_live
         ):
             # Written between <resume/> and <resumed/>, any stanza would be counted
             # before the resends and then again among them (Smack #185). And a message
@@ -746,7 +767,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             and self._hold_for_room(stanza, message_id, written)
         ):
             return None
-        if not core.session.enabled_out:
+        if not core.counting_out:
             if written is None:
                 return stanza
             self._record_written(message_id, written)  # type: ignore[arg-type]
@@ -793,7 +814,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
 
     def _request_ack(self, now: float) -> None:
         """Queue an ``<r/>`` behind what is queued, so it follows the stanzas it asks about."""
-        if self.xmpp.transport is None or not self.core.session.enabled_out:
+        if self.xmpp.transport is None or not self.core.counting_out:
             return
         # As text, straight into slixmpp's send queue: behind what is queued, and
         # without building and serializing a stanza every ack_every messages.
@@ -819,7 +840,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         self._ack_timer = None
         self._ack_timer_at = None
         now = self.xmpp.loop.time()
-        if not self.core.session.enabled_out:
+        if not self.core.counting_out:
             return  # no SM on this connection: nothing to ask (the next one re-arms)
         if self.ack_clock.link_dead(now):
             log.warning(
@@ -872,7 +893,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         xmpp.send_raw = send_raw
 
     def _send_ack(self) -> None:
-        if self.xmpp.transport is None or not self.core.session.enabled_in:
+        if self.xmpp.transport is None or not self.core.counting_in:
             return
         self.xmpp.send_raw(stanzas.ack(self.core.session.handled))
 
@@ -880,7 +901,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         """in filter: count handled stanzas, and read the proofs peers send back."""
         if not isinstance(stanza, (Message, Presence, Iq)):
             return stanza
-        if self.core.session.enabled_in:
+        if self.core.counting_in:
             self.core.inbound()
             self.sm.changed()
             self.ack_clock.heard(self.xmpp.loop.time())
@@ -1028,15 +1049,17 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
 
     async def _handle_sm_feature(self, features: StanzaBase) -> bool:
         """Resume before bind when we can, otherwise enable after bind."""
-        xmpp = self.xmpp
+        xmpp, core = self.xmpp, self.core
         if "stream_management" in xmpp.features:
             return False
-        self._sm_offered = True
         if "bind" not in xmpp.features:
-            if self.core.session.can_resume and self.allow_resume:
+            resumable = core.sm_phase is SMPhase.SUSPENDED and core.session.can_resume
+            if resumable and self.allow_resume:
                 return await self._resume()
+            core.sm_offered()  # a fresh session: <enable/> goes out at bind
             return False
-        if not self._enable_sent_here:
+        core.sm_offered()
+        if core.sm_phase is SMPhase.OFFERED:
             self._send_enable()
         waiter = Waiter(
             f"sm_tracker enabled_or_failed {uuid.uuid4().hex}",  # one per wait: removed by name
@@ -1067,15 +1090,15 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             log.info("the connection was lost during <resume/>; nothing more to do for it")
             return True
         if result and result.xml.tag == sm_stanza.Resumed.tag_name():
-            return self.core.session.enabled_in  # False if <resumed> was rejected
-        if not result and self.core.session.resuming:
+            return self.core.counting_in  # False if <resumed> was rejected
+        if not result and self.core.sm_phase is SMPhase.RESUMING:
             log.warning("no answer to <resume/>: treating it as refused")
             self._dispatch(self.core.resume_failed(None))
         self.xmpp.event("session_end")
         return False
 
     def _send_enable(self) -> None:
-        self._enable_sent_here = True
+        self.core.enable_queued()
         enable = sm_stanza.Enable(self.xmpp)
         enable["resume"] = self.allow_resume
         if self.resume_max is not None:
@@ -1085,10 +1108,13 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
     def _on_session_bind(self, _jid: Any) -> None:
         """Enable right after bind, before session_start handlers queue their stanzas,
         so that everything the app sends in them is counted."""
-        if self._sm_offered and not self._enable_sent_here and not self.core.session.resuming:
+        if self.core.sm_phase is SMPhase.OFFERED:
             self._send_enable()
 
     def _on_enabled(self, stanza: StanzaBase) -> None:
+        if self.core.sm_phase is not SMPhase.ENABLING:
+            log.warning("ignoring an <enabled/> nobody asked for (%s)", self.core.sm_phase.name)
+            return
         xml = stanza.xml
         self.xmpp.features.add("stream_management")
         resumable = xml.get("resume", "false").lower() in ("true", "1")
@@ -1111,6 +1137,9 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         self.xmpp.end_session_on_disconnect = not self.core.session.can_resume
 
     def _on_resumed(self, stanza: StanzaBase) -> None:
+        if self.core.sm_phase is not SMPhase.RESUMING:
+            log.warning("ignoring a <resumed/> nobody asked for (%s)", self.core.sm_phase.name)
+            return
         xml = stanza.xml
         session = self.core.session
         previd = xml.get("previd")
@@ -1161,21 +1190,23 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         """``<failed/>`` answers either ``<enable/>`` or ``<resume/>``; slixmpp cannot
         tell which and never reads its ``h``."""
         h = parse_counter(stanza.xml.get("h"))
-        if self.core.session.resuming:
+        phase = self.core.sm_phase
+        if phase is SMPhase.RESUMING:
             log.info("resumption refused (h=%s): failing what it does not cover", h)
             self._dispatch(self.core.resume_failed(h))
-        else:
+        elif phase is SMPhase.ENABLING:
             log.warning("the server refused to enable stream management")
             self._dispatch(self.core.enable_failed())
+        else:
+            log.warning("ignoring a <failed/> nobody asked for (%s)", phase.name)
+            return
         self.xmpp.features.discard("stream_management")
         self.sm.changed(urgent=True)
 
     # ---------------------------------------------------------------- connection
 
     def _on_connected(self, _event: Any) -> None:
-        self._closing = False
-        self._sm_offered = False
-        self._enable_sent_here = False
+        self._link.handle(LinkEvent.CONNECTED)
         self.ack_clock.reset()
         self._cancel(self._negotiation_timer)
         self._negotiation_timer = self.xmpp.loop.call_later(
@@ -1184,13 +1215,13 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
 
     def _on_negotiation_timeout(self) -> None:
         self._negotiation_timer = None
-        if not self._session_live and self.xmpp.transport is not None:
+        if self._link.phase is LinkPhase.NEGOTIATING and self.xmpp.transport is not None:
             log.warning("no session after %.0fs: dropping the connection", self.negotiation_timeout)
             self.xmpp.abort()
 
     def _on_session_live(self, _event: Any) -> None:
-        self._session_live = True
-        if self.core.session.enabled_out:
+        self._link.handle(LinkEvent.SESSION_STARTED)
+        if self.core.counting_out:
             self.ack_clock.heard(self.xmpp.loop.time())  # the keepalive counts from here
             self._arm_ack_timer()
         self._wait_for_rejoins()
@@ -1199,17 +1230,16 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         self._negotiation_timer = None
 
     def _on_disconnected(self, _reason: Any) -> None:
-        self._session_live = False
+        left = self._link.handle(LinkEvent.DISCONNECTED)
         self._cancel_ack_timer()
         self._cancel_rejoin_timer()  # the wait starts again with the next session
         self._cancel(self._negotiation_timer)
         self._negotiation_timer = None
         self.ack_clock.reset()
-        if self._closing:
+        if left in CLOSED_BY_APP:
             return
         self._dispatch(self.core.link_lost())
-        if self._reconnect_now:
-            self._reconnect_now = False  # asked for by the app: at once, whatever the config
+        if left is LinkPhase.DROPPING:  # asked for by the app: at once, whatever the config
             self._cancel(self._reconnect_timer)
             self._reconnect_timer = self.xmpp.loop.call_later(0, self._reconnect)
         elif self.auto_reconnect:
@@ -1222,7 +1252,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         SM state is dropped instead, what it did not confirm fails ``resume-failed``,
         and the next connection starts a fresh session.
         """
-        if not self.core.session.resuming:
+        if self.core.sm_phase is not SMPhase.RESUMING:
             return  # any other stream error: the link drops, resumption is tried
         condition = error["condition"] if error is not None else None
         log.warning("stream error %r answered <resume/>: dropping the SM state", condition)
@@ -1233,7 +1263,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
 
     def _on_session_end(self, _event: Any) -> None:
         """The SM session is over for good: nothing unacked can be confirmed any more."""
-        if self._closing:
+        if self._link.phase in CLOSED_BY_APP:
             unsent = self.core.unsent_ids()
         else:
             # slixmpp discarded what it had queued but not written; what it parked
@@ -1247,8 +1277,8 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
 
     def _schedule_reconnect(self) -> None:
         self._cancel(self._reconnect_timer)
-        delay = min(
-            self.reconnect_max_delay, self.reconnect_delay * (2 ** min(self._reconnect_attempt, 16))
+        delay = backoff_delay(
+            self._reconnect_attempt, self.reconnect_delay, self.reconnect_max_delay
         )
         self._reconnect_attempt += 1
         self._reconnect_timer = self.xmpp.loop.call_later(delay, self._reconnect)
@@ -1265,7 +1295,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             return
         log.info("%s: dropping the link to resume the session", reason)
         self._reconnect_attempt = 0
-        self._reconnect_now = True
+        self._link.handle(LinkEvent.DROP_TO_RESUME)
         self.xmpp.abort()
 
     def _reconnect(self) -> None:
@@ -1273,15 +1303,13 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         to the address the app gave (slixmpp would keep the location for good)."""
         self._reconnect_timer = None
         xmpp = self.xmpp
-        if self._closing or xmpp.transport is not None or xmpp.is_connecting():
+        if self._link.phase in CLOSED_BY_APP or xmpp.transport is not None or xmpp.is_connecting():
             return
         if xmpp.custom_address != self._location_tried:
             self._app_address = xmpp.custom_address  # the app's (None: DNS)
         location = parse_location(self.core.session.location)
-        if location is not None and location == self._location_dead:
-            location = None
-        self._location_tried = location
-        address = location or self._app_address
+        address = choose_address(location, self._location_dead, self._app_address)
+        self._location_tried = address if address == location else None
         log.info("reconnecting to %s", address or xmpp.boundjid.domain)
         if address:
             xmpp.connect(*address)
@@ -1311,7 +1339,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         Ask for a last ack (it comes back before the server closes), send ours,
         then let slixmpp close; whatever stays unacked ends ``failed``.
         """
-        self._closing = True
+        self._link.handle(LinkEvent.CLOSE)
         self._cancel(self._reconnect_timer)
         self._reconnect_timer = None
         xmpp = self.xmpp
