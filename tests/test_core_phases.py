@@ -32,7 +32,9 @@ def test_sm_events_move_by_the_table_or_raise(phase: SMPhase, event: SMEvent) ->
     machine = PhaseMachine(SM_TRANSITIONS, phase)
     expected = SM_TRANSITIONS[phase].get(event)
     if expected is None:
-        with pytest.raises(IllegalPhaseEvent, match=f"{event.name} is not legal in phase {phase.name}"):
+        with pytest.raises(
+            IllegalPhaseEvent, match=f"{event.name} is not legal in phase {phase.name}"
+        ):
             machine.handle(event)
         assert machine.phase is phase  # nothing changed
     else:

@@ -197,7 +197,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         self._location_dead: tuple[str, int] | None = None
         self._late_tasks: set[asyncio.Future[None]] = set()
 
-        self.resender = Resender(self)
+        self.resender = Resender(_ResendHost(self))
         self.core.retry_policy = self.retry_policy
 
         self._displace_xep_0198()
@@ -1373,6 +1373,44 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             self._cancel(handle)
         self._reconnect_timer = None
         self._negotiation_timer = None
+
+
+class _ResendHost:
+    """The resender's narrow view of the plugin (:class:`~.resend.ResendHost`)."""
+
+    __slots__ = ("_plugin",)
+
+    def __init__(self, plugin: SMTracker) -> None:
+        self._plugin = plugin
+
+    @property
+    def xmpp(self) -> Any:
+        return self._plugin.xmpp
+
+    @property
+    def core(self) -> Tracker[StanzaBase]:
+        return self._plugin.core
+
+    @property
+    def config(self) -> dict[str, Any]:
+        config: dict[str, Any] = self._plugin.config
+        return config
+
+    @property
+    def session_live(self) -> bool:
+        return self._plugin.session_live
+
+    def apply(self, events: list[Event]) -> None:
+        self._plugin._dispatch(events)
+
+    def write(self, message: Message) -> None:
+        self._plugin._hand_over(message)
+
+    def withhold_queued_copy(self, message_id: str) -> None:
+        self._plugin._withhold_parked(message_id)
+
+    async def get(self, message_id: str) -> TrackedMessage | None:
+        return await self._plugin.get(message_id)
 
 
 # ``xmpp.register_plugin("sm_tracker")`` works once this module is imported.

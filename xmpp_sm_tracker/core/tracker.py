@@ -9,14 +9,13 @@ stanzas, runs timers and emits the events.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic, NamedTuple, TypeVar
 
 from .ledger import Entry, Ledger, ResumeResult, SMProtocolError
 from .phases import COUNTING_IN, COUNTING_OUT, SM_TRANSITIONS, PhaseMachine, SMEvent, SMPhase
-from .records import _KEEP, FailureReason, TrackedMessage, _build, _Keep
+from .records import KEEP, FailureReason, Keep, TrackedMessage, build_record
 from .retry import RetryPolicy
 from .smstate import STATE_VERSION, RestoredState
 from .states import IN_FLIGHT, DeliveryState, next_state
@@ -95,7 +94,8 @@ class SessionFacts:
 class Tracker(Generic[P]):
     """Sans-I/O bookkeeping of one client's outgoing stanzas and tracked messages."""
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, clock: Callable[[], float]) -> None:
+        #: The caller's clock (the core reads none): record timestamps come from it.
         self.clock = clock
         self.session = SessionFacts()
         self._sm = PhaseMachine(SM_TRANSITIONS, SMPhase.NONE)
@@ -148,8 +148,8 @@ class Tracker(Generic[P]):
         signal: DeliveryState,
         *,
         attempts: int | None = None,
-        reason: str | _Keep | None = _KEEP,
-        seq: int | _Keep | None = _KEEP,
+        reason: str | Keep | None = KEEP,
+        seq: int | Keep | None = KEEP,
     ) -> Event | None:
         """Apply ``signal`` to a record through the transition table; the event, if any.
 
@@ -168,7 +168,7 @@ class Tracker(Generic[P]):
             return None
         if state is _S.RESENT and attempts is None:
             attempts = record.attempts + 1
-        if state is not _S.FAILED and isinstance(reason, _Keep):
+        if state is not _S.FAILED and isinstance(reason, Keep):
             reason = None
         moved = record.moved(state, self.clock(), attempts=attempts, reason=reason, seq=seq)
         policy = self.retry_policy
@@ -193,7 +193,7 @@ class Tracker(Generic[P]):
         return not (record.state is _S.ACKED and record.type == "groupchat")
 
     def _fate(
-        self, entries: Iterable[Entry[P]], state: DeliveryState, reason: str | _Keep | None = _KEEP
+        self, entries: Iterable[Entry[P]], state: DeliveryState, reason: str | Keep | None = KEEP
     ) -> list[Event]:
         """Events for ledger entries that all met the same fate, stanza event first."""
         stanza_event = _STANZA_EVENT[state]
@@ -231,7 +231,7 @@ class Tracker(Generic[P]):
 
     @staticmethod
     def _new_record(message: OutgoingMessage, state: DeliveryState, now: float) -> TrackedMessage:
-        return _build(
+        return build_record(
             message.id,
             message.origin_id,
             message.to,
