@@ -26,7 +26,7 @@ class Client(WiredClient):
     def __init__(self, **config: Any) -> None:
         super().__init__(**config)
         self.tracker.core.rejoining = {ROOM: "Alice"}
-        self.tracker._wait_for_rejoins()
+        self.xmpp.event("session_start")  # the session goes live: the rejoin wait starts
         self.start_writing()
 
     def send(self, body: str) -> str:
@@ -86,7 +86,7 @@ async def test_held_messages_go_first_even_behind_an_async_outgoing_filter(
     alice.xmpp.add_filter("out", caps_like)
     for body in ("m1", "m2", "m3", "m4"):
         alice.send(body)
-    while ROOM not in alice.tracker._room_held:
+    while ROOM not in alice.tracker.outbox.held_rooms():
         await asyncio.sleep(0)
     alice.back_in_the_room()  # mid-burst
     await alice.turns()

@@ -25,7 +25,7 @@ class Client(WiredClient):
         super().__init__(auto_reconnect=False)
         self.tracker.core.sm_offered()
         self.tracker.core.enable_queued()
-        self.tracker._on_outgoing(sm_stanza.Enable(self.xmpp))
+        self.tracker._outbound.on_outgoing(sm_stanza.Enable(self.xmpp))
         self.tracker.core.enabled(
             "sm-1", resumable=True, location=None, max=None, jid="alice@localhost/r"
         )
@@ -41,15 +41,15 @@ class Client(WiredClient):
         self.transport = RecordingTransport()
         self.xmpp.transport = self.transport
         self.xmpp.event("connected")
-        self.tracker._on_outgoing(sm_stanza.Resume(self.xmpp))
+        self.tracker._outbound.on_outgoing(sm_stanza.Resume(self.xmpp))
         return self.transport
 
     def server_says(self, xml: str) -> None:
         element = ET.fromstring(xml)
         if element.tag == f"{{{SM_NS}}}resumed":
-            self.tracker._on_resumed(sm_stanza.Resumed(self.xmpp, xml=element))
+            self.tracker._session.on_resumed(sm_stanza.Resumed(self.xmpp, xml=element))
         else:
-            self.tracker._on_ack(sm_stanza.Ack(self.xmpp, xml=element))
+            self.tracker._acks.on_ack(sm_stanza.Ack(self.xmpp, xml=element))
 
 
 @pytest_asyncio.fixture

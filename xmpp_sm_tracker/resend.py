@@ -21,6 +21,7 @@ from slixmpp import JID
 from slixmpp.stanza import Message
 from slixmpp.xmlstream import tostring
 
+from .core.outbox import Outbox
 from .core.records import FailureReason, TrackedMessage
 from .core.states import DeliveryState
 from .core.tracker import Event, Tracker
@@ -55,6 +56,10 @@ class ResendHost(Protocol):
         """The sans-I/O tracker that decides what each fact does to a record."""
 
     @property
+    def outbox(self) -> Outbox[Any]:
+        """Where new messages wait behind a resend of their conversation."""
+
+    @property
     def config(self) -> dict[str, Any]:
         """The plugin's settings (keep_order, reconcile_*)."""
 
@@ -80,8 +85,6 @@ class Resender:
 
     def __init__(self, host: ResendHost) -> None:
         self.host = host
-        self._gates: dict[str, int] = defaultdict(int)
-        self._held: dict[str, list[Message]] = defaultdict(list)
         self._timers: dict[str, asyncio.TimerHandle] = {}
         #: Scheduled automatic retries: message id -> the conversation they hold back.
         self._scheduled: dict[str, str] = {}
@@ -89,28 +92,13 @@ class Resender:
 
     # ---------------------------------------------------------------- ordering
 
-    def hold(self, record: TrackedMessage, message: Message) -> bool:
-        """Keep a new message back while older ones to the same peer are resent."""
-        if not self._gates:  # the usual case, checked first: nothing is being resent
-            return False
-        conversation = record.conversation
-        if not self.host.config["keep_order"] or not self._gates.get(conversation):
-            return False
-        self._held[conversation].append(message)
-        return True
-
     def _close_gate(self, conversations: Iterable[str]) -> None:
-        for conversation in conversations:
-            self._gates[conversation] += 1
+        """New messages to these conversations wait until the resends are out."""
+        self.host.outbox.close_gates(conversations)
 
     def _open_gate(self, conversations: Iterable[str]) -> None:
-        for conversation in conversations:
-            self._gates[conversation] -= 1
-            if self._gates[conversation] > 0:
-                continue
-            del self._gates[conversation]
-            for message in self._held.pop(conversation, []):
-                self.host.write(message)
+        for message in self.host.outbox.open_gates(conversations):
+            self.host.write(message)
 
     # ---------------------------------------------------------------- resending
 
@@ -229,12 +217,6 @@ class Resender:
         handle = self._timers.pop(message_id, None)
         if handle is not None:
             handle.cancel()
-
-    def take_held(self) -> list[Message]:
-        """Every message held behind a resend, oldest first (the plugin is ending)."""
-        held = [message for messages in self._held.values() for message in messages]
-        self._held.clear()
-        return held
 
     def _disarm(self, message_id: str) -> None:
         """No timer for a settled record; a retry it held a gate for lets it go."""

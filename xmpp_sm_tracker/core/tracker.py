@@ -304,6 +304,13 @@ class Tracker(Generic[P]):
             events.extend(self._fate([entry], _S.HIBERNATED))
         return events
 
+    def newest_text(self, message_id: str | None) -> str | None:
+        """The text of the stanza counted last, when it is ``message_id``'s copy."""
+        newest = self.ledger.newest
+        if newest is None or message_id is None or newest.message_id != message_id:
+            return None
+        return newest.serialized
+
     def written(self, message_id: str, xml: str) -> TrackedMessage | None:
         """The stanza of a record tracked before it was serialized has its text now
         (it was parked, held back, or is failing before it was written). No event:

@@ -1,0 +1,117 @@
+"""The outbox's verdicts and holds (core/outbox.py)."""
+
+from __future__ import annotations
+
+from xmpp_sm_tracker.core.outbox import Outbox, Verdict
+
+
+class Copy:
+    """A stanza object: copies are told apart by identity, as in the plugin."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"Copy({self.name})"
+
+
+def test_untracked_stanzas_are_written_or_counted() -> None:
+    box: Outbox[Copy] = Outbox()
+    assert box.verdict(Copy("iq"), None) is Verdict.WRITE
+    assert box.verdict(Copy("iq"), None, counting=True) is Verdict.COUNT
+    assert box.empty
+
+
+def test_anything_written_while_resuming_is_parked() -> None:
+    # Smack #185: counted before the resends and again among them otherwise.
+    box: Outbox[Copy] = Outbox()
+    assert box.verdict(Copy("iq"), None, resuming=True, counting=True) is Verdict.PARK
+    assert box.verdict(Copy("m"), "m", tracked=True, resuming=True, counting=True) is Verdict.PARK
+
+
+def test_a_message_whose_link_dropped_in_the_queue_is_parked() -> None:
+    box: Outbox[Copy] = Outbox()
+    assert box.verdict(Copy("m"), "m", tracked=True, link_down=True, counting=True) is Verdict.PARK
+    assert box.verdict(Copy("iq"), None, link_down=True, counting=True) is Verdict.COUNT
+
+
+def test_a_withheld_message_is_dropped() -> None:
+    box: Outbox[Copy] = Outbox()
+    assert box.verdict(Copy("m"), "m", withheld=True, counting=True) is Verdict.DROP
+
+
+def test_a_doomed_parked_copy_is_dropped_but_a_resent_copy_goes_out() -> None:
+    box: Outbox[Copy] = Outbox()
+    parked, resent = Copy("first"), Copy("again")
+    box.parked("m", parked)
+    assert box.is_waiting("m")
+    box.doom("m")  # failed while parked
+    assert not box.is_waiting("m")
+    assert box.verdict(resent, "m", counting=True) is Verdict.COUNT  # explicit resend
+    assert box.verdict(parked, "m", counting=True) is Verdict.DROP
+    assert box.empty
+
+
+def test_a_parked_copy_stops_waiting_when_written() -> None:
+    box: Outbox[Copy] = Outbox()
+    copy = Copy("m")
+    box.parked("m", copy)
+    assert box.waiting_ids() == {"m"}
+    assert box.verdict(copy, "m", counting=True) is Verdict.COUNT
+    assert box.empty
+
+
+def test_room_messages_wait_for_the_rejoin_in_order() -> None:
+    box: Outbox[Copy] = Outbox()
+    first, second, other = Copy("1"), Copy("2"), Copy("3")
+    waited = frozenset({"r@muc"})
+    for copy in (first, second):
+        verdict = box.verdict(
+            copy, copy.name, tracked=True, room="r@muc", rooms_waited_for=waited, counting=True
+        )
+        assert verdict is Verdict.HOLD_FOR_ROOM
+    verdict = box.verdict(
+        other, "3", tracked=True, room="s@muc", rooms_waited_for=waited, counting=True
+    )
+    assert verdict is Verdict.COUNT
+    assert box.held_rooms() == {"r@muc"} and box.waiting_ids() == {"1", "2"}
+    released = box.release_room("r@muc")
+    assert released == [first, second]
+    for copy in released:  # written now: they stop waiting
+        assert box.verdict(copy, copy.name, counting=True) is Verdict.COUNT
+    assert box.empty
+
+
+def test_leaving_a_room_drops_its_held_copies() -> None:
+    box: Outbox[Copy] = Outbox()
+    copy = Copy("1")
+    box.verdict(copy, "1", tracked=True, room="r@muc", rooms_waited_for={"r@muc"}, counting=True)
+    box.drop_room("r@muc")
+    assert box.empty
+
+
+def test_new_messages_wait_behind_a_resend_of_their_conversation() -> None:
+    box: Outbox[Copy] = Outbox()
+    assert not box.hold_behind_resend("bob@x", Copy("before"))
+    box.close_gates(["bob@x"])
+    box.close_gates(["bob@x"])  # two resends overlap
+    late1, late2 = Copy("a"), Copy("b")
+    assert box.hold_behind_resend("bob@x", late1)
+    assert box.hold_behind_resend("bob@x", late2)
+    assert not box.hold_behind_resend("carol@x", Copy("c"))
+    assert box.open_gates(["bob@x"]) == []  # one resend still under way
+    assert box.resending("bob@x")
+    assert box.open_gates(["bob@x"]) == [late1, late2]
+    assert box.empty
+
+
+def test_take_all_hands_back_everything_but_doomed_copies() -> None:
+    box: Outbox[Copy] = Outbox()
+    held, doomed, behind = Copy("h"), Copy("d"), Copy("b")
+    box.verdict(held, "h", tracked=True, room="r@muc", rooms_waited_for={"r@muc"})
+    box.parked("d", doomed)
+    box.doom("d")
+    box.close_gates(["bob@x"])
+    box.hold_behind_resend("bob@x", behind)
+    assert list(box.take_all()) == [held, behind]
+    assert box.empty

@@ -1,0 +1,151 @@
+"""Acks on the wire: ``<r/>`` out when the ack clock says so, ``<a/>`` in and out.
+
+slixmpp glue around the sans-I/O :class:`~.core.acks.AckClock` (when to ask, when
+silence means a dead link) and the core's ledger (what an ``h`` acknowledges).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from slixmpp.xmlstream import StanzaBase
+
+from . import stanzas
+from .context import Context
+from .core.acks import AckClock
+from .core.ledger import HBackwards, SMProtocolError
+from .stanzas import REQUEST_ACK, parse_counter
+
+__all__ = ["AckDriver"]
+
+log = logging.getLogger(__name__)
+
+
+class AckDriver:
+    """Asks for acks, answers the server's, and finds a dead link by its silence."""
+
+    def __init__(
+        self,
+        ctx: Context,
+        clock: AckClock,
+        on_protocol_error: Callable[[SMProtocolError], None],
+    ) -> None:
+        self._ctx = ctx
+        #: When to ask, and when silence means the link is dead (sans-I/O).
+        self.clock = clock
+        self._on_protocol_error = on_protocol_error
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+
+    # ---------------------------------------------------------------- asking
+
+    def counted(self, now: float) -> bool:
+        """A stanza was counted: True when an ``<r/>`` should follow it in the same
+        write (the caller then calls :meth:`requested`); otherwise the timer asks."""
+        if self.clock.counted(now):
+            return True
+        self.arm()  # cheap when the deadline did not move (the usual case)
+        return False
+
+    def request(self, now: float) -> None:
+        """Queue an ``<r/>`` behind what is queued, so it follows the stanzas it asks about."""
+        ctx = self._ctx
+        if ctx.xmpp.transport is None or not ctx.core.counting_out:
+            return
+        # As text, straight into slixmpp's send queue: behind what is queued, and
+        # without building and serializing a stanza every ack_every messages.
+        ctx.xmpp.waiting_queue.put_nowait((REQUEST_ACK, False))
+        self.requested(now)
+
+    def requested(self, now: float) -> None:
+        """An ``<r/>`` went out (queued, or written right behind a stanza)."""
+        self.clock.request_sent(now)
+        self.arm()
+
+    def arm(self) -> None:
+        """Run the timer for the clock's next deadline (an ``<r/>`` or a dead link)."""
+        deadline = self.clock.next_deadline()
+        if deadline is None:
+            return
+        if self._timer is not None and self._timer_at is not None:
+            if self._timer_at <= deadline:
+                return
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = self._ctx.xmpp.loop.call_at(deadline, self._on_timer)
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = None
+        self._timer_at = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        ctx = self._ctx
+        now = ctx.now
+        if not ctx.core.counting_out:
+            return  # no SM on this connection: nothing to ask (the next one re-arms)
+        if self.clock.link_dead(now):
+            log.warning(
+                "no <a/> for %.1fs: the link is presumed dead, dropping it to resume",
+                self.clock.policy.timeout,
+            )
+            self.clock.reset()
+            ctx.xmpp.abort()
+            return
+        if self.clock.request_due(now) or self.clock.keepalive_due(now):
+            self.request(now)
+        self.arm()
+
+    # ---------------------------------------------------------------- answers
+
+    def on_ack(self, stanza: StanzaBase) -> None:
+        """``<a h>`` from the server."""
+        ctx = self._ctx
+        h = parse_counter(stanza.xml.get("h"))
+        if h is None:
+            log.warning("ignoring an <a/> without a valid h: %r", stanza.xml.get("h"))
+            return
+        self.clock.ack_received(ctx.now)
+        try:
+            events = ctx.core.ack(h)
+        except HBackwards as exc:
+            log.warning("ignoring a stale ack: %s", exc)
+            return
+        except SMProtocolError as exc:
+            self._on_protocol_error(exc)
+            return
+        ctx.emit(events)
+        ctx.state_changed()
+        self.arm()
+
+    def on_request(self, _stanza: StanzaBase) -> None:
+        """``<r/>`` from the server: answer with what we handled."""
+        self.clock.heard(self._ctx.now)
+        self.send_ack()
+
+    def send_ack(self) -> None:
+        ctx = self._ctx
+        if ctx.xmpp.transport is None or not ctx.core.counting_in:
+            return
+        ctx.xmpp.send_raw(stanzas.ack(ctx.core.session.handled))
+
+    def ack_before_footer(self) -> None:
+        """Our last ``<a/>`` goes right before ``</stream:stream>`` (XEP-0198 §4), not
+        when disconnect() is called: stanzas that come in while slixmpp drains its
+        send queue are acknowledged too, so the server does not deliver them again."""
+        xmpp = self._ctx.xmpp
+        write, footer = xmpp.send_raw, xmpp.stream_footer
+
+        def send_raw(data: str | bytes) -> None:
+            if data == footer:
+                if xmpp.send_raw is send_raw:
+                    xmpp.send_raw = write
+                self.send_ack()
+            write(data)
+
+        xmpp.send_raw = send_raw

@@ -1,0 +1,200 @@
+"""The outbox: the verdict for every outgoing stanza, and everything held back.
+
+Before this, four structures in the plugin held messages back (copies slixmpp
+parks until the session starts, messages waiting for a room rejoin, messages
+waiting behind a resend of their conversation, parked copies of messages that
+failed meanwhile), each with its own rules. Here they are one object with one
+decision, :meth:`Outbox.verdict`, taken for every stanza at the moment it would be
+written. Payloads are opaque (the plugin's stanza objects); a copy is recognised
+by identity, since a resent message may be queued twice under the same id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from collections.abc import Set as AbstractSet
+from enum import Enum
+from typing import Generic, TypeVar
+
+__all__ = ["Outbox", "Verdict"]
+
+P = TypeVar("P")
+
+
+class Verdict(Enum):
+    """What to do with a stanza that is about to be written."""
+
+    #: A copy of a message that failed meanwhile: only an explicit resend sends it.
+    DROP = "drop"
+    #: Give it back to the client: it goes out when the session (re)starts, after any
+    #: resends (written between ``<resume/>`` and ``<resumed/>`` it would count twice).
+    PARK = "park"
+    #: A message to a room the ended session was in: it waits for the app's rejoin
+    #: (the room would bounce it before).
+    HOLD_FOR_ROOM = "hold_for_room"
+    #: Write it as it is: no stream management counts on this connection.
+    WRITE = "write"
+    #: Count it in the ledger, then write it.
+    COUNT = "count"
+
+    __hash__ = object.__hash__
+
+
+class Outbox(Generic[P]):
+    """Outgoing stanzas held back, and the verdict for each one about to be written."""
+
+    __slots__ = ("_doomed", "_gates", "_resend_held", "_room_held", "_waiting")
+
+    def __init__(self) -> None:
+        #: Tracked messages whose copy waits outside the wire: parked by the client
+        #: until the session starts, or held for a room. By id.
+        self._waiting: dict[str, P] = {}
+        #: Waiting copies of messages that failed meanwhile: dropped when they surface.
+        self._doomed: dict[str, P] = {}
+        #: Messages held for a room rejoin, by room, oldest first, with their ids.
+        self._room_held: dict[str, list[tuple[str, P]]] = {}
+        #: Conversations with resends under way (a count: resends may overlap).
+        self._gates: dict[str, int] = {}
+        #: New messages held behind those resends, by conversation, oldest first.
+        self._resend_held: dict[str, list[P]] = {}
+
+    # ---------------------------------------------------------------- read-only views
+
+    def __len__(self) -> int:
+        """How many payloads the outbox holds (a room-held one is also waiting)."""
+        return len(self._waiting) + len(self._doomed) + sum(map(len, self._resend_held.values()))
+
+    @property
+    def empty(self) -> bool:
+        """Nothing held, nothing waiting, no resend under way."""
+        return not (self._waiting or self._doomed or self._room_held or self._gates) and not any(
+            self._resend_held.values()
+        )
+
+    def waiting_ids(self) -> frozenset[str]:
+        """Tracked messages whose copy waits to go out (parked or held for a room)."""
+        return frozenset(self._waiting)
+
+    def is_waiting(self, message_id: str) -> bool:
+        return message_id in self._waiting
+
+    def held_rooms(self) -> frozenset[str]:
+        """Rooms with messages held for a rejoin."""
+        return frozenset(self._room_held)
+
+    def resending(self, conversation: str) -> bool:
+        """True while older messages of ``conversation`` are being resent."""
+        return conversation in self._gates
+
+    # ---------------------------------------------------------------- at send time
+
+    def close_gates(self, conversations: Iterable[str]) -> None:
+        """Resends of these conversations start: new messages to them wait."""
+        for conversation in conversations:
+            self._gates[conversation] = self._gates.get(conversation, 0) + 1
+
+    def open_gates(self, conversations: Iterable[str]) -> list[P]:
+        """Resends of these conversations are out: what waited behind them, in order."""
+        released: list[P] = []
+        for conversation in conversations:
+            left = self._gates.get(conversation, 0) - 1
+            if left > 0:
+                self._gates[conversation] = left
+                continue
+            self._gates.pop(conversation, None)
+            released += self._resend_held.pop(conversation, [])
+        return released
+
+    def hold_behind_resend(self, conversation: str, payload: P) -> bool:
+        """Keep a new message back while older ones to the same peer are resent."""
+        if not self._gates or conversation not in self._gates:
+            return False  # the usual case, checked first: nothing is being resent
+        self._resend_held.setdefault(conversation, []).append(payload)
+        return True
+
+    # ---------------------------------------------------------------- parked by the client
+
+    def parked(self, message_id: str, payload: P) -> None:
+        """The client holds this tracked message until the next session start."""
+        self._waiting[message_id] = payload
+
+    def doom(self, message_id: str) -> None:
+        """The message failed: its waiting copy, if any, must never go out by itself."""
+        payload = self._waiting.pop(message_id, None)
+        if payload is not None:
+            self._doomed[message_id] = payload
+
+    def forget_doomed(self) -> None:
+        """The client dropped what it held (a new stream): no doomed copy can surface."""
+        self._doomed.clear()
+
+    # ---------------------------------------------------------------- at write time
+
+    def verdict(
+        self,
+        payload: P,
+        message_id: str | None,
+        *,
+        tracked: bool = False,
+        withheld: bool = False,
+        resuming: bool = False,
+        link_down: bool = False,
+        room: str | None = None,
+        rooms_waited_for: AbstractSet[str] = frozenset(),
+        counting: bool = False,
+    ) -> Verdict:
+        """The verdict for ``payload``, about to be written.
+
+        ``message_id``: the message's id (None for other stanzas); ``tracked``: it is a
+        message the core tracks. ``withheld``: the core says it failed and must not go
+        out unasked.
+        ``resuming``: ``<resume/>`` is out, ``<resumed/>`` not in. ``link_down``: the
+        link dropped while it sat in the client's queue. ``room``: the room a groupchat
+        message goes to; ``rooms_waited_for``: rooms whose rejoin is awaited.
+        ``counting``: stream management counts what we write.
+        """
+        if message_id is not None:
+            if self._doomed.get(message_id) is payload:
+                del self._doomed[message_id]
+                return Verdict.DROP
+            if self._waiting.get(message_id) is payload:
+                del self._waiting[message_id]
+            if withheld:
+                return Verdict.DROP
+        if resuming or (tracked and link_down):
+            return Verdict.PARK
+        if tracked and message_id is not None and room is not None and room in rooms_waited_for:
+            self._room_held.setdefault(room, []).append((message_id, payload))
+            self._waiting[message_id] = payload  # it goes out later, like a parked one
+            return Verdict.HOLD_FOR_ROOM
+        return Verdict.COUNT if counting else Verdict.WRITE
+
+    # ---------------------------------------------------------------- rooms
+
+    def release_room(self, room: str) -> list[P]:
+        """The app is back in ``room`` (or stopped waiting): its held messages, in order.
+        They stay waiting until written (a verdict takes them out)."""
+        return [payload for _, payload in self._room_held.pop(room, [])]
+
+    def drop_room(self, room: str) -> None:
+        """We left ``room`` for good: its held messages failed with it and their copies
+        are gone (an explicit resend sends them again)."""
+        for message_id, payload in self._room_held.pop(room, []):
+            for where in (self._waiting, self._doomed):
+                if where.get(message_id) is payload:
+                    del where[message_id]
+
+    # ---------------------------------------------------------------- the end
+
+    def take_all(self) -> Iterator[P]:
+        """Everything held back that is not doomed, oldest first per kind (plugin_end:
+        the client sends it, untracked, rather than nobody)."""
+        doomed = {id(p) for p in self._doomed.values()}
+        held = [p for ps in self._room_held.values() for _, p in ps]
+        held += [p for ps in self._resend_held.values() for p in ps]
+        self._room_held.clear()
+        self._resend_held.clear()
+        self._gates.clear()
+        self._waiting.clear()
+        self._doomed.clear()
+        return (p for p in held if id(p) not in doomed)

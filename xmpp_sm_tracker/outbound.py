@@ -1,0 +1,417 @@
+"""The outgoing side: messages tracked as they are sent, stanzas judged as written.
+
+slixmpp glue around the core's :class:`~.core.outbox.Outbox`: ``xmpp.send`` is
+wrapped so every message with a body is tracked whoever sends it, and the
+``out_sync`` filter asks the outbox for each stanza's verdict (count and write,
+write, park for the session start, hold for a room rejoin, drop a failed copy),
+then does it. Each tracked message is serialized once, when it is written, and
+that text goes both to the record and to the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable, Container
+from typing import Any
+
+from slixmpp.plugins.xep_0198 import stanza as sm_stanza
+from slixmpp.stanza import Iq, Message, Presence
+from slixmpp.xmlstream import StanzaBase, tostring
+
+from . import stanzas
+from .acking import AckDriver
+from .context import Context
+from .core.outbox import Outbox, Verdict
+from .core.phases import SMPhase
+from .core.records import TrackedMessage
+from .core.tracker import OutgoingMessage
+from .resend import Resender
+from .stanzas import REQUEST_ACK
+
+__all__ = ["Outbound"]
+
+log = logging.getLogger(__name__)
+
+#: slixmpp outgoing filters that never touch a message stanza (checked on 1.17).
+_MESSAGE_SAFE_FILTERS = frozenset({"Roster._save_last_status", "XEP_0115._filter_add_caps"})
+
+
+class Outbound:
+    """Tracks outgoing messages and carries out the outbox's verdict for each stanza."""
+
+    def __init__(
+        self,
+        ctx: Context,
+        acks: AckDriver,
+        outbox: Outbox[StanzaBase],
+        resender: Resender,
+        store: Callable[[TrackedMessage], None],
+    ) -> None:
+        self._ctx = ctx
+        self.xmpp = ctx.xmpp
+        self.core = ctx.core
+        self._acks = acks
+        self.outbox = outbox
+        self._resender = resender
+        self._store = store
+        #: Messages tracked on a live session, serialized only when written (the text
+        #: is made once, for the record and the wire, and a burst starts going out sooner).
+        self._unwritten: dict[str, Message] = {}
+        self._rejoin_timer: asyncio.TimerHandle | None = None
+        # Whether other filters may rewrite messages is asked per message: cached, and
+        # forgotten whenever the filters change.
+        self._filter_facts_cache: tuple[bool, bool] | None = None
+        xmpp = ctx.xmpp
+        self._original_add_filter = xmpp.add_filter
+        self._original_del_filter = xmpp.del_filter
+
+    def install(self) -> None:
+        """Wrap ``send`` (slixmpp offers no hook at send time for stanzas that will not
+        pass the filters yet) and the filter registry (to know who writes last)."""
+        xmpp = self.xmpp
+        xmpp.send = self.send
+        xmpp.add_filter = self._add_filter
+        xmpp.del_filter = self._del_filter
+
+    def uninstall(self) -> None:
+        """Undo :meth:`install`; what was held goes to slixmpp (untracked from now on)
+        rather than to nobody."""
+        xmpp = self.xmpp
+        xmpp.send = self._ctx.send
+        xmpp.add_filter = self._original_add_filter
+        xmpp.del_filter = self._original_del_filter
+        self.cancel_rejoin_wait()
+        for stanza in self.outbox.take_all():
+            self._ctx.send(stanza)
+
+    # ---------------------------------------------------------------- sending
+
+    def send(self, data: StanzaBase | str, use_filters: bool = True) -> None:
+        """``xmpp.send`` as wrapped: track outgoing messages with a body, then send."""
+        if use_filters and isinstance(data, Message):
+            # On a live session the text is made when the stanza is written, unless
+            # another filter would come after ours (then slixmpp writes it itself).
+            record = self.track(data, lazy=self._ctx.session_live and self._we_write_last())
+            if record is not None and self.hold_behind_resend(record, data):
+                return  # goes out after the older messages being resent to that peer
+        self._ctx.send(data, use_filters)
+
+    def hold_behind_resend(self, record: TrackedMessage, message: Message) -> bool:
+        """Keep a new message back while older ones to the same peer are resent."""
+        if not self._ctx.config["keep_order"]:
+            return False
+        if not self.outbox.hold_behind_resend(record.conversation, message):
+            return False
+        if record.id in self._unwritten:
+            self.text_now(record.id)  # it waits: the record needs its text now
+        return True
+
+    def track(self, message: Message, *, lazy: bool = False) -> TrackedMessage | None:
+        """Start tracking a message, unless it is already tracked or is not for tracking.
+
+        ``lazy``: leave the record's text to the outgoing filter (see ``_unwritten``).
+        """
+        xml = message.xml
+        message_id = xml.get("id")
+        core = self.core
+        if message_id:
+            known = core.get(message_id)
+            if known is not None:
+                return known
+        body = self._body_to_track(message)
+        if body is None:
+            return None
+        config = self._ctx.config  # read once
+        fields = stanzas.complete_outgoing(
+            xml,
+            body,
+            uuid.uuid4().hex,
+            add_origin_id=config["add_origin_id"],
+            request_receipts=config["request_receipts"],
+            request_markers=config["request_markers"],
+        )
+        outgoing = OutgoingMessage(*fields, xml="" if lazy else tostring(xml, top_level=True))
+        if lazy:
+            self._unwritten[fields.id] = message
+        self._ctx.emit(core.track(outgoing, link_up=self._ctx.session_live))
+        return core.get(fields.id)
+
+    def _body_to_track(self, message: Message) -> str | None:
+        """The body of a message to track; None for one that is not for tracking."""
+        text = stanzas.trackable_body(message.xml)
+        if text is None:
+            return None
+        predicate = self._ctx.config["should_track"]
+        if predicate is None:
+            return text
+        try:
+            return text if predicate(message) else None
+        except Exception:
+            log.warning("should_track raised; tracking the message anyway", exc_info=True)
+            return text
+
+    def on_stanza_not_sent(self, data: Any) -> None:
+        """slixmpp parked a stanza until the next session start: remember which."""
+        if isinstance(data, Message):
+            message_id = data.xml.get("id")
+            if message_id and self.core.get(message_id) is not None:
+                self.outbox.parked(message_id, data)
+                if message_id in self._unwritten:
+                    self.text_now(message_id)  # it waits: the record needs its text now
+
+    # ---------------------------------------------------------------- text
+
+    def is_unwritten(self, message_id: str) -> bool:
+        """True for a tracked message whose text is not made yet."""
+        return message_id in self._unwritten
+
+    def text_now(self, message_id: str) -> tuple[str, TrackedMessage | None]:
+        """Serialize a lazily tracked message now (it waits, or its record is needed)."""
+        message = self._unwritten.pop(message_id)
+        text = tostring(message.xml, top_level=True)
+        return text, self._record_written(message_id, text)
+
+    def all_text_now(self) -> None:
+        """Serialize every lazily tracked message (a flush needs every record whole)."""
+        for message_id in list(self._unwritten):
+            self.text_now(message_id)
+
+    def _record_written(self, message_id: str, text: str) -> TrackedMessage | None:
+        record = self.core.written(message_id, text)
+        if record is not None:
+            self._store(record)
+        return record
+
+    # ---------------------------------------------------------------- filters
+
+    def _filters_keep_messages(self) -> bool:
+        """True when no other outgoing filter can have rewritten a message since we
+        serialized it (only filters known to leave messages alone are registered)."""
+        return self._filter_facts()[1]
+
+    def _we_write_last(self) -> bool:
+        """True when our out_sync filter is the last filter a stanza passes, so it may
+        hand slixmpp the text to write (no filter is skipped by that)."""
+        return self._filter_facts()[0]
+
+    def _filter_facts(self) -> tuple[bool, bool]:
+        """(we write last, messages kept), asked for every stanza: kept until a filter
+        is added or removed."""
+        if self._filter_facts_cache is None:
+            self._filter_facts_cache = self._check_filters()
+        return self._filter_facts_cache
+
+    def _add_filter(self, mode: str, handler: Callable[..., Any], order: int | None = None) -> None:
+        self._filter_facts_cache = None
+        self._original_add_filter(mode, handler, order)
+
+    def _del_filter(self, mode: str, handler: Callable[..., Any]) -> None:
+        self._filter_facts_cache = None
+        self._original_del_filter(mode, handler)
+
+    def _check_filters(self) -> tuple[bool, bool]:
+        filters = getattr(self.xmpp, "_XMLStream__filters", None)
+        if filters is None:
+            return False, False
+        last = not filters.get("out_sce") and all(
+            f == self.on_outgoing for f in filters.get("out_sync", ())
+        )
+        kept = last and all(
+            getattr(f, "__qualname__", None) in _MESSAGE_SAFE_FILTERS
+            for f in filters.get("out", ())
+        )
+        return last, kept
+
+    # ---------------------------------------------------------------- rooms
+
+    def wait_for_rejoins(self) -> None:
+        """A session is live: give the app room_rejoin_wait seconds to be back in the
+        rooms of the ended session."""
+        self.cancel_rejoin_wait()
+        wait = self._ctx.config["room_rejoin_wait"]
+        rejoining = self.core.rejoining
+        if rejoining and wait > 0:
+            log.info(
+                "messages to %s wait until the app is back in them (at most %gs)",
+                ", ".join(sorted(rejoining)),
+                wait,
+            )
+            self._rejoin_timer = self.xmpp.loop.call_later(wait, self._stop_waiting_for_rooms)
+        else:
+            self._stop_waiting_for_rooms()
+
+    def _stop_waiting_for_rooms(self) -> None:
+        self._rejoin_timer = None
+        rooms = sorted(self.core.rejoining)
+        if rooms:
+            log.info("not back in %s: sending what waited for them anyway", ", ".join(rooms))
+        self.core.rejoining.clear()
+        for room in self.outbox.held_rooms():
+            self.release_room(room)
+
+    def cancel_rejoin_wait(self) -> None:
+        if self._rejoin_timer is not None:
+            self._rejoin_timer.cancel()
+        self._rejoin_timer = None
+
+    def release_room(self, room: str) -> None:
+        """The app is in ``room`` again (or the room refused the join, or the wait is
+        over): what waited for it goes out, in order."""
+        held = self.outbox.release_room(room)
+        if not self.core.rejoining:
+            self.cancel_rejoin_wait()
+        for stanza in held:
+            self._send_held(stanza)
+
+    def drop_room(self, room: str) -> None:
+        """We left ``room`` for good: its held messages failed with it; their copies must
+        not go out by themselves (resend() sends them again)."""
+        self.outbox.drop_room(room)
+
+    def _send_held(self, stanza: StanzaBase) -> None:
+        """Write a held message now, counted as it is written. It is older than anything
+        queued for the room since (queued, those would overtake it), and it has passed
+        every outgoing filter up to ours already (queued, they would run twice)."""
+        message_id = stanza.xml.get("id", "")
+        record = self.core.get(message_id)
+        held = isinstance(stanza, Message) and record is not None
+        if held and self.hold_behind_resend(record, stanza):  # type: ignore[arg-type]
+            return  # older messages to the room are being resent: it goes after them
+        if self.xmpp.transport is None or not self._we_write_last():
+            self._ctx.send(stanza)  # slixmpp parks it again if it must
+            return
+        out = self._judge(stanza)
+        if out is None:
+            return
+        if not isinstance(out, str):
+            out = tostring(out.xml, xmlns=self.xmpp.default_ns, stream=self.xmpp, top_level=True)
+        self.xmpp.send_raw(out)
+        record = self.core.get(message_id)
+        if record is not None and self.core.retry_policy is not None:
+            self._resender.on_record(record)  # its attempt starts now
+
+    # ---------------------------------------------------------------- waiting copies
+
+    def parked_ids(self) -> Container[str]:
+        """Tracked messages whose copy waits outside the wire (parked or held)."""
+        return self.outbox.waiting_ids()
+
+    def withhold_parked(self, message_id: str) -> None:
+        """A failed message's waiting copy must never go out by itself."""
+        self.outbox.doom(message_id)
+
+    # ---------------------------------------------------------------- writing
+
+    def on_outgoing(self, stanza: StanzaBase) -> StanzaBase | str | None:
+        """out_sync filter: the last look at a stanza before it is written.
+
+        Returns the record's text for a tracked message nothing rewrote since it was
+        serialized: slixmpp 1.17 writes a string a filter returns as it is, so each
+        message is serialized once, not once for us and once for the wire.
+        """
+        if isinstance(stanza, (Message, Presence, Iq)):
+            if isinstance(stanza, Presence):
+                join = stanzas.read_join(stanza.xml)
+                if join is not None:
+                    # Should the session end before the room answers, the next one
+                    # must join again before messages to that room go out.
+                    self.core.join_sent(join.room, join.nick)
+            return self._judge(stanza)
+        if isinstance(stanza, sm_stanza.Enable):
+            self._acks.clock.reset()
+            self._ctx.emit(self.core.enable_sent())
+        elif isinstance(stanza, sm_stanza.Resume):
+            self._acks.clock.reset()
+            self.core.resume_sent()
+        return stanza
+
+    def _judge(self, stanza: StanzaBase) -> StanzaBase | str | None:
+        """The outbox's verdict for ``stanza``, carried out: what slixmpp writes."""
+        core, xmpp = self.core, self.xmpp
+        raw_id = stanza.xml.get("id") if isinstance(stanza, Message) else None
+        message_id = raw_id if raw_id is not None and core.get(raw_id) is not None else None
+        room = None
+        waiting = message_id is not None and self._rejoin_timer is not None
+        if waiting and stanza.xml.get("type") == "groupchat":
+            room = stanza.xml.get("to", "").partition("/")[0]
+        verdict = self.outbox.verdict(
+            stanza,
+            raw_id,
+            tracked=message_id is not None,
+            withheld=core.should_drop(raw_id),
+            resuming=core.sm_phase is SMPhase.RESUMING,
+            link_down=xmpp.transport is None and not self._ctx.session_live,
+            room=room,
+            rooms_waited_for=core.rejoining.keys() if room is not None else frozenset(),
+            counting=core.counting_out,
+        )
+        if verdict is Verdict.DROP:
+            return None  # failed before it went out; only resend() sends it
+        # The text made now for a record tracked before it was serialized.
+        written = None
+        unwritten = self._unwritten.get(message_id) if message_id is not None else None
+        if unwritten is not None and unwritten is stanza and message_id is not None:
+            del self._unwritten[message_id]
+            written = tostring(unwritten.xml, top_level=True)
+        if verdict is Verdict.PARK:
+            # Written between <resume/> and <resumed/>, any stanza would be counted
+            # before the resends and then again among them (Smack #185). And a message
+            # whose link dropped while it waited in slixmpp's send queue would be
+            # written into nothing and forgotten. Either way: back to slixmpp, which
+            # parks it for the session start (it goes out after the resends).
+            if written is not None and message_id is not None:
+                self._record_written(message_id, written)
+            self._ctx.send(stanza)
+            return None
+        if verdict is Verdict.HOLD_FOR_ROOM:
+            if written is not None and message_id is not None:
+                self._record_written(message_id, written)
+            if message_id is not None:
+                self._resender.cancel_timer(message_id)  # its attempt starts when written
+            return None
+        if verdict is Verdict.WRITE:
+            if written is None or message_id is None:
+                return stanza
+            self._record_written(message_id, written)
+            return stanzas.on_the_wire(written) if self._we_write_last() else stanza
+        return self._count(stanza, message_id, written)
+
+    def _count(
+        self, stanza: StanzaBase, message_id: str | None, written: str | None
+    ) -> StanzaBase | str | None:
+        """Count a stanza in the ledger and write it, an ``<r/>`` behind it when due."""
+        core, xmpp = self.core, self.xmpp
+        link_up = xmpp.transport is not None
+        same = written is None and message_id is not None and self._filters_keep_messages()
+        events = core.counted(stanza, message_id, link_up=link_up, same_as_record=same, xml=written)
+        if events:
+            self._ctx.emit(events)
+        if written is not None and message_id is not None:
+            record = core.get(message_id)
+            if record is not None:
+                self._store(record)  # the first snapshot with its text
+        self._ctx.state_changed()
+        if not link_up:
+            return None  # counted: the server will ask for it back after <resumed/>
+        text = None
+        if written is not None:
+            text = written if self._we_write_last() else None
+        elif same:
+            text = core.newest_text(message_id)  # the record's text, tied to this stanza
+        if text is not None:
+            text = stanzas.on_the_wire(text)
+        now = self._ctx.now
+        if not self._acks.counted(now):
+            return stanza if text is None else text
+        # Ask for an ack right behind this stanza, in the same write: queued instead, the
+        # <r/> would wait behind everything already queued (a whole burst), and the acks
+        # would only start once the burst is through instead of flowing along with it.
+        if text is None and self._we_write_last():
+            text = tostring(stanza.xml, xmlns=xmpp.default_ns, stream=xmpp, top_level=True)
+        if text is None:
+            self._acks.request(now)
+            return stanza
+        self._acks.requested(now)
+        return text + REQUEST_ACK

@@ -1,0 +1,431 @@
+"""The session's life on the wire: XEP-0198 negotiation, the connection, reconnects.
+
+slixmpp glue: it reads the stream-management answers and slixmpp's connection
+events, hands them to the core as facts, and turns the core's answers into writes
+and timers. What each fact means (which phase, what a record becomes) is decided
+in the core (:mod:`.core.phases`, :mod:`.core.tracker`, :mod:`.core.reconnect`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable, Container
+from typing import Any, Protocol
+
+from slixmpp.jid import JID
+from slixmpp.plugins.xep_0198 import stanza as sm_stanza
+from slixmpp.xmlstream import StanzaBase, tostring
+from slixmpp.xmlstream.handler import Waiter
+from slixmpp.xmlstream.matcher import MatchMany, MatchXPath
+
+from . import stanzas
+from .acking import AckDriver
+from .context import Context
+from .core.ledger import SMProtocolError
+from .core.phases import CLOSED_BY_APP, LinkEvent, LinkPhase, SMPhase
+from .core.reconnect import Address, backoff_delay, choose_address
+from .core.records import FailureReason
+from .stanzas import FAILED_TAG, parse_counter, parse_location
+
+__all__ = ["OutboundView", "SessionDriver"]
+
+log = logging.getLogger(__name__)
+
+
+class OutboundView(Protocol):
+    """What the session needs from the outgoing side."""
+
+    def parked_ids(self) -> Container[str]:
+        """Tracked messages slixmpp holds until the next session start."""
+
+    def withhold_parked(self, message_id: str) -> None:
+        """A failed message's copy in slixmpp's queue must never go out by itself."""
+
+    def wait_for_rejoins(self) -> None:
+        """A session is live: messages to the rooms of the ended one wait for a rejoin."""
+
+    def cancel_rejoin_wait(self) -> None:
+        """The link dropped: the wait starts again with the next session."""
+
+
+class SessionDriver:
+    """Negotiates stream management, follows the connection, and reconnects."""
+
+    def __init__(self, ctx: Context, acks: AckDriver, outbound: OutboundView) -> None:
+        self._ctx = ctx
+        self.xmpp = ctx.xmpp
+        self.core = ctx.core
+        self._config = ctx.config
+        self._acks = acks
+        self._outbound = outbound
+        self._reconnect_timer: asyncio.TimerHandle | None = None
+        self._negotiation_timer: asyncio.TimerHandle | None = None
+        self._reconnect_attempt = 0
+        #: Where the app connected us (None: DNS), the ``<enabled location>`` we went
+        #: to instead, and one that did not answer (not tried again for that session).
+        self._app_address: Address | None = None
+        self._location_tried: Address | None = None
+        self._location_dead: Address | None = None
+        # slixmpp's disconnect() does not end an SM session cleanly, and its reconnect()
+        # closes the stream (which ends the session on the server): both are wrapped.
+        self._original_disconnect: Callable[..., asyncio.Future[Any]] = ctx.xmpp.disconnect
+        self._original_reconnect: Callable[..., None] = ctx.xmpp.reconnect
+
+    def install(self) -> None:
+        """Put the wrappers of ``disconnect`` and ``reconnect`` in place."""
+        self.xmpp.disconnect = self.disconnect
+        self.xmpp.reconnect = self.reconnect_requested
+
+    def uninstall(self) -> None:
+        self.xmpp.disconnect = self._original_disconnect
+        self.xmpp.reconnect = self._original_reconnect
+        self.cancel_timers()
+
+    def protocol_error(self, exc: SMProtocolError) -> None:
+        """XEP-0198 §4: an ``h`` beyond what we sent ends the stream; nothing is lost."""
+        log.error("stream management protocol error: %s; dropping the session", exc)
+        if self.xmpp.transport is not None:
+            self.xmpp.send_raw(stanzas.handled_count_too_high(exc.h, exc.seq))
+        self.drop_session()
+
+    def drop_session(self) -> None:
+        """The server's SM state cannot be trusted: fail what is unacked, never resume
+        this stream, and drop the connection (a fresh session follows)."""
+        self._ctx.emit(self.core.session_ended(FailureReason.PROTOCOL_ERROR))
+        self._ctx.state_changed(urgent=True)
+        if self.xmpp.transport is not None:
+            self.xmpp.end_session_on_disconnect = True
+            self.xmpp.abort()
+
+    # ---------------------------------------------------------------- negotiation
+
+    async def handle_sm_feature(self, features: StanzaBase) -> bool:
+        """Resume before bind when we can, otherwise enable after bind."""
+        xmpp, core = self.xmpp, self.core
+        if "stream_management" in xmpp.features:
+            return False
+        if "bind" not in xmpp.features:
+            resumable = core.sm_phase is SMPhase.SUSPENDED and core.session.can_resume
+            if resumable and self._config["allow_resume"]:
+                return await self._resume()
+            core.sm_offered()  # a fresh session: <enable/> goes out at bind
+            return False
+        core.sm_offered()
+        if core.sm_phase is SMPhase.OFFERED:
+            self._send_enable()
+        waiter = Waiter(
+            f"sm_tracker enabled_or_failed {uuid.uuid4().hex}",  # one per wait: removed by name
+            MatchMany([MatchXPath(sm_stanza.Enabled.tag_name()), MatchXPath(FAILED_TAG)]),
+        )
+        transport = xmpp.transport
+        xmpp.register_handler(waiter)
+        await waiter.wait(timeout=self._config["negotiation_timeout"])
+        # A connection lost meanwhile: these features belong to it; stop reading them.
+        return xmpp.transport is not transport
+
+    async def _resume(self) -> bool:
+        session = self.core.session
+        resume = sm_stanza.Resume(self.xmpp)
+        resume["h"] = session.handled
+        resume["previd"] = session.sm_id
+        waiter = Waiter(
+            f"sm_tracker resumed_or_failed {uuid.uuid4().hex}",
+            MatchMany([MatchXPath(sm_stanza.Resumed.tag_name()), MatchXPath(FAILED_TAG)]),
+        )
+        transport = self.xmpp.transport
+        self.xmpp.register_handler(waiter)
+        self._ctx.send(resume)
+        result = await waiter.wait(timeout=self._config["negotiation_timeout"])
+        if self.xmpp.transport is not transport:
+            # The connection that asked was lost while waiting (its loss was handled
+            # then); a "session_end" now would end the session of the next connection.
+            log.info("the connection was lost during <resume/>; nothing more to do for it")
+            return True
+        if result and result.xml.tag == sm_stanza.Resumed.tag_name():
+            return self.core.counting_in  # False if <resumed> was rejected
+        if not result and self.core.sm_phase is SMPhase.RESUMING:
+            log.warning("no answer to <resume/>: treating it as refused")
+            self._ctx.emit(self.core.resume_failed(None))
+        self.xmpp.event("session_end")
+        return False
+
+    def _send_enable(self) -> None:
+        self.core.enable_queued()
+        enable = sm_stanza.Enable(self.xmpp)
+        enable["resume"] = self._config["allow_resume"]
+        if self._config["resume_max"] is not None:
+            enable.xml.set("max", str(int(self._config["resume_max"])))
+        self._ctx.send(enable)
+
+    def on_session_bind(self, _jid: Any) -> None:
+        """Enable right after bind, before session_start handlers queue their stanzas,
+        so that everything the app sends in them is counted."""
+        if self.core.sm_phase is SMPhase.OFFERED:
+            self._send_enable()
+
+    def on_enabled(self, stanza: StanzaBase) -> None:
+        if self.core.sm_phase is not SMPhase.ENABLING:
+            log.warning("ignoring an <enabled/> nobody asked for (%s)", self.core.sm_phase.name)
+            return
+        xml = stanza.xml
+        self.xmpp.features.add("stream_management")
+        resumable = xml.get("resume", "false").lower() in ("true", "1")
+        location = xml.get("location")
+        self._location_dead = None  # a new session: its location gets a chance
+        events = self.core.enabled(
+            xml.get("id"),
+            resumable=resumable and self._config["allow_resume"],
+            location=location if parse_location(location) else None,
+            max=parse_counter(xml.get("max")),
+            jid=self.xmpp.boundjid.full,
+        )
+        self._ctx.emit(events)
+        self._ctx.state_changed(urgent=True)
+        if location and parse_location(location) is None:
+            log.warning("ignoring an unusable <enabled location=%r>", location)
+        max_text = xml.get("max")
+        if max_text is not None and parse_counter(max_text) is None:
+            log.warning("ignoring an unusable <enabled max=%r>", max_text)
+        self.xmpp.end_session_on_disconnect = not self.core.session.can_resume
+
+    def on_resumed(self, stanza: StanzaBase) -> None:
+        if self.core.sm_phase is not SMPhase.RESUMING:
+            log.warning("ignoring a <resumed/> nobody asked for (%s)", self.core.sm_phase.name)
+            return
+        xml = stanza.xml
+        session = self.core.session
+        previd = xml.get("previd")
+        h = parse_counter(xml.get("h"))
+        if previd != session.sm_id or h is None:
+            log.error(
+                "<resumed previd=%r h=%r> does not match our stream %r: dropping the session",
+                previd,
+                xml.get("h"),
+                session.sm_id,
+            )
+            self.drop_session()
+            return
+        try:
+            events, resend = self.core.resumed(h)
+        except SMProtocolError as exc:
+            self.protocol_error(exc)
+            return
+        self.xmpp.features.add("stream_management")
+        if session.jid:
+            self.xmpp.boundjid = JID(session.jid)  # a resumed stream keeps its resource
+        result = self.core.last_resume
+        if result is not None and (result.missing or result.ahead):
+            log.warning(
+                "the saved SM state was incomplete: %d unacked stanzas could not be resent, "
+                "%d handled stanzas were unknown to it",
+                result.missing,
+                result.ahead,
+            )
+        # Written here, synchronously: nothing queued meanwhile can overtake them.
+        write = self.xmpp.send_raw
+        for entry in resend:
+            write(
+                tostring(
+                    entry.payload.xml, xmlns=self.xmpp.default_ns, stream=self.xmpp, top_level=True
+                )
+            )
+        self._ctx.emit(events)
+        self._ctx.state_changed(urgent=True)
+        if resend:
+            for _ in resend:
+                self._acks.clock.counted(self._ctx.now)
+            self._acks.request(self._ctx.now)
+        self.xmpp.end_session_on_disconnect = not self.core.session.can_resume
+        self.xmpp.event("session_resumed", stanza)
+
+    def on_failed(self, stanza: StanzaBase) -> None:
+        """``<failed/>`` answers either ``<enable/>`` or ``<resume/>``; slixmpp cannot
+        tell which and never reads its ``h``."""
+        h = parse_counter(stanza.xml.get("h"))
+        phase = self.core.sm_phase
+        if phase is SMPhase.RESUMING:
+            log.info("resumption refused (h=%s): failing what it does not cover", h)
+            self._ctx.emit(self.core.resume_failed(h))
+        elif phase is SMPhase.ENABLING:
+            log.warning("the server refused to enable stream management")
+            self._ctx.emit(self.core.enable_failed())
+        else:
+            log.warning("ignoring a <failed/> nobody asked for (%s)", phase.name)
+            return
+        self.xmpp.features.discard("stream_management")
+        self._ctx.state_changed(urgent=True)
+
+    # ---------------------------------------------------------------- connection
+
+    def on_connected(self, _event: Any) -> None:
+        self._ctx.link.handle(LinkEvent.CONNECTED)
+        self._acks.clock.reset()
+        self._cancel(self._negotiation_timer)
+        self._negotiation_timer = self.xmpp.loop.call_later(
+            self._config["negotiation_timeout"], self._on_negotiation_timeout
+        )
+
+    def _on_negotiation_timeout(self) -> None:
+        self._negotiation_timer = None
+        if self._ctx.link.phase is LinkPhase.NEGOTIATING and self.xmpp.transport is not None:
+            log.warning(
+                "no session after %.0fs: dropping the connection",
+                self._config["negotiation_timeout"],
+            )
+            self.xmpp.abort()
+
+    def on_session_live(self, _event: Any) -> None:
+        self._ctx.link.handle(LinkEvent.SESSION_STARTED)
+        if self.core.counting_out:
+            self._acks.clock.heard(self._ctx.now)  # the keepalive counts from here
+            self._acks.arm()
+        self._outbound.wait_for_rejoins()
+        self._reconnect_attempt = 0
+        self._cancel(self._negotiation_timer)
+        self._negotiation_timer = None
+
+    def on_disconnected(self, _reason: Any) -> None:
+        left = self._ctx.link.handle(LinkEvent.DISCONNECTED)
+        self._acks.cancel()
+        self._outbound.cancel_rejoin_wait()  # the wait starts again with the next session
+        self._cancel(self._negotiation_timer)
+        self._negotiation_timer = None
+        self._acks.clock.reset()
+        if left in CLOSED_BY_APP:
+            return
+        self._ctx.emit(self.core.link_lost())
+        if left is LinkPhase.DROPPING:  # asked for by the app: at once, whatever the config
+            self._cancel(self._reconnect_timer)
+            self._reconnect_timer = self.xmpp.loop.call_later(0, self._reconnect)
+        elif self._config["auto_reconnect"]:
+            self._schedule_reconnect()
+
+    def on_stream_error(self, error: Any) -> None:
+        """A stream error answering ``<resume/>``: that session will not come back.
+
+        Asking again would meet the same error on every reconnect (aioxmpp #382): the
+        SM state is dropped instead, what it did not confirm fails ``resume-failed``,
+        and the next connection starts a fresh session.
+        """
+        if self.core.sm_phase is not SMPhase.RESUMING:
+            return  # any other stream error: the link drops, resumption is tried
+        condition = error["condition"] if error is not None else None
+        log.warning("stream error %r answered <resume/>: dropping the SM state", condition)
+        self._ctx.emit(self.core.resume_failed(None))
+        self.xmpp.features.discard("stream_management")
+        self._ctx.state_changed(urgent=True)
+        self.xmpp.event("session_end")
+
+    def on_session_end(self, _event: Any) -> None:
+        """The SM session is over for good: nothing unacked can be confirmed any more."""
+        if self._ctx.link.phase in CLOSED_BY_APP:
+            unsent = self.core.unsent_ids()
+        else:
+            # slixmpp discarded what it had queued but not written; what it parked
+            # for the next session start is still going out.
+            unsent = [i for i in self.core.unsent_ids() if i not in self._outbound.parked_ids()]
+        self._ctx.emit(self.core.session_ended(FailureReason.SESSION_ENDED, unsent=unsent))
+        for message_id in unsent:
+            self._outbound.withhold_parked(message_id)
+        self.xmpp.features.discard("stream_management")
+        self._ctx.state_changed(urgent=True)
+
+    def _schedule_reconnect(self) -> None:
+        self._cancel(self._reconnect_timer)
+        delay = backoff_delay(
+            self._reconnect_attempt,
+            self._config["reconnect_delay"],
+            self._config["reconnect_max_delay"],
+        )
+        self._reconnect_attempt += 1
+        self._reconnect_timer = self.xmpp.loop.call_later(delay, self._reconnect)
+
+    def reconnect_requested(self, wait: float = 2.0, reason: str = "Reconnecting") -> None:
+        """``xmpp.reconnect`` as wrapped: a resumable session is resumed, not ended.
+
+        slixmpp's reconnect closes the stream first, and a closed stream cannot be
+        resumed: what was unacked would fail. Apps call it on a network change and
+        ``xep_0199`` on a ping timeout, so the link is dropped and resumed instead.
+        """
+        if not self.core.session.can_resume or self.xmpp.transport is None:
+            self._original_reconnect(wait, reason)
+            return
+        log.info("%s: dropping the link to resume the session", reason)
+        self._reconnect_attempt = 0
+        self._ctx.link.handle(LinkEvent.DROP_TO_RESUME)
+        self.xmpp.abort()
+
+    def _reconnect(self) -> None:
+        """Connect again: to the server's ``<enabled location>`` while it answers, else
+        to the address the app gave (slixmpp would keep the location for good)."""
+        self._reconnect_timer = None
+        xmpp = self.xmpp
+        if (
+            self._ctx.link.phase in CLOSED_BY_APP
+            or xmpp.transport is not None
+            or xmpp.is_connecting()
+        ):
+            return
+        if xmpp.custom_address != self._location_tried:
+            self._app_address = xmpp.custom_address  # the app's (None: DNS)
+        location = parse_location(self.core.session.location)
+        address = choose_address(location, self._location_dead, self._app_address)
+        self._location_tried = address if address == location else None
+        log.info("reconnecting to %s", address or xmpp.boundjid.domain)
+        if address:
+            xmpp.connect(*address)
+        else:
+            xmpp.connect()
+
+    def on_connection_failed(self, _error: Any) -> None:
+        """The server's preferred location did not answer: back to the app's address."""
+        tried, xmpp = self._location_tried, self.xmpp
+        if tried is None or xmpp.custom_address != tried:
+            return
+        log.warning(
+            "the server's resumption location %s:%s does not answer: back to %s",
+            *tried,
+            self._app_address or xmpp.boundjid.domain,
+        )
+        self._location_dead = tried
+        xmpp.cancel_connection_attempt()
+        self._cancel(self._reconnect_timer)
+        self._reconnect_timer = xmpp.loop.call_later(0, self._reconnect)
+
+    def disconnect(
+        self, wait: float = 2.0, reason: str | None = None, ignore_send_queue: bool = False
+    ) -> asyncio.Future[Any]:
+        """``xmpp.disconnect`` as wrapped: a graceful close ends the SM session.
+
+        Ask for a last ack (it comes back before the server closes), send ours,
+        then let slixmpp close; whatever stays unacked ends ``failed``.
+        """
+        self._ctx.link.handle(LinkEvent.CLOSE)
+        self._cancel(self._reconnect_timer)
+        self._reconnect_timer = None
+        xmpp = self.xmpp
+        if xmpp.transport is None:
+            xmpp.cancel_connection_attempt()
+            self.on_session_end(None)
+        else:
+            if not ignore_send_queue:
+                self._acks.request(xmpp.loop.time())
+            self._acks.ack_before_footer()
+            xmpp.end_session_on_disconnect = True
+        future: asyncio.Future[Any] = self._original_disconnect(wait, reason, ignore_send_queue)
+        return future
+
+    # ---------------------------------------------------------------- timers
+
+    @staticmethod
+    def _cancel(handle: asyncio.TimerHandle | None) -> None:
+        if handle is not None:
+            handle.cancel()
+
+    def cancel_timers(self) -> None:
+        for handle in (self._reconnect_timer, self._negotiation_timer):
+            self._cancel(handle)
+        self._reconnect_timer = None
+        self._negotiation_timer = None
