@@ -746,7 +746,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         rooms = sorted(self.core.rejoining)
         if rooms:
             log.info("not back in %s: sending what waited for them anyway", ", ".join(rooms))
-        self.core.rejoining.clear()
+        self.core.stop_waiting_for_rooms()
         for room in list(self._room_held):
             self._release_room(room)
 
