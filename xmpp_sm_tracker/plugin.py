@@ -32,6 +32,7 @@ from .core.acks import AckClock, AckPolicy
 from .core.ledger import Entry, HBackwards, SMProtocolError
 from .core.records import FailureReason, TrackedMessage
 from .core.retry import RetryPolicy
+from .core.rooms import Joined, Left, NickChanged, own_presence
 from .core.smstate import SMStateError, parse_state
 from .core.states import DeliveryState
 from .core.tracker import Event, OutgoingMessage, Tracker
@@ -1065,7 +1066,8 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
                 self.core.join_sent(room, nick)
 
     def _read_presence(self, presence: Presence) -> None:
-        """Our own occupant presence (status 110): which nick is ours in which room."""
+        """Our own occupant presence (status 110): which nick is ours in which room. The
+        core decides what its status codes mean; this only reads them off the stanza."""
         xml = presence.xml
         if xml.get("type") == "error":
             room = xml.get("from", "").partition("/")[0]
@@ -1075,26 +1077,17 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         muc = xml.find(f"{{{MUC_USER_NS}}}x")
         if muc is None:
             return
-        codes = {status.get("code") for status in muc.findall(f"{{{MUC_USER_NS}}}status")}
-        if "110" not in codes:
-            return
+        codes = {status.get("code", "") for status in muc.findall(f"{{{MUC_USER_NS}}}status")}
+        item = muc.find(f"{{{MUC_USER_NS}}}item")
         room, _, nick = xml.get("from", "").partition("/")
-        if xml.get("type") != "unavailable":
-            self._joined(room, nick)
-            return
-        if "303" in codes:  # nick change: the new nick comes in the item
-            item = muc.find(f"{{{MUC_USER_NS}}}item")
-            if item is not None and item.get("nick"):
-                self._joined(room, item.get("nick", ""))
-                return
-        removed = codes & {"301", "307", "321", "322", "332", "333"}
-        reason = FailureReason.REMOVED_FROM_ROOM if removed else FailureReason.LEFT_ROOM
-        # 332: the service shuts down, 333: a technical error removed us. Unlike a kick
-        # or a ban, the app joins again once it can.
-        rejoin = bool(codes & {"332", "333"})
-        self._dispatch(self.core.left_room(room, reason, rejoin=rejoin))
-        self.sm.changed()  # the saved state must not bring this room back
-        self._drop_held(room)
+        new_nick = item.get("nick") if item is not None else None
+        decision = own_presence(codes, xml.get("type"), nick, new_nick)
+        if isinstance(decision, Joined | NickChanged):
+            self._joined(room, decision.nick)
+        elif isinstance(decision, Left):
+            self._dispatch(self.core.left_room(room, decision.reason, rejoin=decision.rejoin))
+            self.sm.changed()  # the saved state must not bring this room back
+            self._drop_held(room)
 
     def _joined(self, room: str, nick: str) -> None:
         """We are ``nick`` in ``room``; the saved state learns it too, since a resumed
