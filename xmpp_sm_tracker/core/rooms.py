@@ -16,10 +16,10 @@ Three pieces, all sans-I/O:
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Collection, Iterator, Mapping, MutableMapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, NamedTuple, TypeAlias, TypeVar
+from typing import TypeAlias
 
 from .records import FailureReason, TrackedMessage
 from .states import DeliveryState
@@ -38,8 +38,6 @@ __all__ = [
 ]
 
 _S = DeliveryState
-_K = TypeVar("_K")
-_B = TypeVar("_B", bound=MutableMapping[str, Any])
 
 # ---------------------------------------------------------------------- status codes
 
@@ -215,11 +213,10 @@ class Rooms:
 REFLECTED = frozenset({_S.ROOM_RECEIVED, _S.DELIVERED, _S.DISPLAYED})
 
 
-class _Keys(NamedTuple):
-    room: str
-    origin: tuple[str, str] | None
-    body: tuple[str, str] | None
-    created_at: float
+#: What the index knows of a record: room, (room, origin-id), (room, body), created_at.
+_Held: TypeAlias = tuple[str, tuple[str, str] | None, tuple[str, str] | None, float]
+#: The ids under one key: most keys have one, kept as the bare id (no container).
+_Bucket: TypeAlias = str | OrderedDict[str, None]
 
 
 class ReflectionIndex:
@@ -232,27 +229,27 @@ class ReflectionIndex:
     room, ids and body never change.
     """
 
-    __slots__ = ("_by_body", "_by_origin", "_by_room", "_keys")
+    __slots__ = ("_by_body", "_by_origin", "_by_room", "_held")
 
     def __init__(self) -> None:
-        self._keys: dict[str, _Keys] = {}
+        self._held: dict[str, _Held] = {}
         self._by_room: dict[str, dict[str, None]] = {}
-        self._by_origin: dict[tuple[str, str], OrderedDict[str, float]] = {}
-        self._by_body: dict[tuple[str, str], OrderedDict[str, float]] = {}
+        self._by_origin: dict[tuple[str, str], _Bucket] = {}
+        self._by_body: dict[tuple[str, str], _Bucket] = {}
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._held)
 
     def __contains__(self, message_id: object) -> bool:
-        return message_id in self._keys
+        return message_id in self._held
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
+        return iter(self._held)
 
     def sizes(self) -> dict[str, int]:
         """How many ids and keys each part holds (all 0 when nothing waits)."""
         return {
-            "ids": len(self._keys),
+            "ids": len(self._held),
             "rooms": len(self._by_room),
             "origin_ids": len(self._by_origin),
             "bodies": len(self._by_body),
@@ -264,39 +261,51 @@ class ReflectionIndex:
 
     def add(self, record: TrackedMessage) -> None:
         """A groupchat record entered the tracker (or changed): index it unless reflected."""
-        if record.state in REFLECTED:
-            self.discard(record.id)
-            return
         message_id = record.id
+        if record.state in REFLECTED:
+            self.discard(message_id)
+            return
         room = record.conversation
-        keys = _Keys(
-            room,
-            (room, record.origin_id) if record.origin_id else None,
-            (room, record.body) if record.body else None,
-            record.created_at,
-        )
-        known = self._keys.get(message_id)
+        origin = (room, record.origin_id) if record.origin_id else None
+        body = (room, record.body) if record.body else None
+        held: _Held = (room, origin, body, record.created_at)
+        known = self._held.get(message_id)
         if known is not None:
-            if known == keys:
+            if known == held:
                 return
             self.discard(message_id)
-        self._keys[message_id] = keys
-        self._by_room.setdefault(room, {})[message_id] = None
-        if keys.origin is not None:
-            _push(self._by_origin, keys.origin, message_id, keys.created_at, ordered=False)
-        if keys.body is not None:
-            _push(self._by_body, keys.body, message_id, keys.created_at, ordered=True)
+        self._held[message_id] = held
+        in_room = self._by_room.get(room)
+        if in_room is None:
+            self._by_room[room] = {message_id: None}
+        else:
+            in_room[message_id] = None
+        # Most keys are new: the bare id goes in without a call.
+        if origin is not None:
+            if origin in self._by_origin:
+                self._push(self._by_origin, origin, message_id, by_time=False)
+            else:
+                self._by_origin[origin] = message_id
+        if body is not None:
+            if body in self._by_body:
+                self._push(self._by_body, body, message_id, by_time=True)
+            else:
+                self._by_body[body] = message_id
 
     def discard(self, message_id: str) -> None:
         """The record left the tracker or was reflected."""
-        keys = self._keys.pop(message_id, None)
-        if keys is None:
+        held = self._held.pop(message_id, None)
+        if held is None:
             return
-        _pop(self._by_room, keys.room, message_id)
-        if keys.origin is not None:
-            _pop(self._by_origin, keys.origin, message_id)
-        if keys.body is not None:
-            _pop(self._by_body, keys.body, message_id)
+        room, origin, body, _ = held
+        in_room = self._by_room[room]
+        del in_room[message_id]
+        if not in_room:
+            del self._by_room[room]
+        if origin is not None:
+            _pop(self._by_origin, origin, message_id)
+        if body is not None:
+            _pop(self._by_body, body, message_id)
 
     def find(
         self,
@@ -312,41 +321,46 @@ class ReflectionIndex:
         one with the same body."""
         if origin_id:
             same_origin = self._by_origin.get((room, origin_id))
-            if same_origin:
-                return next(iter(same_origin))
+            if same_origin is not None:
+                return _first(same_origin)
         if stanza_id and stanza_id in self._by_room.get(room, ()):
             return stanza_id
         if body and origin_id is None and not history:
             same_body = self._by_body.get((room, body))
-            if same_body:
-                return next(iter(same_body))
+            if same_body is not None:
+                return _first(same_body)
         return None
 
+    def _push(
+        self,
+        index: dict[tuple[str, str], _Bucket],
+        key: tuple[str, str],
+        message_id: str,
+        *,
+        by_time: bool,
+    ) -> None:
+        """Add to a key that holds other ids already."""
+        bucket = index[key]
+        if isinstance(bucket, str):
+            index[key] = bucket = OrderedDict.fromkeys((bucket,))
+        held = self._held
+        last = next(reversed(bucket))
+        bucket[message_id] = None
+        if by_time and held[message_id][3] < held[last][3]:
+            # An older record came back (reinstated, resent, adopted): keep the bucket
+            # oldest first, equal times in entry order (a stable sort, it being last).
+            index[key] = OrderedDict.fromkeys(sorted(bucket, key=lambda i: held[i][3]))
 
-def _push(
-    index: dict[tuple[str, str], OrderedDict[str, float]],
-    key: tuple[str, str],
-    message_id: str,
-    created_at: float,
-    *,
-    ordered: bool,
-) -> None:
-    bucket = index.get(key)
-    if bucket is None:
-        index[key] = OrderedDict({message_id: created_at})
+
+def _first(bucket: _Bucket) -> str:
+    return bucket if isinstance(bucket, str) else next(iter(bucket))
+
+
+def _pop(index: dict[tuple[str, str], _Bucket], key: tuple[str, str], message_id: str) -> None:
+    bucket = index[key]
+    if isinstance(bucket, str):
+        del index[key]
         return
-    newest = bucket[next(reversed(bucket))]
-    bucket[message_id] = created_at
-    if ordered and created_at < newest:
-        # An older record came back (reinstated, resent, adopted): keep the bucket
-        # oldest first, equal times in entry order (a stable sort, it being last).
-        index[key] = OrderedDict(sorted(bucket.items(), key=lambda item: item[1]))
-
-
-def _pop(index: dict[_K, _B], key: _K, message_id: str) -> None:
-    bucket = index.get(key)
-    if bucket is None:
-        return
-    bucket.pop(message_id, None)
+    del bucket[message_id]
     if not bucket:
         del index[key]
