@@ -22,6 +22,9 @@ ROOM = "room@conference.localhost"
 
 def _tracker() -> Tracker[str]:
     tracker: Tracker[str] = Tracker(clock=time.monotonic)
+    for step in ("sm_offered", "enable_queued"):  # cores with SM phases want these first
+        if hasattr(tracker, step):
+            getattr(tracker, step)()
     tracker.enable_sent()
     tracker.enabled("sm-1", resumable=True, location=None, max=None, jid="me@localhost/r")
     return tracker

@@ -24,7 +24,7 @@ from xmpp_sm_tracker.core.rooms import (
 from xmpp_sm_tracker.core.states import DeliveryState
 from xmpp_sm_tracker.core.tracker import Event, OutgoingMessage, Tracker
 
-from .test_core_tracker import Clock, Stanza, enable
+from .test_core_tracker import Clock, Stanza, enable, send_enable
 
 S = DeliveryState
 ROOM = "room@muc.example"
@@ -316,6 +316,7 @@ def test_adopted_reinstated_and_retired_records_enter_and_leave_the_index() -> N
     fresh: Tracker[Stanza] = Tracker(clock=Clock())
     fresh.adopt([sent])  # a restart takes it over
     assert fresh.find_reflected(ROOM, "o-g1", None, None) == "g1"
+    send_enable(fresh)
     [failed] = fresh.enabled("sm-2", resumable=True, location=None, max=None)
     assert nothing_indexed(fresh)
     assert isinstance(failed.payload, TrackedMessage)
@@ -426,7 +427,7 @@ class ReflectionMachine(RuleBasedStateMachine):
             self.apply(events)
         else:
             self.apply(tracker.resume_failed(None))
-            self.apply(tracker.enable_sent())
+            self.apply(send_enable(tracker))
             self.apply(tracker.enabled("sm-2", resumable=True, location=None, max=None))
 
     @rule(data=st.data(), history=st.booleans())

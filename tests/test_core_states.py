@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from xmpp_sm_tracker.core.records import TrackedMessage, _build
+from xmpp_sm_tracker.core.records import TrackedMessage, build_record
 from xmpp_sm_tracker.core.states import (
     IN_FLIGHT,
     SETTLED,
@@ -215,9 +215,9 @@ _values = st.tuples(
 
 @given(_values)
 def test_the_fast_snapshot_builder_makes_exactly_the_dataclass(values: tuple[Any, ...]) -> None:
-    # records._build fills the slots directly for speed: it must be indistinguishable
+    # records.build_record fills the slots directly for speed: it must be indistinguishable
     # from the dataclass constructor, and the snapshot must stay frozen.
-    built, constructed = _build(*values), TrackedMessage(*values)
+    built, constructed = build_record(*values), TrackedMessage(*values)
     assert built == constructed
     assert type(built) is TrackedMessage
     assert [getattr(built, f.name) for f in fields(TrackedMessage)] == list(values)

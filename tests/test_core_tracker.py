@@ -11,6 +11,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from xmpp_sm_tracker.core.counters import MAX_SEQ, seq_add
 from xmpp_sm_tracker.core.ledger import Entry, HBackwards, HTooHigh
+from xmpp_sm_tracker.core.phases import SMPhase
 from xmpp_sm_tracker.core.records import FailureReason, TrackedMessage
 from xmpp_sm_tracker.core.smstate import RestoredEntry, RestoredState, SMStateError, parse_state
 from xmpp_sm_tracker.core.states import DeliveryState, IllegalTransition, next_state
@@ -75,9 +76,16 @@ def new_tracker(clock: Clock | None = None) -> Tracker[Stanza]:
     return Tracker(clock=clock or Clock())
 
 
+def send_enable(tracker: Tracker[Stanza]) -> list[Event]:
+    """The connection offers <sm/> and our <enable/> is written."""
+    tracker.sm_offered()
+    tracker.enable_queued()
+    return tracker.enable_sent()
+
+
 def enable(tracker: Tracker[Stanza], *, resumable: bool = True, sm_id: str = "sm-1") -> None:
     """<enable/> out, <enabled/> in (nothing left over from before)."""
-    assert tracker.enable_sent() == []
+    assert send_enable(tracker) == []
     assert tracker.enabled(sm_id, resumable=resumable, location=None, max=None) == []
 
 
@@ -225,7 +233,7 @@ def test_nothing_counted_before_enable() -> None:
 
 def test_stanzas_between_enable_and_enabled_count(clock: Clock) -> None:
     tracker = new_tracker(clock)
-    tracker.enable_sent()
+    send_enable(tracker)
     send(tracker, "early")
     tracker.enabled("sm-1", resumable=True, location=None, max=None)
     send(tracker, "late")
@@ -253,7 +261,7 @@ def test_enable_sent_fails_leftovers_with_session_ended(tracker: Tracker[Stanza]
     tracker.counted(Stanza("iq1"), None, link_up=True)
     tracker.ack(1)
     assert tracker.link_lost() != []
-    events = tracker.enable_sent()
+    events = send_enable(tracker)
     assert show(events) == [
         ("stanza:failed", "m2"),
         ("message:failed", "m2", SESSION_ENDED, 1, 2),
@@ -261,29 +269,31 @@ def test_enable_sent_fails_leftovers_with_session_ended(tracker: Tracker[Stanza]
     ]
     assert tracker.records == {}
     assert (tracker.ledger.seq, tracker.ledger.last_ack, len(tracker.ledger)) == (0, 0, 0)
-    assert tracker.session.enabled_out
+    assert tracker.counting_out
     # Counting starts again from one.
     send(tracker, "m3")
     assert tracker.records["m3"].seq == 1
 
 
-def test_enable_failed_fails_everything_with_sm_unavailable(tracker: Tracker[Stanza]) -> None:
+def test_enable_failed_fails_everything_with_sm_unavailable() -> None:
+    # What went out between <enable/> and the <failed/> answering it was counted.
+    tracker = new_tracker()
+    send_enable(tracker)
     send_all(tracker, "m1")
-    tracker.link_lost()
     events = tracker.enable_failed()
     assert show(events) == [
         ("stanza:failed", "m1"),
         ("message:failed", "m1", FailureReason.SM_UNAVAILABLE, 1, 1),
     ]
-    assert not tracker.session.enabled_out
-    assert not tracker.session.enabled_in
+    assert not tracker.counting_out
+    assert not tracker.counting_in
     assert tracker.counted(Stanza("m2"), None, link_up=True) == []
     assert len(tracker.ledger) == 0
 
 
 def test_enabled_records_the_session_facts(clock: Clock) -> None:
     tracker = new_tracker(clock)
-    tracker.enable_sent()
+    send_enable(tracker)
     tracker.enabled("abc", resumable=True, location="[::1]:5222", max=300, jid="a@b/c")
     session = tracker.session
     assert (session.sm_id, session.location, session.max, session.jid) == (
@@ -292,10 +302,14 @@ def test_enabled_records_the_session_facts(clock: Clock) -> None:
         300,
         "a@b/c",
     )
-    assert session.can_resume and session.enabled_in and session.enabled_out
+    assert session.can_resume and tracker.counting_in and tracker.counting_out
+    tracker.link_lost()
+    send_enable(tracker)
     tracker.enabled(None, resumable=True, location=None, max=None)
     assert not tracker.session.resumable  # no id: nothing to resume
     assert not tracker.session.can_resume
+    tracker.link_lost()
+    send_enable(tracker)
     tracker.enabled("abc", resumable=False, location=None, max=None)
     assert not tracker.session.can_resume
 
@@ -320,8 +334,8 @@ def test_link_lost_resumable_hibernates_everything_unacked(tracker: Tracker[Stan
         "m2": S.HIBERNATED,
         "q1": S.HIBERNATED,
     }
-    assert not tracker.session.enabled_in
-    assert not tracker.session.enabled_out
+    assert not tracker.counting_in
+    assert not tracker.counting_out
     assert tracker.session.can_resume  # the session itself is not forgotten
     # A second drop (the resumption attempt's connection died too) moves nothing again.
     assert show(tracker.link_lost()) == [
@@ -337,7 +351,7 @@ def test_link_lost_without_resumable_session_emits_nothing(clock: Clock) -> None
     tracker.track(outgoing("q1"), link_up=True)
     assert tracker.link_lost() == []
     assert {mid: r.state for mid, r in tracker.records.items()} == {"m1": S.SENT, "q1": S.SENT}
-    assert not tracker.session.enabled_out
+    assert not tracker.counting_out
     # They settle when the session is known to be over.
     events = tracker.session_ended(unsent=tracker.unsent_ids())
     assert show(events) == [
@@ -399,7 +413,7 @@ def test_resumed_acks_covered_and_resends_the_rest(tracker: Tracker[Stanza]) -> 
         tracker.inbound()
     tracker.link_lost()
     tracker.resume_sent()
-    assert tracker.session.resuming
+    assert tracker.sm_phase is SMPhase.RESUMING
     events, resend = tracker.resumed(1)
     assert show(events) == [
         ("stanza:acked", "m1"),
@@ -414,7 +428,7 @@ def test_resumed_acks_covered_and_resends_the_rest(tracker: Tracker[Stanza]) -> 
         ("m3", 3, "m3"),
     ]
     session = tracker.session
-    assert session.enabled_in and session.enabled_out and not session.resuming
+    assert tracker.counting_in and tracker.sm_phase is SMPhase.ON
     assert session.handled == 5  # inbound "handled" survives resumption
     assert tracker.ledger.seq == 3
     assert show(tracker.ack(3))[-1] == ("message:acked", "m3", None, 2, 3)
@@ -457,7 +471,7 @@ def test_resume_failed_acks_what_h_covers_and_fails_the_rest(tracker: Tracker[St
     assert tracker.records == {}
     assert len(tracker.ledger) == 0
     session = tracker.session
-    assert not session.can_resume and not session.resuming and not session.enabled_out
+    assert not session.can_resume and tracker.sm_phase is SMPhase.OFFERED
     assert session.sm_id is None
 
 
@@ -551,7 +565,7 @@ def test_session_ended_fails_ledger_and_unsent_records(tracker: Tracker[Stanza])
     # q1 is still queued in the client (it goes out with the next session): in flight.
     assert set(tracker.records) == {"q1"}
     assert tracker.session.sm_id is None
-    assert not tracker.session.enabled_out
+    assert not tracker.counting_out
 
 
 def test_should_drop_a_failed_message_still_queued_in_the_client(tracker: Tracker[Stanza]) -> None:
@@ -590,7 +604,7 @@ def test_inbound_counts_only_when_enabled_in() -> None:
     tracker = new_tracker()
     tracker.inbound()
     assert tracker.session.handled == 0
-    tracker.enable_sent()
+    send_enable(tracker)
     tracker.inbound()
     assert tracker.session.handled == 0  # <enabled/> not in yet
     tracker.enabled("sm", resumable=True, location=None, max=None)
@@ -606,7 +620,8 @@ def test_inbound_counts_only_when_enabled_in() -> None:
     tracker.resumed(0)
     tracker.inbound()
     assert tracker.session.handled == 4  # not reset by resumption
-    tracker.enable_sent()
+    tracker.link_lost()
+    send_enable(tracker)
     tracker.enabled("sm2", resumable=True, location=None, max=None)
     assert tracker.session.handled == 0  # reset by a new <enabled/>
 
@@ -733,8 +748,10 @@ def test_restore_needs_one_payload_per_entry() -> None:
         new_tracker().restore(restored_state(), [Stanza("a")])
 
 
-def test_export_state_round_trips_the_counters(tracker: Tracker[Stanza]) -> None:
+def test_export_state_round_trips_the_counters() -> None:
+    tracker = new_tracker()
     assert tracker.export_state(lambda e: "<x/>", now=5.0) is None  # no jid: nothing to save
+    send_enable(tracker)
     tracker.enabled("sm-9", resumable=True, location="h:1", max=60, jid="a@b/c")
     send_all(tracker, "m1", "m2")
     tracker.ack(1)
@@ -749,13 +766,17 @@ def test_export_state_round_trips_the_counters(tracker: Tracker[Stanza]) -> None
         "last_ack": 1,
     }
     assert state["unacked"] == [{"seq": 2, "xml": "<message id='m2'/>", "id": "m2"}]
+    tracker.link_lost()
+    send_enable(tracker)
     tracker.enabled("sm-9", resumable=False, location=None, max=None, jid="a@b/c")
     assert tracker.export_state(lambda e: "", now=5.0) is None
 
 
-def test_rooms_live_and_die_with_the_session(tracker: Tracker[Stanza]) -> None:
+def test_rooms_live_and_die_with_the_session() -> None:
     # Occupancy belongs to the session: a resumed stream is still in its rooms (the
     # server never saw it leave), a session that ends has left them all.
+    tracker = new_tracker()
+    send_enable(tracker)
     tracker.enabled("sm-1", resumable=True, location=None, max=None, jid="a@b/c")
     tracker.joined_room("r@muc", "Alice")
     tracker.joined_room("s@muc", "Al")
@@ -781,7 +802,7 @@ def test_rooms_are_forgotten_when_the_session_is_not_resumed(
         tracker.resume_sent()
         tracker.resume_failed(None)
     elif how == "enable-sent":
-        tracker.enable_sent()
+        send_enable(tracker)
     else:
         tracker.protocol_error(HTooHigh("too high", 5, 0, 0))
     assert tracker.nick_in("r@muc") is None
@@ -792,7 +813,7 @@ def test_rooms_of_an_ended_session_wait_for_the_app_to_rejoin(tracker: Tracker[S
     tracker.joined_room("s@muc", "Al")
     tracker.session_ended()
     assert tracker.rejoining == {"r@muc": "Alice", "s@muc": "Al"}
-    tracker.enable_sent()  # the next session: still in neither
+    send_enable(tracker)  # the next session: still in neither
     tracker.enabled("sm-2", resumable=True, location=None, max=None)
     assert tracker.rejoining == {"r@muc": "Alice", "s@muc": "Al"}
     tracker.joined_room("r@muc", "Alice2")
@@ -830,7 +851,9 @@ def test_a_room_that_shuts_down_is_to_be_rejoined_a_kick_is_not(
     assert tracker.rejoining == {"r@muc": "Alice"}
 
 
-def test_a_resumed_session_has_no_room_to_rejoin(tracker: Tracker[Stanza]) -> None:
+def test_a_resumed_session_has_no_room_to_rejoin() -> None:
+    tracker = new_tracker()
+    send_enable(tracker)
     tracker.enabled("sm-1", resumable=True, location=None, max=None, jid="a@b/c")
     tracker.joined_room("r@muc", "Alice")
     tracker.link_lost()
@@ -893,20 +916,20 @@ def test_enable_abandons_the_old_stream(tracker: Tracker[Stanza]) -> None:
     send_all(tracker, "m1")
     tracker.ack(1)
     tracker.link_lost()
-    assert tracker.enable_sent() == []
+    assert send_enable(tracker) == []
     assert not tracker.session.can_resume
     assert tracker.session.sm_id is None
     send_all(tracker, "n1", "n2")
     assert tracker.link_lost() == []  # nothing can be resumed: nothing hibernates
     assert {mid: r.state for mid, r in tracker.records.items()} == {"n1": S.SENT, "n2": S.SENT}
-    events = tracker.enable_sent()
+    events = send_enable(tracker)
     assert [e.name for e in events].count("message:failed") == 2
 
 
 def test_enable_after_a_restored_state_does_not_resume_it() -> None:
     tracker = new_tracker()
     tracker.restore(restored_state(), [Stanza("a"), Stanza("iq")])
-    events = tracker.enable_sent()
+    events = send_enable(tracker)
     assert show(events) == [("stanza:failed", "a"), ("stanza:failed", "iq")]
     assert not tracker.session.can_resume
     assert not tracker.session.restored
@@ -1056,7 +1079,7 @@ class TrackerMachine(RuleBasedStateMachine):
         self.stream = self.new_name("stream-")
         self.received[self.stream] = []
         self.last_h[self.stream] = 0
-        self.apply(self.tracker.enable_sent())
+        self.apply(send_enable(self.tracker))
         self.phase = "negotiating"
 
     def connection_gone(self) -> None:

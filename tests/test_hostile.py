@@ -42,6 +42,7 @@ from xmpp_sm_tracker import (
     StoreError,
     TrackedMessage,
 )
+from xmpp_sm_tracker.core.phases import SMPhase
 from xmpp_sm_tracker.testing import FaultProxy, ProsodyServer
 from xmpp_sm_tracker.testing.client import connect_client, make_client, tracker_of, wait_for
 
@@ -361,7 +362,7 @@ async def test_a_state_forged_for_another_accounts_stream_cannot_resume_it(
         await connect_client(alice.xmpp, prosody.address)
         assert alice.xmpp.boundjid.bare == "alice@localhost"
         assert alice.tracker.core.session.sm_id != stolen["stream_id"]
-        assert alice.tracker.core.session.enabled_in
+        assert alice.tracker.managed
 
         carol.ask_for_acks()
         carols_link.heal()
@@ -773,13 +774,13 @@ async def test_a_connection_lost_while_waiting_for_resumed_does_not_end_the_next
     await wait_for(lambda: alice.count("message:acked") == 1)
     proxy.rewrite(rb"<resumed [^>]*/>", b"")  # the server's answer never arrives...
     proxy.cut()
-    await wait_for(lambda: alice.tracker.core.session.resuming, timeout=10)
+    await wait_for(lambda: alice.tracker.sm_phase is SMPhase.RESUMING, timeout=10)
     alice.tracker.allow_resume = False  # the next connection starts a fresh session
     proxy.heal()  # ...and the connection is lost while alice waits for it
     proxy.cut()
     await wait_for(lambda: alice.tracker.session_live, timeout=10)
     await asyncio.sleep(2.0)  # past the first wait's timeout
-    assert alice.tracker.session_live and alice.tracker.core.session.enabled_out
+    assert alice.tracker.session_live and alice.tracker.core.counting_out
     later = alice.send("bob@localhost", "after the stale wait")
     await wait_for(lambda: alice.count("message:acked") == 2)
     assert alice.ids("message:acked") == [first, later]

@@ -58,8 +58,8 @@ async def fail_by_refused_resumption(alice: Party, proxy: FaultProxy) -> None:
     unacked fails although the server may have it (the case reconciliation is for)."""
     alice.tracker.core.session.sm_id = "not-a-stream-the-server-knows"
     proxy.cut()
-    await wait_for(lambda: alice.tracker.core.session.enabled_in is False)
-    await wait_for(lambda: alice.tracker.core.session.enabled_in, timeout=15)
+    await wait_for(lambda: alice.tracker.managed is False)
+    await wait_for(lambda: alice.tracker.managed, timeout=15)
 
 
 async def test_resend_failed_sends_in_original_order_each_once(

@@ -159,7 +159,7 @@ async def test_killed_process_after_server_restart_fails_them_and_resend_works(
             assert len(failed) == COUNT
             assert {r.reason for r in failed} == {"resume-failed"}
             assert [r.body for r in failed] == [f"durable {i}" for i in range(COUNT)]
-            await wait_for(lambda: tracker_of(alice).core.session.enabled_in, timeout=10)
+            await wait_for(lambda: tracker_of(alice).managed, timeout=10)
 
             record = await tracker_of(alice).resend(failed[0].id)
             assert record.state is DeliveryState.RESENT

@@ -231,7 +231,7 @@ async def test_a_restarted_process_that_resumes_still_knows_its_rooms(
         party.tracker.sm.load(await store.load_sm_state())
         party.tracker.sm.cache(store.save_sm_state)
         xmpp.connect(*proxy.address)
-        await wait_for(lambda: party.tracker.core.session.enabled_in, timeout=15)
+        await wait_for(lambda: party.tracker.managed, timeout=15)
         return party, store
 
     first, first_store = await start_alice("first")

@@ -112,7 +112,7 @@ async def test_resumption_after_server_restart_acks_what_failed_h_covers(
         assert {r.reason for r in stored} == {"resume-failed"}
         assert all(r.state is DeliveryState.FAILED for r in stored)
         # The client went on with a fresh session.
-        await wait_for(lambda: alice.tracker.core.session.enabled_in, timeout=10)
+        await wait_for(lambda: alice.tracker.managed, timeout=10)
         assert await alice.tracker.pending() == []
 
 

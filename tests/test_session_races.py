@@ -23,6 +23,8 @@ class Client(WiredClient):
 
     def __init__(self) -> None:
         super().__init__(auto_reconnect=False)
+        self.tracker.core.sm_offered()
+        self.tracker.core.enable_queued()
         self.tracker._on_outgoing(sm_stanza.Enable(self.xmpp))
         self.tracker.core.enabled(
             "sm-1", resumable=True, location=None, max=None, jid="alice@localhost/r"
@@ -38,6 +40,7 @@ class Client(WiredClient):
         self.xmpp.event("disconnected", "cut")
         self.transport = RecordingTransport()
         self.xmpp.transport = self.transport
+        self.xmpp.event("connected")
         self.tracker._on_outgoing(sm_stanza.Resume(self.xmpp))
         return self.transport
 

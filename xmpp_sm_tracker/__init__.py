@@ -6,6 +6,7 @@ Load it with ``xmpp.register_plugin("sm_tracker", module="xmpp_sm_tracker")``
 
 from .core.acks import AckPolicy
 from .core.ledger import HBackwards, HTooHigh, SMProtocolError
+from .core.phases import IllegalPhaseEvent, LinkPhase, SMPhase
 from .core.records import FailureReason, TrackedMessage
 from .core.retry import RetryPolicy
 from .core.smstate import SMStateError
@@ -26,9 +27,12 @@ __all__ = [
     "FailureReason",
     "HBackwards",
     "HTooHigh",
+    "IllegalPhaseEvent",
     "IllegalTransition",
+    "LinkPhase",
     "MemoryStore",
     "RetryPolicy",
+    "SMPhase",
     "SMProtocolError",
     "SMState",
     "SMStateError",

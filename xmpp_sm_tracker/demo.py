@@ -120,7 +120,7 @@ async def run_demo(base_dir: Path) -> int:
         proxy.heal()
         proxy.cut()
         await wait_for(lambda: timeline.count("failed") == 2, timeout=20)
-        await wait_for(lambda: tracker.core.session.enabled_in, timeout=15)
+        await wait_for(lambda: tracker.managed, timeout=15)
 
         timeline.note("5. the user resends the failed messages: same id, resent, acked")
         for message_id in lost:

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from typing import Any, ClassVar, Final
+from typing import Any, ClassVar
 from xml.etree import ElementTree as ET
 
 from pyee.asyncio import AsyncIOEventEmitter
@@ -28,8 +27,19 @@ from slixmpp.xmlstream import StanzaBase, tostring
 from slixmpp.xmlstream.handler import Callback, Waiter
 from slixmpp.xmlstream.matcher import MatchMany, MatchXPath
 
+from . import stanzas
 from .core.acks import AckClock, AckPolicy
 from .core.ledger import Entry, HBackwards, SMProtocolError
+from .core.phases import (
+    CLOSED_BY_APP,
+    LINK_TRANSITIONS,
+    SESSION_UP,
+    LinkEvent,
+    LinkPhase,
+    PhaseMachine,
+    SMPhase,
+)
+from .core.reconnect import backoff_delay, choose_address
 from .core.records import FailureReason, TrackedMessage
 from .core.retry import RetryPolicy
 from .core.rooms import Joined, Left, NickChanged, own_presence
@@ -38,6 +48,7 @@ from .core.states import DeliveryState
 from .core.tracker import Event, OutgoingMessage, Tracker
 from .resend import Resender
 from .smhooks import SMStateHooks
+from .stanzas import FAILED_TAG, REQUEST_ACK, parse_counter, parse_location
 from .stores.base import StoreError, TrackerStore
 from .stores.memory import MemoryStore
 from .writer import StoreWriter
@@ -46,40 +57,18 @@ __all__ = ["SMTracker"]
 
 log = logging.getLogger(__name__)
 
-SM_NS = "urn:xmpp:sm:3"
-SID_NS = "urn:xmpp:sid:0"
-HINTS_NS = "urn:xmpp:hints"
-CARBONS_NS = "urn:xmpp:carbons:2"
-FORWARD_NS = "urn:xmpp:forward:0"
-RECEIPTS_NS = "urn:xmpp:receipts"
-MARKERS_NS = "urn:xmpp:chat-markers:0"
-MUC_NS = "http://jabber.org/protocol/muc"
-MUC_USER_NS = "http://jabber.org/protocol/muc#user"
-STANZAS_NS = "urn:ietf:params:xml:ns:xmpp-stanzas"
-DELAY_NS = "urn:xmpp:delay"
-_FAILED_TAG = f"{{{SM_NS}}}failed"
-
 #: xep_0198's stream handlers: (handler name, tag, xep_0198 method). Used both to
 #: take them over and to give them back in ``plugin_end``.
 _XEP_0198_HANDLERS = (
     ("Stream Management Enabled", sm_stanza.Enabled.tag_name(), "_handle_enabled"),
     ("Stream Management Resumed", sm_stanza.Resumed.tag_name(), "_handle_resumed"),
-    ("Stream Management Failed", _FAILED_TAG, "_handle_failed"),
+    ("Stream Management Failed", FAILED_TAG, "_handle_failed"),
     ("Stream Management Ack", sm_stanza.Ack.tag_name(), "_handle_ack"),
     ("Stream Management Request Ack", sm_stanza.RequestAck.tag_name(), "_handle_request_ack"),
 )
 _XEP_0198_FILTERS = (("in", "_handle_incoming"), ("out_sync", "_handle_outgoing"))
 _XEP_0198_EVENTS = (("disconnected", "disconnected"), ("session_end", "session_end"))
 
-
-_REQUEST_ACK = f"<r xmlns='{SM_NS}'/>"
-_ORIGIN_ID = f"{{{SID_NS}}}origin-id"
-_RECEIPT_REQUEST = f"{{{RECEIPTS_NS}}}request"
-_MARKABLE = f"{{{MARKERS_NS}}}markable"
-_NO_STORE = f"{{{HINTS_NS}}}no-store"
-_MUC_JOIN = f"{{{MUC_NS}}}x"
-
-_UNSIGNED_INT = re.compile(r"[0-9]{1,10}")
 
 #: slixmpp outgoing filters that never touch a message stanza (checked on 1.17).
 _MESSAGE_SAFE_FILTERS = frozenset({"Roster._save_last_status", "XEP_0115._filter_add_caps"})
@@ -94,40 +83,6 @@ class TrackerEvents(AsyncIOEventEmitter):
         if not isinstance(events, dict):
             return bool(self.listeners(event))
         return bool(events.get(event))
-
-
-def _parse_counter(value: str | None) -> int | None:
-    """An ``h`` attribute as an int in [0, 2**32), or None when absent or malformed.
-
-    Only ASCII digits: ``int()`` alone would take ``1_0`` or non-ASCII digits.
-    """
-    if value is None or not _UNSIGNED_INT.fullmatch(value):
-        return None
-    number = int(value)
-    return number if number < 2**32 else None
-
-
-_CLIENT_MESSAGE: Final = '<message xmlns="jabber:client"'
-
-
-def _on_the_wire(text: str) -> str:
-    """A record's text as slixmpp writes a stanza: without the stream's default
-    namespace, which the record keeps to be parsed on its own (a resend, a restart).
-    The redundant declaration would cost the server time on every message."""
-    if text.startswith(_CLIENT_MESSAGE):
-        return "<message" + text[len(_CLIENT_MESSAGE) :]
-    return text
-
-
-def _parse_location(location: str | None) -> tuple[str, int] | None:
-    """``host:port`` or ``[v6]:port`` from ``<enabled location>``; None if unusable."""
-    if not location:
-        return None
-    host, sep, port = location.rpartition(":")
-    if not sep or not _UNSIGNED_INT.fullmatch(port) or not 0 < int(port) < 65536:
-        return None
-    host = host.strip("[]")
-    return (host, int(port)) if host else None
 
 
 class SMTracker(BasePlugin):  # type: ignore[misc]
@@ -218,10 +173,8 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         )
         self._xep = xmpp.plugin["xep_0198"]
 
-        self._session_live = False
-        self._closing = False
-        self._sm_offered = False
-        self._enable_sent_here = False
+        #: The connection's phase; the SM session's is the core's (``core.sm_phase``).
+        self._link = PhaseMachine(LINK_TRANSITIONS, LinkPhase.OFFLINE)
         #: Tracked messages slixmpp holds until the next session start, by id.
         self._parked: dict[str, StanzaBase] = {}
         #: Messages tracked on a live session, serialized only when written (the text
@@ -238,8 +191,6 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         self._reconnect_timer: asyncio.TimerHandle | None = None
         self._negotiation_timer: asyncio.TimerHandle | None = None
         self._reconnect_attempt = 0
-        #: The app asked to reconnect (xmpp.reconnect): the next drop reconnects at once.
-        self._reconnect_now = False
         #: Where the app connected us (None: DNS), the ``<enabled location>`` we went
         #: to instead, and one that did not answer (not tried again for that session).
         self._app_address: tuple[str, int] | None = None
@@ -247,14 +198,14 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         self._location_dead: tuple[str, int] | None = None
         self._late_tasks: set[asyncio.Future[None]] = set()
 
-        self.resender = Resender(self)
+        self.resender = Resender(_ResendHost(self))
         self.core.retry_policy = self.retry_policy
 
         self._displace_xep_0198()
         self._handlers = (
             ("SM Tracker Enabled", sm_stanza.Enabled.tag_name(), self._on_enabled),
             ("SM Tracker Resumed", sm_stanza.Resumed.tag_name(), self._on_resumed),
-            ("SM Tracker Failed", _FAILED_TAG, self._on_failed),
+            ("SM Tracker Failed", FAILED_TAG, self._on_failed),
             ("SM Tracker Ack", sm_stanza.Ack.tag_name(), self._on_ack),
             ("SM Tracker Request Ack", sm_stanza.RequestAck.tag_name(), self._on_request_ack),
         )
@@ -366,7 +317,22 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
     @property
     def session_live(self) -> bool:
         """True while a session (fresh or resumed) is up and stanzas can go out."""
-        return self._session_live
+        return self._link.phase in SESSION_UP
+
+    @property
+    def link_phase(self) -> LinkPhase:
+        """Where the connection stands (see :mod:`xmpp_sm_tracker.core.phases`)."""
+        return self._link.phase
+
+    @property
+    def sm_phase(self) -> SMPhase:
+        """Where the XEP-0198 session stands (see :mod:`xmpp_sm_tracker.core.phases`)."""
+        return self.core.sm_phase
+
+    @property
+    def managed(self) -> bool:
+        """True while stream management is on for this connection (both ways counted)."""
+        return self.core.counting_in
 
     async def flush(self) -> None:
         """Make every record change so far durable, and hand the SM state to ``sm.cache``."""
@@ -469,7 +435,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
 
     def _load_state(self, state: object) -> None:
         """Check a saved state completely, then install it; on error stay fresh."""
-        if self.xmpp.transport is not None or self.core.session.enabled_out:
+        if self.xmpp.transport is not None or self.core.counting_out:
             raise SMStateError("sm.load() must be called before connect()")
         try:
             restored = parse_state(state, bare_jid=self.xmpp.boundjid.bare)
@@ -489,7 +455,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             element = ET.fromstring(xml)
         except ET.ParseError as exc:
             raise SMStateError(f"SM state: an unacked stanza is not valid XML ({exc})") from exc
-        kind = element.tag.rpartition("}")[2]
+        kind = stanzas.stanza_kind(element)
         stanza_class = {"message": Message, "presence": Presence, "iq": Iq}.get(kind)
         if stanza_class is None:
             raise SMStateError(f"SM state: <{kind}> is not a stanza that can be resent")
@@ -546,7 +512,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         if use_filters and isinstance(data, Message):
             # On a live session the text is made when the stanza is written, unless
             # another filter would come after ours (then slixmpp writes it itself).
-            record = self._track(data, lazy=self._session_live and self._we_write_last())
+            record = self._track(data, lazy=self.session_live and self._we_write_last())
             if record is not None and self.resender.hold(record, data):
                 if record.id in self._unwritten:
                     self._write_text(record.id)  # it waits: the record needs its text now
@@ -569,41 +535,25 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         body = self._body_to_track(message)
         if body is None:
             return None
-        if not message_id:
-            message_id = uuid.uuid4().hex
-            xml.set("id", message_id)
-        origin = xml.find(_ORIGIN_ID)
         config = self.config  # read once: each plugin attribute is a config lookup
-        if origin is None and config["add_origin_id"]:
-            origin = ET.SubElement(xml, _ORIGIN_ID, {"id": message_id})
-        origin_id = origin.get("id", message_id) if origin is not None else message_id
-        kind = xml.get("type", "normal")
-        if kind in ("chat", "normal"):
-            if config["request_receipts"] and xml.find(_RECEIPT_REQUEST) is None:
-                ET.SubElement(xml, _RECEIPT_REQUEST)
-            if config["request_markers"] and xml.find(_MARKABLE) is None:
-                ET.SubElement(xml, _MARKABLE)
-        outgoing = OutgoingMessage(
-            id=message_id,
-            origin_id=origin_id,
-            to=xml.get("to", ""),
-            type=kind,
-            body=body,
-            xml="" if lazy else tostring(xml, top_level=True),
+        fields = stanzas.complete_outgoing(
+            xml,
+            body,
+            uuid.uuid4().hex,
+            add_origin_id=config["add_origin_id"],
+            request_receipts=config["request_receipts"],
+            request_markers=config["request_markers"],
         )
+        outgoing = OutgoingMessage(*fields, xml="" if lazy else tostring(xml, top_level=True))
         if lazy:
-            self._unwritten[message_id] = message
-        self._dispatch(self.core.track(outgoing, link_up=self._session_live))
-        return records.get(message_id)
+            self._unwritten[fields.id] = message
+        self._dispatch(self.core.track(outgoing, link_up=self.session_live))
+        return records.get(fields.id)
 
     def _body_to_track(self, message: Message) -> str | None:
         """The body of a message to track; None for one that is not for tracking."""
-        xml = message.xml
-        if xml.get("type") == "error":
-            return None
-        body = xml.find(f"{{{message.namespace}}}body")
-        text: str | None = body.text if body is not None else None
-        if not text or xml.find(_NO_STORE) is not None:
+        text = stanzas.trackable_body(message.xml)
+        if text is None:
             return None
         predicate = self.config["should_track"]
         if predicate is None:
@@ -800,8 +750,8 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
                 if unwritten is not None and unwritten is stanza:
                     del self._unwritten[message_id]
                     written = tostring(unwritten.xml, top_level=True)
-        if core.session.resuming or (
-            message_id is not None and self.xmpp.transport is None and not self._session_live
+        if core.sm_phase is SMPhase.RESUMING or (
+            message_id is not None and self.xmpp.transport is None and not self.session_live
         ):
             # Written between <resume/> and <resumed/>, any stanza would be counted
             # before the resends and then again among them (Smack #185). And a message
@@ -818,11 +768,11 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             and self._hold_for_room(stanza, message_id, written)
         ):
             return None
-        if not core.session.enabled_out:
+        if not core.counting_out:
             if written is None:
                 return stanza
             self._record_written(message_id, written)  # type: ignore[arg-type]
-            return _on_the_wire(written) if self._we_write_last() else stanza
+            return stanzas.on_the_wire(written) if self._we_write_last() else stanza
         link_up = self.xmpp.transport is not None
         same = written is None and message_id is not None and self._filters_keep_messages()
         events = core.counted(stanza, message_id, link_up=link_up, same_as_record=same, xml=written)
@@ -843,7 +793,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             if counted is not None and counted.message_id == message_id and counted.serialized:
                 text = counted.serialized  # the record's text, tied to this very stanza
         if text is not None:
-            text = _on_the_wire(text)
+            text = stanzas.on_the_wire(text)
         now = self.xmpp.loop.time()
         if not self.ack_clock.counted(now):
             self._arm_ack_timer()  # cheap when the deadline did not move (the usual case)
@@ -859,17 +809,17 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             self._request_ack(now)
             return stanza
         self._ack_requested(now)
-        return text + _REQUEST_ACK
+        return text + REQUEST_ACK
 
     # ---------------------------------------------------------------- acks
 
     def _request_ack(self, now: float) -> None:
         """Queue an ``<r/>`` behind what is queued, so it follows the stanzas it asks about."""
-        if self.xmpp.transport is None or not self.core.session.enabled_out:
+        if self.xmpp.transport is None or not self.core.counting_out:
             return
         # As text, straight into slixmpp's send queue: behind what is queued, and
         # without building and serializing a stanza every ack_every messages.
-        self.xmpp.waiting_queue.put_nowait((_REQUEST_ACK, False))
+        self.xmpp.waiting_queue.put_nowait((REQUEST_ACK, False))
         self._ack_requested(now)
 
     def _ack_requested(self, now: float) -> None:
@@ -891,7 +841,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         self._ack_timer = None
         self._ack_timer_at = None
         now = self.xmpp.loop.time()
-        if not self.core.session.enabled_out:
+        if not self.core.counting_out:
             return  # no SM on this connection: nothing to ask (the next one re-arms)
         if self.ack_clock.link_dead(now):
             log.warning(
@@ -906,7 +856,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         self._arm_ack_timer()
 
     def _on_ack(self, stanza: StanzaBase) -> None:
-        h = _parse_counter(stanza.xml.get("h"))
+        h = parse_counter(stanza.xml.get("h"))
         if h is None:
             log.warning("ignoring an <a/> without a valid h: %r", stanza.xml.get("h"))
             return
@@ -944,15 +894,15 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         xmpp.send_raw = send_raw
 
     def _send_ack(self) -> None:
-        if self.xmpp.transport is None or not self.core.session.enabled_in:
+        if self.xmpp.transport is None or not self.core.counting_in:
             return
-        self.xmpp.send_raw(f"<a xmlns='{SM_NS}' h='{self.core.session.handled}'/>")
+        self.xmpp.send_raw(stanzas.ack(self.core.session.handled))
 
     def _count_inbound(self, stanza: StanzaBase) -> StanzaBase:
         """in filter: count handled stanzas, and read the proofs peers send back."""
         if not isinstance(stanza, (Message, Presence, Iq)):
             return stanza
-        if self.core.session.enabled_in:
+        if self.core.counting_in:
             self.core.inbound()
             self.sm.changed()
             self.ack_clock.heard(self.xmpp.loop.time())
@@ -969,55 +919,36 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         xml = message.xml
         kind = xml.get("type")
         if kind == "error":
-            self._read_bounce(xml)
+            bounce = stanzas.read_bounce(xml)
+            if bounce is not None:
+                reason = FailureReason.bounce(bounce.error_type, bounce.condition, bounce.text)
+                self._late_signal(bounce.id, lambda mid: self.core.bounced(mid, reason))
             return
         if kind == "groupchat":
-            self._read_reflection(xml)
+            reflection = stanzas.read_reflection(xml)
+            if reflection is not None:
+                self._read_reflection(reflection)
             return
-        sender = xml.get("from", "")
-        if sender.split("/", 1)[0] == self.xmpp.boundjid.bare:
-            carbon = xml.find(f"{{{CARBONS_NS}}}sent/{{{FORWARD_NS}}}forwarded")
-            if carbon is not None:
-                self._read_sent_carbon(carbon)
-                return
-        receipt = xml.find(f"{{{RECEIPTS_NS}}}received")
-        if receipt is not None and receipt.get("id"):
-            self._late_signal(receipt.get("id", ""), self.core.delivered)
-        marker = xml.find(f"{{{MARKERS_NS}}}displayed")
-        if marker is not None and marker.get("id"):
-            self._late_signal(marker.get("id", ""), self.core.displayed)
+        carbon = stanzas.read_sent_carbon(xml, self.xmpp.boundjid.bare)
+        if carbon is not None:
+            if carbon.fields.id not in self.core.records:
+                outgoing = OutgoingMessage(*carbon.fields, xml=carbon.xml, via_carbon=True)
+                self._dispatch(self.core.track(outgoing, link_up=True))
+            return
+        for proof in stanzas.read_peer_proofs(xml):
+            signal = self.core.delivered if proof.kind == "delivered" else self.core.displayed
+            self._late_signal(proof.id, signal)
 
-    def _read_bounce(self, xml: ET.Element) -> None:
-        message_id = xml.get("id")
-        if not message_id:
+    def _read_reflection(self, reflection: stanzas.Reflection) -> None:
+        room = reflection.room
+        if self.core.nick_in(room) != reflection.nick:
             return
-        error = xml.find(f"{{{self.xmpp.default_ns}}}error")
-        error_type, condition, text = "cancel", "undefined-condition", ""
-        if error is not None:
-            error_type = error.get("type", "cancel")
-            for child in error:
-                if not child.tag.startswith(f"{{{STANZAS_NS}}}"):
-                    continue
-                tag = child.tag.rpartition("}")[2]
-                if tag == "text":
-                    text = child.text or ""
-                else:
-                    condition = tag
-        reason = FailureReason.bounce(error_type, condition, text)
-        self._late_signal(message_id, lambda mid: self.core.bounced(mid, reason))
-
-    def _read_reflection(self, xml: ET.Element) -> None:
-        room, _, nick = xml.get("from", "").partition("/")
-        if not nick or self.core.nick_in(room) != nick:
-            return
-        body = xml.find(f"{{{self.xmpp.default_ns}}}body")
-        origin = xml.find(f"{{{SID_NS}}}origin-id")
         message_id = self.core.find_reflected(
             room,
-            origin.get("id") if origin is not None else None,
-            xml.get("id"),
-            body.text if body is not None else None,
-            history=xml.find(f"{{{DELAY_NS}}}delay") is not None,
+            reflection.origin_id,
+            reflection.id,
+            reflection.body,
+            history=reflection.history,
         )
         if message_id is not None:
             self._dispatch(self.core.room_received(message_id))
@@ -1025,7 +956,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         # Not one in memory: perhaps one that failed (its reflection was lost, the
         # resumption refused) and that the room's history now shows. By its stable id
         # only: the store is asked for it, so a resend does not duplicate it in the room.
-        wanted = origin.get("id") if origin is not None else xml.get("id")
+        wanted = reflection.origin_id or reflection.id
         if wanted:
             self._late_signal(wanted, lambda mid: self._reflected_late(mid, room))
 
@@ -1036,52 +967,26 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             return []
         return self.core.room_received(message_id)
 
-    def _read_sent_carbon(self, forwarded: ET.Element) -> None:
-        inner = forwarded.find(f"{{{self.xmpp.default_ns}}}message")
-        if inner is None:
-            return
-        body = inner.find(f"{{{self.xmpp.default_ns}}}body")
-        message_id = inner.get("id")
-        if body is None or not body.text or not message_id or message_id in self.core.records:
-            return
-        origin = inner.find(f"{{{SID_NS}}}origin-id")
-        outgoing = OutgoingMessage(
-            id=message_id,
-            origin_id=origin.get("id", message_id) if origin is not None else message_id,
-            to=inner.get("to", ""),
-            type=inner.get("type", "normal"),
-            body=body.text,
-            xml=tostring(inner, top_level=True),
-            via_carbon=True,
-        )
-        self._dispatch(self.core.track(outgoing, link_up=True))
-
     def _read_own_presence(self, presence: Presence) -> None:
         """A join on its way: should the session end before the room answers, the next
         one must join again before messages to that room go out."""
-        xml = presence.xml
-        if xml.find(_MUC_JOIN) is not None and xml.get("type") in (None, "available"):
-            room, _, nick = xml.get("to", "").partition("/")
-            if nick:
-                self.core.join_sent(room, nick)
+        join = stanzas.read_join(presence.xml)
+        if join is not None:
+            self.core.join_sent(join.room, join.nick)
 
     def _read_presence(self, presence: Presence) -> None:
-        """Our own occupant presence (status 110): which nick is ours in which room. The
-        core decides what its status codes mean; this only reads them off the stanza."""
-        xml = presence.xml
-        if xml.get("type") == "error":
-            room = xml.get("from", "").partition("/")[0]
+        """Our own occupant presence (status 110): which nick is ours in which room.
+        stanzas reads the facts; the core decides what its status codes mean."""
+        fact = stanzas.read_room_presence(presence.xml)
+        if fact is None:
+            return
+        room = fact.room
+        if fact.error:
             if self.core.join_refused(room) and room in self._room_held:
                 self._release_room(room)  # they bounce with the room's own condition
             return
-        muc = xml.find(f"{{{MUC_USER_NS}}}x")
-        if muc is None:
-            return
-        codes = {status.get("code", "") for status in muc.findall(f"{{{MUC_USER_NS}}}status")}
-        item = muc.find(f"{{{MUC_USER_NS}}}item")
-        room, _, nick = xml.get("from", "").partition("/")
-        new_nick = item.get("nick") if item is not None else None
-        decision = own_presence(codes, xml.get("type"), nick, new_nick)
+        kind = "unavailable" if fact.unavailable else None
+        decision = own_presence(fact.codes, kind, fact.nick, fact.new_nick)
         if isinstance(decision, Joined | NickChanged):
             self._joined(room, decision.nick)
         elif isinstance(decision, Left):
@@ -1124,12 +1029,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         """XEP-0198 §4: an ``h`` beyond what we sent ends the stream; nothing is lost."""
         log.error("stream management protocol error: %s; dropping the session", exc)
         if self.xmpp.transport is not None:
-            self.xmpp.send_raw(
-                "<stream:error><undefined-condition "
-                "xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>"
-                f"<handled-count-too-high xmlns='{SM_NS}' h='{exc.h}' send-count='{exc.seq}'/>"
-                "</stream:error>"
-            )
+            self.xmpp.send_raw(stanzas.handled_count_too_high(exc.h, exc.seq))
         self._drop_session()
 
     def _drop_session(self) -> None:
@@ -1145,19 +1045,21 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
 
     async def _handle_sm_feature(self, features: StanzaBase) -> bool:
         """Resume before bind when we can, otherwise enable after bind."""
-        xmpp = self.xmpp
+        xmpp, core = self.xmpp, self.core
         if "stream_management" in xmpp.features:
             return False
-        self._sm_offered = True
         if "bind" not in xmpp.features:
-            if self.core.session.can_resume and self.allow_resume:
+            resumable = core.sm_phase is SMPhase.SUSPENDED and core.session.can_resume
+            if resumable and self.allow_resume:
                 return await self._resume()
+            core.sm_offered()  # a fresh session: <enable/> goes out at bind
             return False
-        if not self._enable_sent_here:
+        core.sm_offered()
+        if core.sm_phase is SMPhase.OFFERED:
             self._send_enable()
         waiter = Waiter(
             f"sm_tracker enabled_or_failed {uuid.uuid4().hex}",  # one per wait: removed by name
-            MatchMany([MatchXPath(sm_stanza.Enabled.tag_name()), MatchXPath(_FAILED_TAG)]),
+            MatchMany([MatchXPath(sm_stanza.Enabled.tag_name()), MatchXPath(FAILED_TAG)]),
         )
         transport = xmpp.transport
         xmpp.register_handler(waiter)
@@ -1172,7 +1074,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         resume["previd"] = session.sm_id
         waiter = Waiter(
             f"sm_tracker resumed_or_failed {uuid.uuid4().hex}",
-            MatchMany([MatchXPath(sm_stanza.Resumed.tag_name()), MatchXPath(_FAILED_TAG)]),
+            MatchMany([MatchXPath(sm_stanza.Resumed.tag_name()), MatchXPath(FAILED_TAG)]),
         )
         transport = self.xmpp.transport
         self.xmpp.register_handler(waiter)
@@ -1184,15 +1086,15 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             log.info("the connection was lost during <resume/>; nothing more to do for it")
             return True
         if result and result.xml.tag == sm_stanza.Resumed.tag_name():
-            return self.core.session.enabled_in  # False if <resumed> was rejected
-        if not result and self.core.session.resuming:
+            return self.core.counting_in  # False if <resumed> was rejected
+        if not result and self.core.sm_phase is SMPhase.RESUMING:
             log.warning("no answer to <resume/>: treating it as refused")
             self._dispatch(self.core.resume_failed(None))
         self.xmpp.event("session_end")
         return False
 
     def _send_enable(self) -> None:
-        self._enable_sent_here = True
+        self.core.enable_queued()
         enable = sm_stanza.Enable(self.xmpp)
         enable["resume"] = self.allow_resume
         if self.resume_max is not None:
@@ -1202,10 +1104,13 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
     def _on_session_bind(self, _jid: Any) -> None:
         """Enable right after bind, before session_start handlers queue their stanzas,
         so that everything the app sends in them is counted."""
-        if self._sm_offered and not self._enable_sent_here and not self.core.session.resuming:
+        if self.core.sm_phase is SMPhase.OFFERED:
             self._send_enable()
 
     def _on_enabled(self, stanza: StanzaBase) -> None:
+        if self.core.sm_phase is not SMPhase.ENABLING:
+            log.warning("ignoring an <enabled/> nobody asked for (%s)", self.core.sm_phase.name)
+            return
         xml = stanza.xml
         self.xmpp.features.add("stream_management")
         resumable = xml.get("resume", "false").lower() in ("true", "1")
@@ -1214,24 +1119,27 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         events = self.core.enabled(
             xml.get("id"),
             resumable=resumable and self.allow_resume,
-            location=location if _parse_location(location) else None,
-            max=_parse_counter(xml.get("max")),
+            location=location if parse_location(location) else None,
+            max=parse_counter(xml.get("max")),
             jid=self.xmpp.boundjid.full,
         )
         self._dispatch(events)
         self.sm.changed(urgent=True)
-        if location and _parse_location(location) is None:
+        if location and parse_location(location) is None:
             log.warning("ignoring an unusable <enabled location=%r>", location)
         max_text = xml.get("max")
-        if max_text is not None and _parse_counter(max_text) is None:
+        if max_text is not None and parse_counter(max_text) is None:
             log.warning("ignoring an unusable <enabled max=%r>", max_text)
         self.xmpp.end_session_on_disconnect = not self.core.session.can_resume
 
     def _on_resumed(self, stanza: StanzaBase) -> None:
+        if self.core.sm_phase is not SMPhase.RESUMING:
+            log.warning("ignoring a <resumed/> nobody asked for (%s)", self.core.sm_phase.name)
+            return
         xml = stanza.xml
         session = self.core.session
         previd = xml.get("previd")
-        h = _parse_counter(xml.get("h"))
+        h = parse_counter(xml.get("h"))
         if previd != session.sm_id or h is None:
             log.error(
                 "<resumed previd=%r h=%r> does not match our stream %r: dropping the session",
@@ -1277,22 +1185,24 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
     def _on_failed(self, stanza: StanzaBase) -> None:
         """``<failed/>`` answers either ``<enable/>`` or ``<resume/>``; slixmpp cannot
         tell which and never reads its ``h``."""
-        h = _parse_counter(stanza.xml.get("h"))
-        if self.core.session.resuming:
+        h = parse_counter(stanza.xml.get("h"))
+        phase = self.core.sm_phase
+        if phase is SMPhase.RESUMING:
             log.info("resumption refused (h=%s): failing what it does not cover", h)
             self._dispatch(self.core.resume_failed(h))
-        else:
+        elif phase is SMPhase.ENABLING:
             log.warning("the server refused to enable stream management")
             self._dispatch(self.core.enable_failed())
+        else:
+            log.warning("ignoring a <failed/> nobody asked for (%s)", phase.name)
+            return
         self.xmpp.features.discard("stream_management")
         self.sm.changed(urgent=True)
 
     # ---------------------------------------------------------------- connection
 
     def _on_connected(self, _event: Any) -> None:
-        self._closing = False
-        self._sm_offered = False
-        self._enable_sent_here = False
+        self._link.handle(LinkEvent.CONNECTED)
         self.ack_clock.reset()
         self._cancel(self._negotiation_timer)
         self._negotiation_timer = self.xmpp.loop.call_later(
@@ -1301,13 +1211,13 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
 
     def _on_negotiation_timeout(self) -> None:
         self._negotiation_timer = None
-        if not self._session_live and self.xmpp.transport is not None:
+        if self._link.phase is LinkPhase.NEGOTIATING and self.xmpp.transport is not None:
             log.warning("no session after %.0fs: dropping the connection", self.negotiation_timeout)
             self.xmpp.abort()
 
     def _on_session_live(self, _event: Any) -> None:
-        self._session_live = True
-        if self.core.session.enabled_out:
+        self._link.handle(LinkEvent.SESSION_STARTED)
+        if self.core.counting_out:
             self.ack_clock.heard(self.xmpp.loop.time())  # the keepalive counts from here
             self._arm_ack_timer()
         self._wait_for_rejoins()
@@ -1316,17 +1226,16 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         self._negotiation_timer = None
 
     def _on_disconnected(self, _reason: Any) -> None:
-        self._session_live = False
+        left = self._link.handle(LinkEvent.DISCONNECTED)
         self._cancel_ack_timer()
         self._cancel_rejoin_timer()  # the wait starts again with the next session
         self._cancel(self._negotiation_timer)
         self._negotiation_timer = None
         self.ack_clock.reset()
-        if self._closing:
+        if left in CLOSED_BY_APP:
             return
         self._dispatch(self.core.link_lost())
-        if self._reconnect_now:
-            self._reconnect_now = False  # asked for by the app: at once, whatever the config
+        if left is LinkPhase.DROPPING:  # asked for by the app: at once, whatever the config
             self._cancel(self._reconnect_timer)
             self._reconnect_timer = self.xmpp.loop.call_later(0, self._reconnect)
         elif self.auto_reconnect:
@@ -1339,7 +1248,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         SM state is dropped instead, what it did not confirm fails ``resume-failed``,
         and the next connection starts a fresh session.
         """
-        if not self.core.session.resuming:
+        if self.core.sm_phase is not SMPhase.RESUMING:
             return  # any other stream error: the link drops, resumption is tried
         condition = error["condition"] if error is not None else None
         log.warning("stream error %r answered <resume/>: dropping the SM state", condition)
@@ -1350,7 +1259,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
 
     def _on_session_end(self, _event: Any) -> None:
         """The SM session is over for good: nothing unacked can be confirmed any more."""
-        if self._closing:
+        if self._link.phase in CLOSED_BY_APP:
             unsent = self.core.unsent_ids()
         else:
             # slixmpp discarded what it had queued but not written; what it parked
@@ -1364,8 +1273,8 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
 
     def _schedule_reconnect(self) -> None:
         self._cancel(self._reconnect_timer)
-        delay = min(
-            self.reconnect_max_delay, self.reconnect_delay * (2 ** min(self._reconnect_attempt, 16))
+        delay = backoff_delay(
+            self._reconnect_attempt, self.reconnect_delay, self.reconnect_max_delay
         )
         self._reconnect_attempt += 1
         self._reconnect_timer = self.xmpp.loop.call_later(delay, self._reconnect)
@@ -1382,7 +1291,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             return
         log.info("%s: dropping the link to resume the session", reason)
         self._reconnect_attempt = 0
-        self._reconnect_now = True
+        self._link.handle(LinkEvent.DROP_TO_RESUME)
         self.xmpp.abort()
 
     def _reconnect(self) -> None:
@@ -1390,15 +1299,13 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         to the address the app gave (slixmpp would keep the location for good)."""
         self._reconnect_timer = None
         xmpp = self.xmpp
-        if self._closing or xmpp.transport is not None or xmpp.is_connecting():
+        if self._link.phase in CLOSED_BY_APP or xmpp.transport is not None or xmpp.is_connecting():
             return
         if xmpp.custom_address != self._location_tried:
             self._app_address = xmpp.custom_address  # the app's (None: DNS)
-        location = _parse_location(self.core.session.location)
-        if location is not None and location == self._location_dead:
-            location = None
-        self._location_tried = location
-        address = location or self._app_address
+        location = parse_location(self.core.session.location)
+        address = choose_address(location, self._location_dead, self._app_address)
+        self._location_tried = address if address == location else None
         log.info("reconnecting to %s", address or xmpp.boundjid.domain)
         if address:
             xmpp.connect(*address)
@@ -1428,7 +1335,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         Ask for a last ack (it comes back before the server closes), send ours,
         then let slixmpp close; whatever stays unacked ends ``failed``.
         """
-        self._closing = True
+        self._link.handle(LinkEvent.CLOSE)
         self._cancel(self._reconnect_timer)
         self._reconnect_timer = None
         xmpp = self.xmpp
@@ -1462,6 +1369,44 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             self._cancel(handle)
         self._reconnect_timer = None
         self._negotiation_timer = None
+
+
+class _ResendHost:
+    """The resender's narrow view of the plugin (:class:`~.resend.ResendHost`)."""
+
+    __slots__ = ("_plugin",)
+
+    def __init__(self, plugin: SMTracker) -> None:
+        self._plugin = plugin
+
+    @property
+    def xmpp(self) -> Any:
+        return self._plugin.xmpp
+
+    @property
+    def core(self) -> Tracker[StanzaBase]:
+        return self._plugin.core
+
+    @property
+    def config(self) -> dict[str, Any]:
+        config: dict[str, Any] = self._plugin.config
+        return config
+
+    @property
+    def session_live(self) -> bool:
+        return self._plugin.session_live
+
+    def apply(self, events: list[Event]) -> None:
+        self._plugin._dispatch(events)
+
+    def write(self, message: Message) -> None:
+        self._plugin._hand_over(message)
+
+    def withhold_queued_copy(self, message_id: str) -> None:
+        self._plugin._withhold_parked(message_id)
+
+    async def get(self, message_id: str) -> TrackedMessage | None:
+        return await self._plugin.get(message_id)
 
 
 # ``xmpp.register_plugin("sm_tracker")`` works once this module is imported.

@@ -14,7 +14,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from xml.etree import ElementTree as ET
 
 from slixmpp import JID
@@ -23,17 +23,12 @@ from slixmpp.xmlstream import tostring
 
 from .core.records import FailureReason, TrackedMessage
 from .core.states import DeliveryState
+from .core.tracker import Event, Tracker
+from .stanzas import archived_ids, with_delay
 
-if TYPE_CHECKING:
-    from .plugin import SMTracker
-
-__all__ = ["Resender"]
+__all__ = ["ResendHost", "Resender"]
 
 log = logging.getLogger(__name__)
-
-DELAY_NS = "urn:xmpp:delay"
-FORWARD_NS = "urn:xmpp:forward:0"
-SID_NS = "urn:xmpp:sid:0"
 
 #: Failures after which the server may still have the message: worth an archive look.
 UNANSWERED = frozenset(
@@ -47,11 +42,44 @@ UNANSWERED = frozenset(
 )
 
 
+class ResendHost(Protocol):
+    """All the resender needs from the plugin: the client, the core, the settings, and
+    three ways to act. Nothing else of the plugin is reachable from here."""
+
+    @property
+    def xmpp(self) -> Any:
+        """The slixmpp client: builds stanzas, runs archive queries."""
+
+    @property
+    def core(self) -> Tracker[Any]:
+        """The sans-I/O tracker that decides what each fact does to a record."""
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The plugin's settings (keep_order, reconcile_*)."""
+
+    @property
+    def session_live(self) -> bool:
+        """True while a session is up."""
+
+    def apply(self, events: list[Event]) -> None:
+        """Store and emit what the core decided."""
+
+    def write(self, message: Message) -> None:
+        """Hand a message to slixmpp, past the resend gate (it was held, or is resent)."""
+
+    def withhold_queued_copy(self, message_id: str) -> None:
+        """A copy of a failed message still queued in slixmpp must never go out."""
+
+    async def get(self, message_id: str) -> TrackedMessage | None:
+        """The latest record of a message, from memory or the store."""
+
+
 class Resender:
     """The plugin's resend path: manual resends, the retry policy, order, reconciliation."""
 
-    def __init__(self, plugin: SMTracker) -> None:
-        self.plugin = plugin
+    def __init__(self, host: ResendHost) -> None:
+        self.host = host
         self._gates: dict[str, int] = defaultdict(int)
         self._held: dict[str, list[Message]] = defaultdict(list)
         self._timers: dict[str, asyncio.TimerHandle] = {}
@@ -66,7 +94,7 @@ class Resender:
         if not self._gates:  # the usual case, checked first: nothing is being resent
             return False
         conversation = record.conversation
-        if not self.plugin.keep_order or not self._gates.get(conversation):
+        if not self.host.config["keep_order"] or not self._gates.get(conversation):
             return False
         self._held[conversation].append(message)
         return True
@@ -82,7 +110,7 @@ class Resender:
                 continue
             del self._gates[conversation]
             for message in self._held.pop(conversation, []):
-                self.plugin._hand_over(message)
+                self.host.write(message)
 
     # ---------------------------------------------------------------- resending
 
@@ -100,34 +128,31 @@ class Resender:
             self._open_gate(conversations)
 
     def _found(self, record: TrackedMessage) -> TrackedMessage:
-        core = self.plugin.core
+        core = self.host.core
         core.reinstate(record)
         if record.type == "groupchat":  # in the room's archive: the room has it
             events = core.room_received(record.id)
         else:
             events = core.found_in_archive(record.id)
-        self.plugin._dispatch(events)
+        self.host.apply(events)
         return _latest(record, events)
 
     def _send_again(self, record: TrackedMessage) -> TrackedMessage:
         """Same id, same origin-id, plus ``<delay/>`` with the original time (XEP-0198 §4)."""
-        plugin = self.plugin
-        message = Message(plugin.xmpp, xml=ET.fromstring(record.xml))
+        host = self.host
+        message = Message(host.xmpp, xml=ET.fromstring(record.xml))
         xml = None
-        if message.xml.find(f"{{{DELAY_NS}}}delay") is None:
-            stamp = datetime.fromtimestamp(record.created_at, UTC)
-            text = stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-            ET.SubElement(message.xml, f"{{{DELAY_NS}}}delay", {"stamp": text})
+        if with_delay(message.xml, record.created_at):
             xml = tostring(message.xml, top_level=True)  # the record keeps what is sent
-        events = plugin.core.resend(record, xml)
-        plugin._dispatch(events)
-        plugin._hand_over(message)
+        events = host.core.resend(record, xml)
+        host.apply(events)
+        host.write(message)
         return _latest(record, events)
 
     async def _reconcile(self, records: list[TrackedMessage]) -> set[str]:
         """Ids of records an archive shows arrived (XEP-0313): ours for 1:1 messages,
         the room's for groupchat (its reflection may have been lost with the link)."""
-        plugin = self.plugin
+        host = self.host
         # Only what reached the wire unanswered can be on the server: a seq says so, and
         # a record a dead process left behind may have gone out before its seq was saved.
         unanswered = [
@@ -136,13 +161,13 @@ class Resender:
             if record.reason in UNANSWERED
             and (record.seq is not None or record.reason == FailureReason.RESUME_FAILED)
         ]
-        if not unanswered or not plugin.reconcile_with_archive:
+        if not unanswered or not host.config["reconcile_with_archive"]:
             return set()
-        if not plugin.session_live:
+        if not host.session_live:
             log.info("offline: resending %d messages without the archive check", len(unanswered))
             return set()
-        if "xep_0313" not in plugin.xmpp.plugin:
-            plugin.xmpp.register_plugin("xep_0313")
+        if "xep_0313" not in host.xmpp.plugin:
+            host.xmpp.register_plugin("xep_0313")
         by_archive: dict[str | None, list[TrackedMessage]] = defaultdict(list)
         for record in unanswered:
             by_archive[record.conversation if record.type == "groupchat" else None].append(record)
@@ -156,31 +181,24 @@ class Resender:
     async def _search_archive(self, room: str | None, records: list[TrackedMessage]) -> set[str]:
         """Which of ``records`` the archive of ``room`` (None: our own) holds, by
         origin-id or id; an error or a timeout finds none (they are resent)."""
-        plugin = self.plugin
-        xmpp = plugin.xmpp
+        config = self.host.config
+        xmpp = self.host.xmpp
         wanted = {record.origin_id: record.id for record in records}
         wanted.update((record.id, record.id) for record in records)
         oldest = min(record.created_at for record in records)
-        start = datetime.fromtimestamp(oldest - plugin.reconcile_slack, UTC)
+        start = datetime.fromtimestamp(oldest - config["reconcile_slack"], UTC)
         ours = xmpp.boundjid.bare
         found: set[str] = set()
         try:
-            async with asyncio.timeout(plugin.reconcile_timeout):
+            async with asyncio.timeout(config["reconcile_timeout"]):
                 async for result in xmpp.plugin["xep_0313"].iterate(
                     jid=JID(room) if room else None,
                     start=start,
                     rsm={"max": 100},
-                    total=plugin.reconcile_limit,
+                    total=config["reconcile_limit"],
                 ):
-                    inner = result.xml.find(
-                        f".//{{{FORWARD_NS}}}forwarded/{{{xmpp.default_ns}}}message"
-                    )
-                    if inner is None:
-                        continue
-                    if room is None and inner.get("from", "").split("/", 1)[0] != ours:
-                        continue  # in a room's archive the sender is a nick: the ids decide
-                    origin = inner.find(f"{{{SID_NS}}}origin-id")
-                    for key in (origin.get("id") if origin is not None else None, inner.get("id")):
+                    # In a room's archive the sender is a nick: the ids decide.
+                    for key in archived_ids(result.xml, None if room else ours):
                         if key in wanted:
                             found.add(wanted[key])
         except Exception as exc:  # no archive, an error, a timeout: resend as usual
@@ -192,7 +210,7 @@ class Resender:
 
     def on_record(self, record: TrackedMessage) -> None:
         """Every snapshot passes here when a retry policy is on."""
-        policy = self.plugin.core.retry_policy
+        policy = self.host.core.retry_policy
         if policy is None:
             return
         if record.in_flight and policy.attempt_timeout is not None:
@@ -234,11 +252,10 @@ class Resender:
 
     def _attempt_expired(self, message_id: str) -> None:
         self._timers.pop(message_id, None)
-        plugin = self.plugin
-        events = plugin.core.timed_out(message_id)
+        events = self.host.core.timed_out(message_id)
         if events:
-            plugin._withhold_parked(message_id)
-            plugin._dispatch(events)
+            self.host.withhold_queued_copy(message_id)
+            self.host.apply(events)
 
     def _retry_due(self, message_id: str) -> None:
         self._timers.pop(message_id, None)
@@ -249,7 +266,7 @@ class Resender:
     async def _retry(self, message_id: str) -> None:
         conversation = self._scheduled.pop(message_id, None)
         try:
-            record = await self.plugin.get(message_id)
+            record = await self.host.get(message_id)
             if record is not None and record.state is DeliveryState.FAILED:
                 await self.resend([record])
         except Exception:

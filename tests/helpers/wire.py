@@ -46,7 +46,8 @@ class WiredClient:
         self.transport = RecordingTransport()
         self.xmpp.transport = self.transport
         self.xmpp._session_started = True
-        self.tracker._session_live = True
+        self.xmpp.event("connected")  # the link phases a live session goes through
+        self.xmpp.event("session_start")
 
     def start_writing(self) -> None:
         """slixmpp's send loop: what is sent now goes through the filters to the wire."""

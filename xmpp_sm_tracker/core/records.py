@@ -6,14 +6,14 @@ from dataclasses import dataclass, fields
 
 from .states import IN_FLIGHT, DeliveryState
 
-__all__ = ["FailureReason", "TrackedMessage"]
+__all__ = ["KEEP", "FailureReason", "Keep", "TrackedMessage", "build_record"]
 
 
-class _Keep:
+class Keep:
     """Marks "leave this field as it is" where None is a meaningful new value."""
 
 
-_KEEP = _Keep()
+KEEP = Keep()
 
 
 class FailureReason:
@@ -101,15 +101,15 @@ class TrackedMessage:
         now: float,
         *,
         attempts: int | None = None,
-        reason: str | _Keep | None = _KEEP,
-        seq: int | _Keep | None = _KEEP,
+        reason: str | Keep | None = KEEP,
+        seq: int | Keep | None = KEEP,
         xml: str | None = None,
     ) -> TrackedMessage:
         """A copy in ``state``; the caller has checked the move against the table.
 
         Spelled out rather than ``dataclasses.replace``: it runs for every stanza.
         """
-        return _build(
+        return build_record(
             self.id,
             self.origin_id,
             self.to,
@@ -121,8 +121,8 @@ class TrackedMessage:
             now,
             self.via_carbon,
             self.attempts if attempts is None else attempts,
-            self.reason if isinstance(reason, _Keep) else reason,
-            self.seq if isinstance(seq, _Keep) else seq,
+            self.reason if isinstance(reason, Keep) else reason,
+            self.seq if isinstance(seq, Keep) else seq,
         )
 
 
@@ -142,7 +142,7 @@ if tuple(f.name for f in fields(TrackedMessage)) != _FIELDS:  # pragma: no cover
 _new = object.__new__
 
 
-def _build(
+def build_record(
     id: str,
     origin_id: str,
     to: str,

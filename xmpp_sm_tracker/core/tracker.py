@@ -9,13 +9,13 @@ stanzas, runs timers and emits the events.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Generic, NamedTuple, TypeVar
 
 from .ledger import Entry, Ledger, ResumeResult, SMProtocolError
-from .records import _KEEP, FailureReason, TrackedMessage, _build, _Keep
+from .phases import COUNTING_IN, COUNTING_OUT, SM_TRANSITIONS, PhaseMachine, SMEvent, SMPhase
+from .records import KEEP, FailureReason, Keep, TrackedMessage, build_record
 from .retry import RetryPolicy
 from .rooms import REFLECTED, ReflectionIndex, Rooms
 from .smstate import STATE_VERSION, RestoredState
@@ -72,15 +72,10 @@ class SessionFacts:
     resumable: bool = False
     location: str | None = None
     max: int | None = None
-    #: Counting outbound stanzas (``<enable/>`` or ``<resume/>`` went out).
-    enabled_out: bool = False
-    #: Counting inbound stanzas (``<enabled/>`` or ``<resumed/>`` came in).
-    enabled_in: bool = False
-    #: ``<resume/>`` went out on this connection and is not answered yet.
-    resuming: bool = False
     #: Inbound stanzas handled, mod 2**32; survives resumption, reset by ``<enabled/>``.
     handled: int = 0
-    #: The session comes from a saved state (another process); not resumed yet.
+    #: The session comes from a saved state (another process); not resumed yet, so the
+    #: server may have handled stanzas the state does not know about.
     restored: bool = False
     #: The full JID the session was bound to (a resumed session keeps it).
     jid: str | None = None
@@ -94,9 +89,11 @@ class SessionFacts:
 class Tracker(Generic[P]):
     """Sans-I/O bookkeeping of one client's outgoing stanzas and tracked messages."""
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, clock: Callable[[], float]) -> None:
+        #: The caller's clock (the core reads none): record timestamps come from it.
         self.clock = clock
         self.session = SessionFacts()
+        self._sm = PhaseMachine(SM_TRANSITIONS, SMPhase.NONE)
         self.ledger: Ledger[P] = Ledger()
         #: Tracked messages that can still change, by id.
         self.records: dict[str, TrackedMessage] = {}
@@ -118,6 +115,23 @@ class Tracker(Generic[P]):
         #: With a policy, a retryable failure of the last attempt reads "retries-exhausted".
         self.retry_policy: RetryPolicy | None = None
 
+    # ------------------------------------------------------------------ phase
+
+    @property
+    def sm_phase(self) -> SMPhase:
+        """Where the XEP-0198 session stands (see :mod:`.phases`)."""
+        return self._sm.phase
+
+    @property
+    def counting_out(self) -> bool:
+        """Stanzas we write are counted (``<enable/>`` or ``<resume/>`` went out)."""
+        return self._sm.phase in COUNTING_OUT
+
+    @property
+    def counting_in(self) -> bool:
+        """Stanzas we receive are counted (``<enabled/>`` or ``<resumed/>`` came in)."""
+        return self._sm.phase in COUNTING_IN
+
     # ------------------------------------------------------------------ records
 
     def get(self, message_id: str) -> TrackedMessage | None:
@@ -130,8 +144,8 @@ class Tracker(Generic[P]):
         signal: DeliveryState,
         *,
         attempts: int | None = None,
-        reason: str | _Keep | None = _KEEP,
-        seq: int | _Keep | None = _KEEP,
+        reason: str | Keep | None = KEEP,
+        seq: int | Keep | None = KEEP,
     ) -> Event | None:
         """Apply ``signal`` to a record through the transition table; the event, if any.
 
@@ -152,7 +166,7 @@ class Tracker(Generic[P]):
             return None
         if state is _S.RESENT and attempts is None:
             attempts = record.attempts + 1
-        if state is not _S.FAILED and isinstance(reason, _Keep):
+        if state is not _S.FAILED and isinstance(reason, Keep):
             reason = None
         moved = record.moved(state, self.clock(), attempts=attempts, reason=reason, seq=seq)
         policy = self.retry_policy
@@ -179,7 +193,7 @@ class Tracker(Generic[P]):
         return not (record.state is _S.ACKED and record.type == "groupchat")
 
     def _fate(
-        self, entries: Iterable[Entry[P]], state: DeliveryState, reason: str | _Keep | None = _KEEP
+        self, entries: Iterable[Entry[P]], state: DeliveryState, reason: str | Keep | None = KEEP
     ) -> list[Event]:
         """Events for ledger entries that all met the same fate, stanza event first."""
         stanza_event = _STANZA_EVENT[state]
@@ -219,7 +233,7 @@ class Tracker(Generic[P]):
 
     @staticmethod
     def _new_record(message: OutgoingMessage, state: DeliveryState, now: float) -> TrackedMessage:
-        return _build(
+        return build_record(
             message.id,
             message.origin_id,
             message.to,
@@ -258,7 +272,7 @@ class Tracker(Generic[P]):
         With the link down it is counted all the same (the server will tell us with
         ``<resumed h>`` that it never got it) and hibernated.
         """
-        if not self.session.enabled_out:
+        if self._sm.phase not in COUNTING_OUT:
             return []
         record = self.records.get(message_id) if message_id is not None else None
         if record is not None and (not record.in_flight or record.seq is not None):
@@ -470,17 +484,25 @@ class Tracker(Generic[P]):
 
     def inbound(self) -> None:
         """One inbound stanza was handled."""
-        if self.session.enabled_in:
+        if self._sm.phase in COUNTING_IN:
             self.session.handled = (self.session.handled + 1) % 2**32
 
     # ------------------------------------------------------------------ session
 
+    def sm_offered(self) -> None:
+        """This connection offers ``<sm/>`` and we will not resume over it: a fresh
+        session is to be enabled after bind."""
+        self._sm.handle(SMEvent.OFFERED)
+
+    def enable_queued(self) -> None:
+        """``<enable/>`` is on its way to the wire (nothing counts until it is written)."""
+        self._sm.handle(SMEvent.ENABLE_QUEUED)
+
     def enable_sent(self) -> list[Event]:
         """``<enable/>`` went out: count from zero. Leftovers cannot be confirmed any more."""
+        self._sm.handle(SMEvent.ENABLE_SENT)
         left = self.ledger.reset()
         session = self.session
-        session.enabled_out = True
-        session.resuming = False
         # The old stream is abandoned: until <enabled/> there is nothing to resume.
         session.sm_id = None
         session.resumable = False
@@ -501,6 +523,7 @@ class Tracker(Generic[P]):
 
         Records adopted from a previous process cannot ride this new stream: they fail.
         """
+        self._sm.handle(SMEvent.ENABLED)
         session = self.session
         session.jid = jid
         session.restored = False
@@ -508,21 +531,18 @@ class Tracker(Generic[P]):
         session.resumable = resumable and sm_id is not None
         session.location = location
         session.max = max
-        session.enabled_in = True
         session.handled = 0
         return self._settle_adopted()
 
     def enable_failed(self) -> list[Event]:
         """``<failed/>`` answered ``<enable/>``: nothing on this stream can be confirmed."""
-        self.session.enabled_out = False
-        self.session.enabled_in = False
+        self._sm.handle(SMEvent.REFUSED)
         left = self.ledger.reset()
         return self._fate(left, _S.FAILED, reason=FailureReason.SM_UNAVAILABLE)
 
     def resume_sent(self) -> None:
         """``<resume/>`` went out: outbound counting goes on from the old stream."""
-        self.session.enabled_out = True
-        self.session.resuming = True
+        self._sm.handle(SMEvent.RESUME_SENT)
 
     def resumed(self, h: int) -> tuple[list[Event], list[Entry[P]]]:
         """``<resumed h>`` came in: (events, entries to resend now, in order).
@@ -530,9 +550,8 @@ class Tracker(Generic[P]):
         Raises :class:`SMProtocolError` on a bad ``h``; the caller then drops the session.
         """
         result = self.ledger.resume(h, allow_ahead=self.session.restored)
-        self.session.resuming = False
+        self._sm.handle(SMEvent.RESUMED)
         self.session.restored = False
-        self.session.enabled_in = True
         self.last_resume = result
         events = self._fate(result.acked, _S.ACKED)
         for entry in result.resend:
@@ -544,7 +563,10 @@ class Tracker(Generic[P]):
         return events, result.resend
 
     def resume_failed(self, h: int | None) -> list[Event]:
-        """``<failed h>`` answered ``<resume/>``: ack what ``h`` covers, fail the rest."""
+        """``<failed h>`` answered ``<resume/>``: ack what ``h`` covers, fail the rest.
+
+        The connection still offers stream management: a fresh session may follow."""
+        self._sm.handle(SMEvent.RESUME_FAILED)
         acked, failed = self.ledger.fail(h)
         events = self._fate(acked, _S.ACKED)
         events += self._fate(failed, _S.FAILED, reason=FailureReason.RESUME_FAILED)
@@ -555,10 +577,9 @@ class Tracker(Generic[P]):
     def link_lost(self) -> list[Event]:
         """The connection dropped. If the session can be resumed, everything unacked
         (on the wire or still queued in the client) is hibernated."""
-        self.session.enabled_in = False
-        self.session.enabled_out = False
-        self.session.resuming = False
-        if not self.session.can_resume:
+        resumable = self.session.can_resume
+        self._sm.handle(SMEvent.LINK_LOST_RESUMABLE if resumable else SMEvent.LINK_LOST)
+        if not resumable:
             return []
         events = self._fate(list(self.ledger), _S.HIBERNATED)
         for record in list(self.records.values()):
@@ -576,6 +597,7 @@ class Tracker(Generic[P]):
         ``unsent`` names tracked messages that never reached the wire and will not
         any more (the client discarded them, or the user closed the session).
         """
+        self._sm.handle(SMEvent.ENDED)
         events = self._fate(self.ledger.reset(), _S.FAILED, reason=reason)
         for message_id in unsent:
             record = self.records.get(message_id)
@@ -614,6 +636,7 @@ class Tracker(Generic[P]):
         """Install a checked saved state; ``payloads`` match ``state.unacked`` one to one."""
         if len(payloads) != len(state.unacked):
             raise ValueError("restore: one payload per unacked entry is required")
+        self._sm.handle(SMEvent.RESTORED)
         self.session = SessionFacts(
             sm_id=state.stream_id,
             resumable=True,

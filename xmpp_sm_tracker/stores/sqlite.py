@@ -25,7 +25,7 @@ from typing import Any, Final, Self, TypeVar
 
 import aiosqlite
 
-from ..core.records import TrackedMessage, _build
+from ..core.records import TrackedMessage, build_record
 from ..core.states import DeliveryState
 from .base import SMState, StoreError
 
@@ -147,8 +147,8 @@ def _row(record: TrackedMessage) -> tuple[Any, ...]:
 def _record(row: sqlite3.Row | tuple[Any, ...]) -> TrackedMessage:
     (mid, origin, to, _conv, kind, body, state, xml, created, updated, carbon, attempts,
      reason, seq) = row  # fmt: skip
-    # _build is TrackedMessage(...) made faster: a start-up reads every in-flight row.
-    return _build(
+    # build_record is TrackedMessage(...) made faster: a start-up reads every in-flight row.
+    return build_record(
         mid, origin, to, kind, body, _STATES[state], xml, created, updated,
         bool(carbon), attempts, reason, seq,
     )  # fmt: skip

@@ -65,7 +65,7 @@ async def connect_client(
     xmpp.connect(*address)
     await asyncio.wait_for(started, timeout)
     if "sm_tracker" in xmpp.plugin:
-        await wait_for(lambda: tracker_of(xmpp).core.session.enabled_in, timeout)
+        await wait_for(lambda: tracker_of(xmpp).managed, timeout)
 
 
 def tracker_of(xmpp: slixmpp.ClientXMPP) -> SMTracker:
