@@ -36,7 +36,7 @@ class Client(WiredClient):
 
     def back_in_the_room(self) -> None:
         """Our own occupant presence (status 110) comes in."""
-        self.tracker._count_inbound(
+        self.tracker._inbound.on_incoming(
             Presence(
                 xml=ET.fromstring(
                     f"<presence xmlns='jabber:client' from='{ROOM}/Alice' to='alice@localhost/r'>"

@@ -247,7 +247,7 @@ class Outbound:
         rooms = sorted(self.core.rejoining)
         if rooms:
             log.info("not back in %s: sending what waited for them anyway", ", ".join(rooms))
-        self.core.rejoining.clear()
+        self.core.stop_waiting_for_rooms()
         for room in self.outbox.held_rooms():
             self.release_room(room)
 

@@ -9,7 +9,6 @@ loaded for its stanza classes; its handlers come back on ``plugin_end``.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -42,10 +41,11 @@ from .core.records import FailureReason, TrackedMessage
 from .core.retry import RetryPolicy
 from .core.smstate import SMStateError, parse_state
 from .core.states import DeliveryState
-from .core.tracker import Event, OutgoingMessage, Tracker
+from .core.tracker import Event, Tracker
+from .inbound import Inbound
 from .outbound import Outbound
 from .resend import Resender
-from .session import SessionDriver
+from .session import SessionDriver, displace_xep_0198, restore_xep_0198
 from .smhooks import SMStateHooks
 from .stanzas import FAILED_TAG
 from .stores.base import StoreError, TrackerStore
@@ -55,18 +55,6 @@ from .writer import StoreWriter
 __all__ = ["SMTracker"]
 
 log = logging.getLogger(__name__)
-
-#: xep_0198's stream handlers: (handler name, tag, xep_0198 method). Used both to
-#: take them over and to give them back in ``plugin_end``.
-_XEP_0198_HANDLERS = (
-    ("Stream Management Enabled", sm_stanza.Enabled.tag_name(), "_handle_enabled"),
-    ("Stream Management Resumed", sm_stanza.Resumed.tag_name(), "_handle_resumed"),
-    ("Stream Management Failed", FAILED_TAG, "_handle_failed"),
-    ("Stream Management Ack", sm_stanza.Ack.tag_name(), "_handle_ack"),
-    ("Stream Management Request Ack", sm_stanza.RequestAck.tag_name(), "_handle_request_ack"),
-)
-_XEP_0198_FILTERS = (("in", "_handle_incoming"), ("out_sync", "_handle_outgoing"))
-_XEP_0198_EVENTS = (("disconnected", "disconnected"), ("session_end", "session_end"))
 
 
 #: slixmpp outgoing filters that never touch a message stanza (checked on 1.17).
@@ -175,7 +163,6 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
 
         #: The connection's phase; the SM session's is the core's (``core.sm_phase``).
         self._link = PhaseMachine(LINK_TRANSITIONS, LinkPhase.OFFLINE)
-        self._late_tasks: set[asyncio.Future[None]] = set()
         self._original_send = xmpp.send
         ctx = Context(
             xmpp=xmpp,
@@ -195,10 +182,11 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             ctx, self._acks, self.outbox, self.resender, lambda record: self._writer.put(record)
         )
         self._session = SessionDriver(ctx, self._acks, self._outbound)
+        self._inbound = Inbound(ctx, self._acks, self._outbound, self._fetch)
 
         self.core.retry_policy = self.retry_policy
 
-        self._displace_xep_0198()
+        displace_xep_0198(xmpp)
         self._handlers = (
             ("SM Tracker Enabled", sm_stanza.Enabled.tag_name(), self._session.on_enabled),
             ("SM Tracker Resumed", sm_stanza.Resumed.tag_name(), self._session.on_resumed),
@@ -208,7 +196,10 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         )
         for name, tag, method in self._handlers:
             xmpp.register_handler(Callback(name, MatchXPath(tag), method, instream=True))
-        self._filters = (("in", self._count_inbound), ("out_sync", self._outbound.on_outgoing))
+        self._filters = (
+            ("in", self._inbound.on_incoming),
+            ("out_sync", self._outbound.on_outgoing),
+        )
         for mode, filter_ in self._filters:
             xmpp.add_filter(mode, filter_)
         self._event_handlers: tuple[tuple[str, Callable[[Any], None]], ...] = (
@@ -244,36 +235,10 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             xmpp.remove_handler(name)
         self._cancel_timers()
         self.resender.cancel()
-        self._restore_xep_0198()
+        restore_xep_0198(xmpp)
         # What waited for a rejoin or a resend is no longer ours to hold: slixmpp sends
         # it (untracked from now on) rather than nobody.
         self._outbound.uninstall()
-
-    def _displace_xep_0198(self) -> None:
-        """Unhook xep_0198's handlers, filters and feature: the tracker does its job."""
-        xmpp, xep = self.xmpp, self._xep
-        for name, _tag, _method in _XEP_0198_HANDLERS:
-            xmpp.remove_handler(name)
-        for mode, method in _XEP_0198_FILTERS:
-            xmpp.del_filter(mode, getattr(xep, method))
-        for event, method in _XEP_0198_EVENTS:
-            xmpp.del_event_handler(event, getattr(xep, method))
-        for order in (xep.resume_order, xep.order):
-            xmpp.unregister_feature("sm", order)
-
-    def _restore_xep_0198(self) -> None:
-        """Give xep_0198 back everything :meth:`_displace_xep_0198` took."""
-        xmpp, xep = self.xmpp, self._xep
-        for name, tag, method in _XEP_0198_HANDLERS:
-            xmpp.register_handler(
-                Callback(name, MatchXPath(tag), getattr(xep, method), instream=True)
-            )
-        for mode, method in _XEP_0198_FILTERS:
-            xmpp.add_filter(mode, getattr(xep, method))
-        for event, method in _XEP_0198_EVENTS:
-            xmpp.add_event_handler(event, getattr(xep, method))
-        for order in (xep.resume_order, xep.order):
-            xmpp.register_feature("sm", xep._handle_sm_feature, restart=True, order=order)
 
     # ---------------------------------------------------------------- public API
 
@@ -480,130 +445,10 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
     def _log_listener_error(exc: Exception) -> None:
         log.error("an sm_tracker event listener raised: %r", exc, exc_info=exc)
 
-    def _count_inbound(self, stanza: StanzaBase) -> StanzaBase:
-        """in filter: count handled stanzas, and read the proofs peers send back."""
-        if not isinstance(stanza, (Message, Presence, Iq)):
-            return stanza
-        if self.core.counting_in:
-            self.core.inbound()
-            self.sm.changed()
-            self._acks.clock.heard(self.xmpp.loop.time())
-        try:
-            if isinstance(stanza, Message):
-                self._read_message(stanza)
-            elif isinstance(stanza, Presence):
-                self._read_presence(stanza)
-        except Exception:  # a malformed stanza must never break the inbound path
-            log.exception("could not read an inbound stanza for delivery proofs")
-        return stanza
-
-    def _read_message(self, message: Message) -> None:
-        xml = message.xml
-        kind = xml.get("type")
-        if kind == "error":
-            bounce = stanzas.read_bounce(xml)
-            if bounce is not None:
-                reason = FailureReason.bounce(bounce.error_type, bounce.condition, bounce.text)
-                self._late_signal(bounce.id, lambda mid: self.core.bounced(mid, reason))
-            return
-        if kind == "groupchat":
-            reflection = stanzas.read_reflection(xml)
-            if reflection is not None:
-                self._read_reflection(reflection)
-            return
-        carbon = stanzas.read_sent_carbon(xml, self.xmpp.boundjid.bare)
-        if carbon is not None:
-            if carbon.fields.id not in self.core.records:
-                outgoing = OutgoingMessage(*carbon.fields, xml=carbon.xml, via_carbon=True)
-                self._dispatch(self.core.track(outgoing, link_up=True))
-            return
-        for proof in stanzas.read_peer_proofs(xml):
-            signal = self.core.delivered if proof.kind == "delivered" else self.core.displayed
-            self._late_signal(proof.id, signal)
-
-    def _read_reflection(self, reflection: stanzas.Reflection) -> None:
-        room = reflection.room
-        if self.core.nick_in(room) != reflection.nick:
-            return
-        message_id = self.core.find_reflected(
-            room,
-            reflection.origin_id,
-            reflection.id,
-            reflection.body,
-            history=reflection.history,
-        )
-        if message_id is not None:
-            self._dispatch(self.core.room_received(message_id))
-            return
-        # Not one in memory: perhaps one that failed (its reflection was lost, the
-        # resumption refused) and that the room's history now shows. By its stable id
-        # only: the store is asked for it, so a resend does not duplicate it in the room.
-        wanted = reflection.origin_id or reflection.id
-        if wanted:
-            self._late_signal(wanted, lambda mid: self._reflected_late(mid, room))
-
-    def _reflected_late(self, message_id: str, room: str) -> list[Event]:
-        record = self.core.get(message_id)
-        if record is None or record.type != "groupchat" or record.conversation != room:
-            self.core.retire(message_id)  # fetched for nothing
-            return []
-        return self.core.room_received(message_id)
-
-    def _read_presence(self, presence: Presence) -> None:
-        """Our own occupant presence (status 110): which nick is ours in which room."""
-        fact = stanzas.read_room_presence(presence.xml)
-        if fact is None:
-            return
-        room, codes = fact.room, fact.codes
-        if fact.error:
-            if self.core.join_refused(room) and room in self.outbox.held_rooms():
-                self._outbound.release_room(room)  # they bounce with the room's own condition
-            return
-        if not fact.unavailable:
-            self._joined(room, fact.nick)
-            return
-        if "303" in codes and fact.new_nick:  # nick change: the new nick comes in the item
-            self._joined(room, fact.new_nick)
-            return
-        removed = codes & {"301", "307", "321", "322", "332", "333"}
-        reason = FailureReason.REMOVED_FROM_ROOM if removed else FailureReason.LEFT_ROOM
-        # 332: the service shuts down, 333: a technical error removed us. Unlike a kick
-        # or a ban, the app joins again once it can.
-        rejoin = bool(codes & {"332", "333"})
-        self._dispatch(self.core.left_room(room, reason, rejoin=rejoin))
-        self.sm.changed()  # the saved state must not bring this room back
-        self._outbound.drop_room(room)
-
-    def _joined(self, room: str, nick: str) -> None:
-        """We are ``nick`` in ``room``; the saved state learns it too, since a resumed
-        stream gets no new self-presence (the room never saw it leave)."""
-        if nick and self.core.nick_in(room) != nick:
-            self.core.joined_room(room, nick)
-            self.sm.changed()
-        if room in self.outbox.held_rooms():
-            self._outbound.release_room(room)
-
-    def _late_signal(self, message_id: str, signal: Callable[[str], list[Event]]) -> None:
-        """Apply a peer's proof to a record, fetching it from the store if it was retired."""
-        if message_id in self.core.records:
-            self._dispatch(signal(message_id))
-            return
-
-        async def from_store() -> None:
-            try:
-                await self._writer.flush()
-                record = await self.store.get(message_id)
-            except Exception:
-                log.exception("could not load message %s for a late delivery proof", message_id)
-                return
-            if record is None:
-                return  # not one of ours
-            self.core.reinstate(record)
-            self._dispatch(signal(message_id))
-
-        task = asyncio.ensure_future(from_store())
-        self._late_tasks.add(task)
-        task.add_done_callback(self._late_tasks.discard)
+    async def _fetch(self, message_id: str) -> TrackedMessage | None:
+        """A record from the store, with every change so far written first."""
+        await self._writer.flush()
+        return await self.store.get(message_id)
 
     # ---------------------------------------------------------------- timers
 

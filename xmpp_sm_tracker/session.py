@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from slixmpp.jid import JID
 from slixmpp.plugins.xep_0198 import stanza as sm_stanza
 from slixmpp.xmlstream import StanzaBase, tostring
-from slixmpp.xmlstream.handler import Waiter
+from slixmpp.xmlstream.handler import Callback, Waiter
 from slixmpp.xmlstream.matcher import MatchMany, MatchXPath
 
 from . import stanzas
@@ -29,7 +29,7 @@ from .core.reconnect import Address, backoff_delay, choose_address
 from .core.records import FailureReason
 from .stanzas import FAILED_TAG, parse_counter, parse_location
 
-__all__ = ["OutboundView", "SessionDriver"]
+__all__ = ["OutboundView", "SessionDriver", "displace_xep_0198", "restore_xep_0198"]
 
 log = logging.getLogger(__name__)
 
@@ -429,3 +429,43 @@ class SessionDriver:
             self._cancel(handle)
         self._reconnect_timer = None
         self._negotiation_timer = None
+
+
+#: xep_0198's stream handlers: (handler name, tag, xep_0198 method). Used both to
+#: take them over and to give them back in ``plugin_end``.
+_XEP_0198_HANDLERS = (
+    ("Stream Management Enabled", sm_stanza.Enabled.tag_name(), "_handle_enabled"),
+    ("Stream Management Resumed", sm_stanza.Resumed.tag_name(), "_handle_resumed"),
+    ("Stream Management Failed", FAILED_TAG, "_handle_failed"),
+    ("Stream Management Ack", sm_stanza.Ack.tag_name(), "_handle_ack"),
+    ("Stream Management Request Ack", sm_stanza.RequestAck.tag_name(), "_handle_request_ack"),
+)
+_XEP_0198_FILTERS = (("in", "_handle_incoming"), ("out_sync", "_handle_outgoing"))
+_XEP_0198_EVENTS = (("disconnected", "disconnected"), ("session_end", "session_end"))
+
+
+def displace_xep_0198(xmpp: Any) -> None:
+    """Unhook xep_0198's handlers, filters and feature: the tracker does its job (its
+    stanza classes stay registered)."""
+    xep = xmpp.plugin["xep_0198"]
+    for name, _tag, _method in _XEP_0198_HANDLERS:
+        xmpp.remove_handler(name)
+    for mode, method in _XEP_0198_FILTERS:
+        xmpp.del_filter(mode, getattr(xep, method))
+    for event, method in _XEP_0198_EVENTS:
+        xmpp.del_event_handler(event, getattr(xep, method))
+    for order in (xep.resume_order, xep.order):
+        xmpp.unregister_feature("sm", order)
+
+
+def restore_xep_0198(xmpp: Any) -> None:
+    """Give xep_0198 back everything :func:`displace_xep_0198` took (plugin_end)."""
+    xep = xmpp.plugin["xep_0198"]
+    for name, tag, method in _XEP_0198_HANDLERS:
+        xmpp.register_handler(Callback(name, MatchXPath(tag), getattr(xep, method), instream=True))
+    for mode, method in _XEP_0198_FILTERS:
+        xmpp.add_filter(mode, getattr(xep, method))
+    for event, method in _XEP_0198_EVENTS:
+        xmpp.add_event_handler(event, getattr(xep, method))
+    for order in (xep.resume_order, xep.order):
+        xmpp.register_feature("sm", xep._handle_sm_feature, restart=True, order=order)

@@ -9,14 +9,15 @@ stanzas, runs timers and emits the events.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any, Generic, NamedTuple, TypeVar
 
 from .ledger import Entry, Ledger, ResumeResult, SMProtocolError
 from .phases import COUNTING_IN, COUNTING_OUT, SM_TRANSITIONS, PhaseMachine, SMEvent, SMPhase
 from .records import KEEP, FailureReason, Keep, TrackedMessage, build_record
 from .retry import RetryPolicy
+from .rooms import REFLECTED, ReflectionIndex, Rooms
 from .smstate import STATE_VERSION, RestoredState
 from .states import IN_FLIGHT, DeliveryState, next_state
 
@@ -78,12 +79,6 @@ class SessionFacts:
     restored: bool = False
     #: The full JID the session was bound to (a resumed session keeps it).
     jid: str | None = None
-    #: Our nick in each room joined through this session. Occupancy lives and dies
-    #: with the session: resumption keeps it (no new self-presence comes), a session
-    #: that ends has left every room.
-    rooms: dict[str, str] = field(default_factory=dict)
-    #: Rooms whose join went out on this session with no answer yet, with the nick.
-    joining: dict[str, str] = field(default_factory=dict)
 
     @property
     def can_resume(self) -> bool:
@@ -110,10 +105,11 @@ class Tracker(Generic[P]):
         #: Failed by their attempt timeout while a copy is still on the wire: kept
         #: until the stream answers for that copy, so a late ack still counts.
         self._late_ack_possible: set[str] = set()
-        #: Rooms an ended session was in, with our nick there: the next session is in
-        #: none of them until the app joins again, and a message sent there before
-        #: that would bounce. Emptied room by room as the app rejoins.
-        self.rejoining: dict[str, str] = {}
+        #: Occupancy of the current session (our nick per room, pending joins), and the
+        #: rooms an ended session was in, which the app has to join again.
+        self.rooms = Rooms()
+        #: Groupchat records no room has reflected yet, indexed to match reflections.
+        self.reflections = ReflectionIndex()
         #: What the last ``<resumed h>`` meant (for logging gaps in a restored state).
         self.last_resume: ResumeResult[P] | None = None
         #: With a policy, a retryable failure of the last attempt reads "retries-exhausted".
@@ -165,6 +161,8 @@ class Tracker(Generic[P]):
         if state is None:
             if self._settled(record) and message_id not in self._late_ack_possible:
                 del self.records[message_id]  # a reinstated record goes back out
+                if record.type == "groupchat":
+                    self.reflections.discard(message_id)
             return None
         if state is _S.RESENT and attempts is None:
             attempts = record.attempts + 1
@@ -180,6 +178,8 @@ class Tracker(Generic[P]):
             del self.records[message_id]
         else:
             self.records[message_id] = moved
+        if record.type == "groupchat" and (state in REFLECTED or message_id not in self.records):
+            self.reflections.discard(message_id)  # the room has it, or it left memory
         return Event(MESSAGE_EVENT[state], moved)
 
     @staticmethod
@@ -222,6 +222,8 @@ class Tracker(Generic[P]):
             acked = record.moved(_S.ACKED, now)
             return [Event(MESSAGE_EVENT[_S.SENT], record), Event(MESSAGE_EVENT[_S.ACKED], acked)]
         self.records[record.id] = record
+        if record.type == "groupchat":
+            self.reflections.add(record)
         events = [Event(MESSAGE_EVENT[_S.SENT], record)]
         if not link_up and self.session.can_resume:
             hibernated = self._move(record.id, _S.HIBERNATED)
@@ -333,6 +335,8 @@ class Tracker(Generic[P]):
         if xml is not None:
             record = replace(record, xml=xml)
         self.records[record.id] = record
+        if record.type == "groupchat":
+            self.reflections.add(record)
         moved = self._move(record.id, _S.RESENT, seq=None)
         return [moved] if moved is not None else []
 
@@ -344,13 +348,15 @@ class Tracker(Generic[P]):
 
     def reinstate(self, record: TrackedMessage) -> None:
         """Bring a settled record (from the store) back for one late signal."""
-        self.records.setdefault(record.id, record)
+        if self.records.setdefault(record.id, record) is record and record.type == "groupchat":
+            self.reflections.add(record)
 
     def retire(self, message_id: str) -> None:
         """Let a reinstated record go again when the signal was not for it after all."""
         record = self.records.get(message_id)
         if record is not None and self._settled(record):
             del self.records[message_id]
+            self.reflections.discard(message_id)
 
     def find_reflected(
         self,
@@ -368,23 +374,7 @@ class Tracker(Generic[P]):
         Not by body when the reflection carries an origin-id of somebody else (our
         nick on another client) or is the room's ``history`` (an old equal body).
         """
-        candidates = [
-            r
-            for r in self.records.values()
-            if r.type == "groupchat"
-            and r.conversation == room
-            and r.state not in (_S.ROOM_RECEIVED, _S.DELIVERED, _S.DISPLAYED)
-        ]
-        for wanted, key in ((origin_id, "origin_id"), (stanza_id, "id")):
-            if wanted:
-                for record in candidates:
-                    if getattr(record, key) == wanted:
-                        return record.id
-        if body and origin_id is None and not history:
-            same_body = [r for r in candidates if r.body == body]
-            if same_body:
-                return min(same_body, key=lambda r: r.created_at).id
-        return None
+        return self.reflections.find(room, origin_id, stanza_id, body, history=history)
 
     def room_received(self, message_id: str) -> list[Event]:
         """The room reflected our message: it has it (and so has our server)."""
@@ -441,29 +431,41 @@ class Tracker(Generic[P]):
             self.withheld.add(message_id)
         return [moved]
 
+    # ------------------------------------------------------------------ rooms
+
+    @property
+    def rejoining(self) -> Mapping[str, str]:
+        """Rooms an ended session was in, with our nick there (a read-only view): the
+        current session is in none of them until the app joins again, and a message sent
+        there before that would bounce. Emptied room by room as the app rejoins.
+
+        Assigning a mapping replaces the rooms waited for (a copy is kept); the view
+        itself cannot be changed.
+        """
+        return self.rooms.rejoining
+
+    @rejoining.setter
+    def rejoining(self, rooms: Mapping[str, str]) -> None:
+        self.rooms.expect_rejoins(rooms)
+
     def join_sent(self, room: str, nick: str) -> None:
         """Our join presence to ``room`` went out: if this session ends before the room
         answers, the next one has to join it again as well."""
-        self.session.joining[room] = nick
+        self.rooms.join_sent(room, nick)
 
     def joined_room(self, room: str, nick: str) -> None:
         """Our own occupant presence in ``room`` (joined, or nick changed)."""
-        self.session.rooms[room] = nick
-        self.session.joining.pop(room, None)
-        self.rejoining.pop(room, None)
+        self.rooms.joined(room, nick)
 
     def join_refused(self, room: str) -> bool:
         """An error presence from ``room``: if our join there is pending, it was refused
         and messages waiting for it stop waiting (True). Otherwise it is about something
         else (a bounced presence) and changes nothing."""
-        if self.session.joining.pop(room, None) is None:
-            return False
-        self.rejoining.pop(room, None)
-        return True
+        return self.rooms.join_refused(room)
 
     def nick_in(self, room: str) -> str | None:
         """Our nick in ``room``, or None when this session is not in it."""
-        return self.session.rooms.get(room)
+        return self.rooms.nick_in(room)
 
     def left_room(self, room: str, reason: str, *, rejoin: bool = False) -> list[Event]:
         """We left (or were removed from) ``room``: what it has not reflected fails.
@@ -471,20 +473,19 @@ class Tracker(Generic[P]):
         ``rejoin``: the app is expected back (the service is shutting down), so the
         next session holds messages to the room until it is in it again.
         """
-        nick = self.session.rooms.pop(room, None)
-        self.session.joining.pop(room, None)
-        self.rejoining.pop(room, None)
-        if rejoin and nick is not None:
-            self.rejoining[room] = nick
+        self.rooms.left(room, rejoin=rejoin)
         events: list[Event] = []
-        for record in list(self.records.values()):
-            if record.type != "groupchat" or record.conversation != room:
-                continue
-            if record.in_flight or record.state is _S.ACKED:
-                moved = self._move(record.id, _S.FAILED, reason=reason)
+        for message_id in self.reflections.in_room(room):
+            record = self.records.get(message_id)
+            if record is not None and (record.in_flight or record.state is _S.ACKED):
+                moved = self._move(message_id, _S.FAILED, reason=reason)
                 if moved is not None:
                     events.append(moved)
         return events
+
+    def stop_waiting_for_rooms(self) -> None:
+        """Messages to the ended session's rooms stop waiting for the app to rejoin."""
+        self.rooms.stop_waiting()
 
     # ------------------------------------------------------------------ inbound
 
@@ -513,8 +514,7 @@ class Tracker(Generic[P]):
         session.sm_id = None
         session.resumable = False
         session.restored = False
-        self._rooms_to_rejoin()
-        session.rooms, session.joining = {}, {}  # a new session is in no room yet
+        self.rooms.session_ended()  # a new session is in no room yet
         return self._fate(left, _S.FAILED, reason=FailureReason.SESSION_ENDED)
 
     def enabled(
@@ -636,6 +636,8 @@ class Tracker(Generic[P]):
             if record.in_flight and record.id not in self.records:
                 self.records[record.id] = record
                 self._adopted.add(record.id)
+                if record.type == "groupchat":
+                    self.reflections.add(record)
 
     def restore(self, state: RestoredState, payloads: list[P]) -> None:
         """Install a checked saved state; ``payloads`` match ``state.unacked`` one to one."""
@@ -650,8 +652,8 @@ class Tracker(Generic[P]):
             handled=state.handled,
             restored=True,
             jid=state.jid,
-            rooms=dict(state.rooms),
         )
+        self.rooms.restore(state.rooms)
         self.ledger = Ledger(seq=state.seq, last_ack=state.last_ack)
         for saved, payload in zip(state.unacked, payloads, strict=True):
             self.ledger.restore(Entry(saved.seq, payload, saved.message_id))
@@ -676,7 +678,7 @@ class Tracker(Generic[P]):
                 {"seq": entry.seq, "xml": serialize(entry), "id": entry.message_id}
                 for entry in self.ledger
             ],
-            "rooms": dict(session.rooms),
+            "rooms": self.rooms.export(),
             "saved_at": now,
         }
 
@@ -699,11 +701,6 @@ class Tracker(Generic[P]):
         record = self.records.get(message_id)
         return record.created_at if record is not None else 0.0
 
-    def _rooms_to_rejoin(self) -> None:
-        """The session's rooms (and pending joins) end with it: the app joins them again."""
-        self.rejoining.update(self.session.joining)
-        self.rejoining.update(self.session.rooms)
-
     def _forget_session(self) -> None:
-        self._rooms_to_rejoin()
+        self.rooms.session_ended()  # the app joins its rooms again
         self.session = SessionFacts()
