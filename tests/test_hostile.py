@@ -1023,6 +1023,9 @@ def _constant_names(tree: ast.Module) -> set[str]:
             target, value = node.target, node.value
         if isinstance(target, ast.Name) and value is not None:
             names.add(target.id)
+        # SQL fragments defined in the schema module (checked there the same way).
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module == "sqlite_schema":
+            names.update(alias.asname or alias.name for alias in node.names)
     return names
 
 

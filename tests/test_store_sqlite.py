@@ -25,6 +25,7 @@ import pytest
 
 from xmpp_sm_tracker import DeliveryState, SQLiteStore, StoreError, TrackedMessage
 from xmpp_sm_tracker.stores import sqlite as sqlite_module
+from xmpp_sm_tracker.stores import sqlite_file, sqlite_schema
 from xmpp_sm_tracker.stores.sqlite import MIGRATIONS, SCHEMA_VERSION
 
 from .test_store_contract import NESTED, record
@@ -85,7 +86,7 @@ async def test_everything_survives_reopening(tmp_path: Path) -> None:
 def test_every_tracked_message_field_has_a_column() -> None:
     # A new field on TrackedMessage needs a migration, not a silent loss on reopen.
     fields = {f.name for f in dataclasses.fields(TrackedMessage)}
-    columns = set(sqlite_module._FIELDS) - {"recipient", "conversation"} | {"to"}
+    columns = set(sqlite_schema.FIELDS) - {"recipient", "conversation"} | {"to"}
     assert fields == columns
 
 
@@ -265,7 +266,7 @@ async def test_version_two_is_one_more_function(
     async def v2(db: aiosqlite.Connection) -> None:
         await db.execute("CREATE INDEX records_by_reason ON records (reason)")
 
-    monkeypatch.setattr(sqlite_module, "MIGRATIONS", [*MIGRATIONS, v2])
+    monkeypatch.setattr(sqlite_file, "MIGRATIONS", [*MIGRATIONS, v2])
     async with SQLiteStore(path) as store:
         assert ids(await store.conversation("bob@example.org")) == ids(records)
     assert user_version(path) == 2
@@ -286,14 +287,14 @@ async def test_a_failing_migration_leaves_the_file_as_it_was(
             await db.execute("CREATE TABLE records (again TEXT)")
         raise RuntimeError("migration bug")
 
-    monkeypatch.setattr(sqlite_module, "MIGRATIONS", [*MIGRATIONS, broken_v2])
+    monkeypatch.setattr(sqlite_file, "MIGRATIONS", [*MIGRATIONS, broken_v2])
     store = SQLiteStore(path)
     with pytest.raises(StoreError if failure == "sql" else RuntimeError):
         await store.open()
     await store.aclose()
     assert user_version(path) == 1
     assert raw(path, "SELECT name FROM sqlite_master WHERE name = 'half_done'") == []
-    monkeypatch.setattr(sqlite_module, "MIGRATIONS", MIGRATIONS)
+    monkeypatch.setattr(sqlite_file, "MIGRATIONS", MIGRATIONS)
     async with SQLiteStore(path) as store:
         assert [await store.get(r.id) for r in records] == records
 
@@ -305,7 +306,7 @@ async def test_a_batch_failing_half_way_leaves_none_of_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "atomic.sqlite"
-    real_row = sqlite_module._row
+    real_row = sqlite_module.row_of
     seen: list[str] = []
 
     def row_that_breaks_on_m3(r: TrackedMessage) -> tuple[Any, ...]:
@@ -316,12 +317,12 @@ async def test_a_batch_failing_half_way_leaves_none_of_it(
 
     async with SQLiteStore(path) as store:
         await store.upsert([record(0)])
-        monkeypatch.setattr(sqlite_module, "_row", row_that_breaks_on_m3)
+        monkeypatch.setattr(sqlite_module, "row_of", row_that_breaks_on_m3)
         with pytest.raises(RuntimeError, match="middle"):
             await store.upsert([record(1), record(2), record(3), record(4), record(0, S.ACKED)])
         assert seen == ["m1", "m2", "m3"]
         assert await store.pending() == [record(0)]
-        monkeypatch.setattr(sqlite_module, "_row", real_row)
+        monkeypatch.setattr(sqlite_module, "row_of", real_row)
         await store.upsert([record(5)])  # the connection is not stuck in a transaction
         assert ids(await store.pending()) == ["m0", "m5"]
     assert raw(path, "SELECT id FROM records ORDER BY id") == [("m0",), ("m5",)]

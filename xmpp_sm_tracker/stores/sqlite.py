@@ -12,146 +12,38 @@ all or nothing even if the process dies half way through it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import sqlite3
-import stat
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Self, TypeVar
+from typing import Any, Self, TypeVar
 
 import aiosqlite
 
-from ..core.records import TrackedMessage, build_record
-from ..core.states import DeliveryState
-from .base import SMState, StoreError
+from ..core.records import TrackedMessage
+from .base import SMState
+from .sqlite_file import DatabaseFile, rollback
+from .sqlite_schema import (
+    IS_FAILED,
+    IS_IN_FLIGHT,
+    MAX_LIMIT,
+    MIGRATIONS,
+    NEWEST_FIRST,
+    OLDEST_FIRST,
+    SCHEMA_VERSION,
+    SELECT,
+    UPSERT,
+    Migration,
+    record_of,
+    row_of,
+)
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "Migration", "SQLiteStore"]
 
 _T = TypeVar("_T")
-
-#: A step of the schema: takes a database from version n to n + 1 inside a transaction.
-Migration = Callable[[aiosqlite.Connection], Awaitable[None]]
-
-
-async def _v1_first_schema(db: aiosqlite.Connection) -> None:
-    """Records by id (with the lookups we need indexed) and a one-row SM state table."""
-    # ``executescript`` would commit on its own: one statement at a time keeps the
-    # migration inside the runner's transaction, so it lands whole or not at all.
-    for statement in (
-        """
-        CREATE TABLE records (
-            id TEXT PRIMARY KEY NOT NULL,
-            origin_id TEXT NOT NULL,
-            recipient TEXT NOT NULL,
-            conversation TEXT NOT NULL,
-            type TEXT NOT NULL,
-            body TEXT NOT NULL,
-            state TEXT NOT NULL,
-            xml TEXT NOT NULL,
-            created_at REAL NOT NULL,
-            updated_at REAL NOT NULL,
-            via_carbon INTEGER NOT NULL,
-            attempts INTEGER NOT NULL,
-            reason TEXT,
-            seq INTEGER
-        )
-        """,
-        # Each index matches one query's WHERE and ORDER BY (rowid is every index's
-        # last key), so no listing ever sorts. Frozen text: a new state means version 2.
-        """
-        CREATE INDEX records_in_flight ON records (created_at, COALESCE(seq, 0))
-        WHERE state IN ('hibernated', 'resent', 'sent')
-        """,
-        """
-        CREATE INDEX records_failed ON records (created_at, COALESCE(seq, 0))
-        WHERE state = 'failed'
-        """,
-        """
-        CREATE INDEX records_by_conversation
-        ON records (conversation, created_at, COALESCE(seq, 0))
-        """,
-        """
-        CREATE TABLE sm_state (
-            slot INTEGER PRIMARY KEY CHECK (slot = 1),
-            state TEXT NOT NULL
-        )
-        """,
-    ):
-        await db.execute(statement)
-
-
-#: ``MIGRATIONS[n]`` takes a database from version n to n + 1. Append, never edit.
-MIGRATIONS: list[Migration] = [_v1_first_schema]
-#: The schema version this library writes.
-SCHEMA_VERSION: Final = len(MIGRATIONS)
-
-#: Column order of the records table; ``recipient`` holds ``TrackedMessage.to``.
-_FIELDS: Final = (
-    "id",
-    "origin_id",
-    "recipient",
-    "conversation",
-    "type",
-    "body",
-    "state",
-    "xml",
-    "created_at",
-    "updated_at",
-    "via_carbon",
-    "attempts",
-    "reason",
-    "seq",
-)
-_TABLES: Final = {"records": frozenset(_FIELDS), "sm_state": frozenset({"slot", "state"})}
-# Only identifiers and fixed state literals are in the SQL text; values are bound parameters.
-_COLUMNS: Final = ", ".join(_FIELDS)
-_SELECT: Final = f"SELECT {_COLUMNS} FROM records"
-_UPSERT: Final = (
-    f"INSERT INTO records ({_COLUMNS}) VALUES ({', '.join('?' * len(_FIELDS))}) "
-    "ON CONFLICT(id) DO UPDATE SET "
-    + ", ".join(f"{name} = excluded.{name}" for name in _FIELDS[1:])
-)
-# rowid breaks ties like MemoryStore's dict: a replaced record keeps its first place.
-_OLDEST_FIRST: Final = "ORDER BY created_at, COALESCE(seq, 0), rowid"
-_NEWEST_FIRST: Final = "ORDER BY created_at DESC, COALESCE(seq, 0) DESC, rowid DESC"
-# The same text as the partial indexes' WHERE, so the planner can use them.
-_IS_IN_FLIGHT: Final = "state IN ('hibernated', 'resent', 'sent')"
-_IS_FAILED: Final = "state = 'failed'"
-_STATES: Final = {state.value: state for state in DeliveryState}
-_MAX_LIMIT: Final = 2**63 - 1  # SQLite's largest integer
-
-
-def _row(record: TrackedMessage) -> tuple[Any, ...]:
-    return (
-        record.id,
-        record.origin_id,
-        record.to,
-        record.conversation,
-        record.type,
-        record.body,
-        record.state.value,
-        record.xml,
-        record.created_at,
-        record.updated_at,
-        int(record.via_carbon),
-        record.attempts,
-        record.reason,
-        record.seq,
-    )
-
-
-def _record(row: sqlite3.Row | tuple[Any, ...]) -> TrackedMessage:
-    (mid, origin, to, _conv, kind, body, state, xml, created, updated, carbon, attempts,
-     reason, seq) = row  # fmt: skip
-    # build_record is TrackedMessage(...) made faster: a start-up reads every in-flight row.
-    return build_record(
-        mid, origin, to, kind, body, _STATES[state], xml, created, updated,
-        bool(carbon), attempts, reason, seq,
-    )  # fmt: skip
 
 
 def _new_future() -> asyncio.Future[None]:
@@ -189,6 +81,7 @@ class SQLiteStore:
         if not batch_window >= 0:
             raise ValueError(f"batch_window must be >= 0 seconds, not {batch_window!r}")
         self.path = Path(path)
+        self._file = DatabaseFile(self.path)
         self.batch_window = batch_window
         self._db: aiosqlite.Connection | None = None
         self._closed = False
@@ -214,15 +107,6 @@ class SQLiteStore:
     ) -> None:
         await self.aclose()
 
-    def _error(self, what: str, exc: BaseException | None = None) -> StoreError:
-        if isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorname", None):
-            detail = f" ({exc.sqlite_errorname}: {exc})"
-        elif exc is not None:
-            detail = f" ({exc})"
-        else:
-            detail = ""
-        return StoreError(f"SQLite store {self.path}: {what}{detail}")
-
     # ---------------------------------------------------------------- opening
 
     async def open(self) -> None:
@@ -233,150 +117,12 @@ class SQLiteStore:
     async def _connection(self) -> aiosqlite.Connection:
         """The open connection; the caller holds ``_lock``."""
         if self._closed:
-            raise self._error("the store is closed")
+            raise self._file.error("the store is closed")
         if self._db is None:
-            self._db = await self._connect()
+            self._db = await self._file.connect()
         return self._db
 
-    async def _connect(self) -> aiosqlite.Connection:
-        self._create_private_file()
-        try:
-            # isolation_level=None: we write BEGIN/COMMIT ourselves, nothing implicit.
-            db = await aiosqlite.connect(self.path, isolation_level=None)
-        except sqlite3.Error as exc:
-            raise self._error("cannot open the database", exc) from exc
-        try:
-            await self._prepare(db)
-            await db.execute("PRAGMA synchronous=NORMAL")
-            # SQLite gives -wal/-shm the database file's mode; check rather than trust.
-            for suffix in ("-wal", "-shm"):
-                self._make_private(self.path.with_name(self.path.name + suffix))
-        except BaseException:
-            await db.close()
-            raise
-        return db
-
-    def _create_private_file(self) -> None:
-        """Create the file 0600 before SQLite does (it would follow the umask).
-
-        No umask dance: the umask is per process, and other threads may be creating
-        files meanwhile. An existing file is checked here too, because a failed
-        ``aiosqlite.connect`` leaves its worker thread to report to the event loop later.
-        """
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-        except FileExistsError:
-            try:
-                if not stat.S_ISREG(os.stat(self.path).st_mode):
-                    raise self._error("is not a regular file") from None
-                os.close(os.open(self.path, os.O_RDONLY))
-            except OSError as exc:
-                raise self._error("cannot read the database file", exc) from exc
-            return
-        except OSError as exc:
-            raise self._error("cannot create the database file", exc) from exc
-        os.close(fd)
-
-    def _make_private(self, path: Path) -> None:
-        try:
-            if path.exists() and path.stat().st_mode & 0o077:
-                path.chmod(0o600)
-        except OSError as exc:
-            raise self._error(f"cannot make {path.name} private (mode 0600)", exc) from exc
-
-    async def _inspect(self, db: aiosqlite.Connection) -> tuple[int, dict[str, set[str]]]:
-        """The file's schema version and its tables with their columns (reads only)."""
-        try:
-            async with db.execute("PRAGMA user_version") as cursor:
-                row = await cursor.fetchone()
-            version = int(row[0]) if row else 0
-            async with db.execute(
-                "SELECT name, type FROM sqlite_master WHERE name NOT LIKE 'sqlite\\_%' ESCAPE '\\'"
-            ) as cursor:
-                objects = list(await cursor.fetchall())
-            tables: dict[str, set[str]] = {}
-            for name, kind in objects:
-                if kind != "table":
-                    tables.setdefault(f"{kind} {name}", set())
-                    continue
-                async with db.execute("SELECT name FROM pragma_table_info(?)", (name,)) as cur:
-                    tables[name] = {column for (column,) in await cur.fetchall()}
-        except sqlite3.Error as exc:
-            raise self._error(self._unreadable(exc), exc) from exc
-        return version, tables
-
-    @staticmethod
-    def _unreadable(exc: sqlite3.Error) -> str:
-        name = getattr(exc, "sqlite_errorname", "")
-        if name == "SQLITE_NOTADB":
-            return "is not an SQLite database (left untouched)"
-        if name.startswith("SQLITE_CORRUPT"):
-            return "is corrupt (left untouched)"
-        if name.startswith("SQLITE_CANTOPEN"):
-            return "cannot be opened (are the file and its directory readable and writable?)"
-        return "cannot be read (left untouched)"
-
-    def _refuse_foreign(self, version: int, tables: dict[str, set[str]]) -> None:
-        latest = len(MIGRATIONS)
-        if version > latest:
-            raise self._error(
-                f"schema version {version} is newer than the {latest} this version of "
-                "xmpp_sm_tracker knows; upgrade it (the file was left untouched)"
-            )
-        if version == 0 and tables:
-            raise self._error(
-                f"holds other things ({', '.join(sorted(tables))}), not a tracker store "
-                "(left untouched)"
-            )
-        if version == latest:
-            found = {name: frozenset(columns) for name, columns in tables.items()}
-            wrong = sorted(name for name, cols in _TABLES.items() if found.get(name) != cols)
-            if wrong:
-                raise self._error(
-                    f"says schema version {version} but its {', '.join(wrong)} table(s) are "
-                    "not ours (left untouched)"
-                )
-
-    async def _prepare(self, db: aiosqlite.Connection) -> None:
-        """Refuse foreign files, bring ours to the latest version, switch to WAL."""
-        version, tables = await self._inspect(db)
-        self._refuse_foreign(version, tables)
-        try:
-            if version < len(MIGRATIONS):
-                await db.execute("PRAGMA journal_mode=WAL")
-                await self._migrate(db)
-            else:
-                async with db.execute("PRAGMA journal_mode") as cursor:
-                    row = await cursor.fetchone()
-                if row is None or str(row[0]).lower() != "wal":
-                    await db.execute("PRAGMA journal_mode=WAL")
-        except sqlite3.Error as exc:
-            raise self._error("cannot prepare the schema", exc) from exc
-
-    async def _migrate(self, db: aiosqlite.Connection) -> None:
-        """Run the missing migrations in one transaction: the file moves whole or not."""
-        await db.execute("BEGIN IMMEDIATE")
-        try:
-            # Under the write lock now: another process may have migrated it meanwhile.
-            version, tables = await self._inspect(db)
-            self._refuse_foreign(version, tables)
-            for step in range(version, len(MIGRATIONS)):
-                await MIGRATIONS[step](db)
-                # PRAGMA takes no bound parameters; this is our own int, never user data.
-                await db.execute(f"PRAGMA user_version = {int(step + 1):d}")
-            self._refuse_foreign(*await self._inspect(db))
-            await db.commit()
-        except BaseException:
-            await self._rollback(db)
-            raise
-
     # ---------------------------------------------------------------- plumbing
-
-    @staticmethod
-    async def _rollback(db: aiosqlite.Connection) -> None:
-        # A no-op when no transaction is open; if it fails, the original error matters more.
-        with contextlib.suppress(Exception):
-            await db.rollback()
 
     async def _write(self, what: str, work: Callable[[aiosqlite.Connection], Awaitable[_T]]) -> _T:
         """Run ``work`` in its own transaction, after any batched upserts made before."""
@@ -398,9 +144,9 @@ class SQLiteStore:
                 result = await work(db)
                 await db.commit()
             except BaseException as exc:
-                await self._rollback(db)
+                await rollback(db)
                 if isinstance(exc, sqlite3.Error):
-                    raise self._error(f"{what} failed (rolled back)", exc) from exc
+                    raise self._file.error(f"{what} failed (rolled back)", exc) from exc
                 raise
         return result
 
@@ -412,14 +158,14 @@ class SQLiteStore:
                 async with db.execute(sql, params) as cursor:
                     return list(await cursor.fetchall())
             except sqlite3.Error as exc:
-                raise self._error("reading failed", exc) from exc
+                raise self._file.error("reading failed", exc) from exc
 
     async def _records(self, sql: str, params: Sequence[Any] = ()) -> list[TrackedMessage]:
         rows = await self._read(sql, params)
         try:
-            return [_record(row) for row in rows]
+            return [record_of(row) for row in rows]
         except (KeyError, TypeError, ValueError) as exc:
-            raise self._error("holds a record this version cannot read", exc) from exc
+            raise self._file.error("holds a record this version cannot read", exc) from exc
 
     # ---------------------------------------------------------------- batching
 
@@ -469,7 +215,7 @@ class SQLiteStore:
         async def work(db: aiosqlite.Connection) -> None:
             # Rows are built lazily inside the transaction, so an exception from any
             # record (or the process dying) leaves none of this batch behind.
-            await db.executemany(_UPSERT, (_row(record) for record in records))
+            await db.executemany(UPSERT, (row_of(record) for record in records))
 
         await self._transaction(f"writing {len(records)} records", work)
 
@@ -502,7 +248,7 @@ class SQLiteStore:
 
     async def get(self, message_id: str) -> TrackedMessage | None:
         """One record by id."""
-        found = await self._records(f"{_SELECT} WHERE id = ?", (message_id,))
+        found = await self._records(f"{SELECT} WHERE id = ?", (message_id,))
         return found[0] if found else None
 
     async def counts(self) -> list[tuple[str, str, int]]:
@@ -515,18 +261,18 @@ class SQLiteStore:
 
     async def all_records(self) -> list[TrackedMessage]:
         """Every record, oldest first: for export."""
-        return await self._records(f"{_SELECT} {_OLDEST_FIRST}")
+        return await self._records(f"{SELECT} {OLDEST_FIRST}")
 
     async def pending(self) -> list[TrackedMessage]:
         """SENT, HIBERNATED and RESENT records, oldest first."""
-        return await self._records(f"{_SELECT} WHERE {_IS_IN_FLIGHT} {_OLDEST_FIRST}")
+        return await self._records(f"{SELECT} WHERE {IS_IN_FLIGHT} {OLDEST_FIRST}")
 
     async def failed(self, conversation: str | None = None) -> list[TrackedMessage]:
         """FAILED records, oldest first, optionally for one conversation (bare JID)."""
         if conversation is None:
-            return await self._records(f"{_SELECT} WHERE {_IS_FAILED} {_OLDEST_FIRST}")
+            return await self._records(f"{SELECT} WHERE {IS_FAILED} {OLDEST_FIRST}")
         return await self._records(
-            f"{_SELECT} WHERE {_IS_FAILED} AND conversation = ? {_OLDEST_FIRST}",
+            f"{SELECT} WHERE {IS_FAILED} AND conversation = ? {OLDEST_FIRST}",
             (conversation,),
         )
 
@@ -539,11 +285,11 @@ class SQLiteStore:
             return []
         bare = jid.split("/", 1)[0]
         if before is None:
-            sql = f"{_SELECT} WHERE conversation = ? {_NEWEST_FIRST} LIMIT ?"
-            params: tuple[Any, ...] = (bare, min(limit, _MAX_LIMIT))
+            sql = f"{SELECT} WHERE conversation = ? {NEWEST_FIRST} LIMIT ?"
+            params: tuple[Any, ...] = (bare, min(limit, MAX_LIMIT))
         else:
-            sql = f"{_SELECT} WHERE conversation = ? AND created_at < ? {_NEWEST_FIRST} LIMIT ?"
-            params = (bare, before, min(limit, _MAX_LIMIT))
+            sql = f"{SELECT} WHERE conversation = ? AND created_at < ? {NEWEST_FIRST} LIMIT ?"
+            params = (bare, before, min(limit, MAX_LIMIT))
         newest = await self._records(sql, params)
         newest.reverse()
         return newest
@@ -562,10 +308,10 @@ class SQLiteStore:
 
         async def work(db: aiosqlite.Connection) -> int:
             if conversation is None:
-                cursor = await db.execute(f"DELETE FROM records WHERE {_IS_FAILED}")
+                cursor = await db.execute(f"DELETE FROM records WHERE {IS_FAILED}")
             else:
                 cursor = await db.execute(
-                    f"DELETE FROM records WHERE {_IS_FAILED} AND conversation = ?",
+                    f"DELETE FROM records WHERE {IS_FAILED} AND conversation = ?",
                     (conversation,),
                 )
             return cursor.rowcount
@@ -586,7 +332,7 @@ class SQLiteStore:
         try:
             text = json.dumps(state, separators=(",", ":"), allow_nan=False)
         except (TypeError, ValueError) as exc:
-            raise self._error("the SM state is not JSON-safe", exc) from exc
+            raise self._file.error("the SM state is not JSON-safe", exc) from exc
 
         async def keep(db: aiosqlite.Connection) -> None:
             await db.execute(
@@ -605,9 +351,9 @@ class SQLiteStore:
         try:
             state = json.loads(rows[0][0])
         except ValueError as exc:
-            raise self._error("the saved SM state is not valid JSON", exc) from exc
+            raise self._file.error("the saved SM state is not valid JSON", exc) from exc
         if not isinstance(state, dict):
-            raise self._error("the saved SM state is not a JSON object")
+            raise self._file.error("the saved SM state is not a JSON object")
         return state
 
     async def aclose(self) -> None:

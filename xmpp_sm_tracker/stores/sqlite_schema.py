@@ -1,0 +1,153 @@
+"""The SQLite store's schema: its migrations, and rows to records and back.
+
+Versioned with ``PRAGMA user_version``: ``MIGRATIONS[n]`` takes a database from
+version n to n + 1. Append a function for version 2; never edit one that shipped.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+import aiosqlite
+
+from ..core.records import TrackedMessage, build_record
+from ..core.states import DeliveryState
+
+__all__ = [
+    "COLUMNS",
+    "FIELDS",
+    "IS_FAILED",
+    "IS_IN_FLIGHT",
+    "MAX_LIMIT",
+    "MIGRATIONS",
+    "NEWEST_FIRST",
+    "OLDEST_FIRST",
+    "SCHEMA_VERSION",
+    "SELECT",
+    "TABLES",
+    "UPSERT",
+    "Migration",
+    "record_of",
+    "row_of",
+]
+
+#: A step of the schema: takes a database from version n to n + 1 inside a transaction.
+Migration = Callable[[aiosqlite.Connection], Awaitable[None]]
+
+
+async def _v1_first_schema(db: aiosqlite.Connection) -> None:
+    """Records by id (with the lookups we need indexed) and a one-row SM state table."""
+    # ``executescript`` would commit on its own: one statement at a time keeps the
+    # migration inside the runner's transaction, so it lands whole or not at all.
+    for statement in (
+        """
+        CREATE TABLE records (
+            id TEXT PRIMARY KEY NOT NULL,
+            origin_id TEXT NOT NULL,
+            recipient TEXT NOT NULL,
+            conversation TEXT NOT NULL,
+            type TEXT NOT NULL,
+            body TEXT NOT NULL,
+            state TEXT NOT NULL,
+            xml TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            via_carbon INTEGER NOT NULL,
+            attempts INTEGER NOT NULL,
+            reason TEXT,
+            seq INTEGER
+        )
+        """,
+        # Each index matches one query's WHERE and ORDER BY (rowid is every index's
+        # last key), so no listing ever sorts. Frozen text: a new state means version 2.
+        """
+        CREATE INDEX records_in_flight ON records (created_at, COALESCE(seq, 0))
+        WHERE state IN ('hibernated', 'resent', 'sent')
+        """,
+        """
+        CREATE INDEX records_failed ON records (created_at, COALESCE(seq, 0))
+        WHERE state = 'failed'
+        """,
+        """
+        CREATE INDEX records_by_conversation
+        ON records (conversation, created_at, COALESCE(seq, 0))
+        """,
+        """
+        CREATE TABLE sm_state (
+            slot INTEGER PRIMARY KEY CHECK (slot = 1),
+            state TEXT NOT NULL
+        )
+        """,
+    ):
+        await db.execute(statement)
+
+
+#: ``MIGRATIONS[n]`` takes a database from version n to n + 1. Append, never edit.
+MIGRATIONS: list[Migration] = [_v1_first_schema]
+#: The schema version this library writes.
+SCHEMA_VERSION: Final = len(MIGRATIONS)
+
+#: Column order of the records table; ``recipient`` holds ``TrackedMessage.to``.
+FIELDS: Final = (
+    "id",
+    "origin_id",
+    "recipient",
+    "conversation",
+    "type",
+    "body",
+    "state",
+    "xml",
+    "created_at",
+    "updated_at",
+    "via_carbon",
+    "attempts",
+    "reason",
+    "seq",
+)
+TABLES: Final = {"records": frozenset(FIELDS), "sm_state": frozenset({"slot", "state"})}
+# Only identifiers and fixed state literals are in the SQL text; values are bound parameters.
+COLUMNS: Final = ", ".join(FIELDS)
+SELECT: Final = f"SELECT {COLUMNS} FROM records"
+UPSERT: Final = (
+    f"INSERT INTO records ({COLUMNS}) VALUES ({', '.join('?' * len(FIELDS))}) "
+    "ON CONFLICT(id) DO UPDATE SET " + ", ".join(f"{name} = excluded.{name}" for name in FIELDS[1:])
+)
+# rowid breaks ties like MemoryStore's dict: a replaced record keeps its first place.
+OLDEST_FIRST: Final = "ORDER BY created_at, COALESCE(seq, 0), rowid"
+NEWEST_FIRST: Final = "ORDER BY created_at DESC, COALESCE(seq, 0) DESC, rowid DESC"
+# The same text as the partial indexes' WHERE, so the planner can use them.
+IS_IN_FLIGHT: Final = "state IN ('hibernated', 'resent', 'sent')"
+IS_FAILED: Final = "state = 'failed'"
+_STATES: Final = {state.value: state for state in DeliveryState}
+MAX_LIMIT: Final = 2**63 - 1  # SQLite's largest integer
+
+
+def row_of(record: TrackedMessage) -> tuple[Any, ...]:
+    return (
+        record.id,
+        record.origin_id,
+        record.to,
+        record.conversation,
+        record.type,
+        record.body,
+        record.state.value,
+        record.xml,
+        record.created_at,
+        record.updated_at,
+        int(record.via_carbon),
+        record.attempts,
+        record.reason,
+        record.seq,
+    )
+
+
+def record_of(row: sqlite3.Row | tuple[Any, ...]) -> TrackedMessage:
+    (mid, origin, to, _conv, kind, body, state, xml, created, updated, carbon, attempts,
+     reason, seq) = row  # fmt: skip
+    # build_record is TrackedMessage(...) made faster: a start-up reads every in-flight row.
+    return build_record(
+        mid, origin, to, kind, body, _STATES[state], xml, created, updated,
+        bool(carbon), attempts, reason, seq,
+    )  # fmt: skip
