@@ -1,0 +1,246 @@
+"""Failures the protocol model (tests/test_core_model.py) found, pinned one by one.
+
+Each test is the shortest story that showed the failure, told with the facts the
+plugin feeds the core, in the order it feeds them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from xmpp_sm_tracker.core.records import FailureReason, TrackedMessage
+from xmpp_sm_tracker.core.retry import RetryPolicy
+from xmpp_sm_tracker.core.smstate import RestoredEntry, RestoredState
+from xmpp_sm_tracker.core.states import DeliveryState
+from xmpp_sm_tracker.core.tracker import Event, OutgoingMessage, Tracker
+
+S = DeliveryState
+ACK_TIMEOUT = FailureReason.ACK_TIMEOUT
+RESUME_FAILED = FailureReason.RESUME_FAILED
+REFUSED = FailureReason.bounce("cancel", "service-unavailable")
+WAIT = FailureReason.bounce("wait", "resource-constraint")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        self.now += 0.001
+        return self.now
+
+
+@dataclass(frozen=True)
+class Stanza:
+    name: str
+
+
+def outgoing(mid: str, kind: str = "chat") -> OutgoingMessage:
+    return OutgoingMessage(
+        id=mid,
+        origin_id=mid,
+        to="room@muc.example.org" if kind == "groupchat" else "bob@example.org/phone",
+        type=kind,
+        body=f"body of {mid}",
+        xml=f"<message id='{mid}'/>",
+    )
+
+
+def show(events: list[Event]) -> list[tuple[object, ...]]:
+    shown: list[tuple[object, ...]] = []
+    for event in events:
+        payload = event.payload
+        if isinstance(payload, TrackedMessage):
+            shown.append((event.name, payload.id, payload.reason))
+        else:
+            assert isinstance(payload, Stanza)
+            shown.append((event.name, payload.name))
+    return shown
+
+
+def live(*, policy: RetryPolicy | None = None) -> Tracker[Stanza]:
+    tracker: Tracker[Stanza] = Tracker(clock=Clock())
+    tracker.retry_policy = policy
+    tracker.enable_sent()
+    tracker.enabled("sm-1", resumable=True, location=None, max=None, jid="alice@example.org/r")
+    return tracker
+
+
+def send(tracker: Tracker[Stanza], mid: str, kind: str = "chat", copy: str = "") -> None:
+    tracker.track(outgoing(mid, kind), link_up=True)
+    tracker.counted(Stanza(copy or mid), mid, link_up=True)
+
+
+def holds_nothing(tracker: Tracker[Stanza]) -> None:
+    assert tracker.records == {}
+    assert len(tracker.ledger) == 0
+    assert tracker.withheld == set()
+    assert tracker._late_ack_possible == set()
+    assert tracker._adopted == set()
+
+
+# ---------------------------------------------------------------- 1
+
+
+def test_a_message_failed_by_its_attempt_timeout_stays_failed_when_the_link_drops() -> None:
+    # Was: IllegalTransition FAILED -> HIBERNATED raised inside link_lost(), with m2
+    # (after m1 in the ledger) left unhibernated.
+    tracker = live()
+    send(tracker, "m1")
+    send(tracker, "m2")
+    assert show(tracker.timed_out("m1")) == [("message:failed", "m1", ACK_TIMEOUT)]
+    assert show(tracker.link_lost()) == [
+        ("stanza:hibernated", "m1"),
+        ("stanza:hibernated", "m2"),
+        ("message:hibernated", "m2", None),
+    ]
+    assert tracker.records["m1"].state is S.FAILED  # its copy may still be acked
+    tracker.resume_sent()
+    events, resend = tracker.resumed(1)  # the server had m1 after all
+    assert show(events) == [
+        ("stanza:acked", "m1"),
+        ("message:acked", "m1", None),
+        ("stanza:resent", "m2"),
+        ("message:resent", "m2", None),
+    ]
+    assert [e.payload.name for e in resend] == ["m2"]
+    tracker.ack(2)
+    holds_nothing(tracker)
+
+
+# ---------------------------------------------------------------- 2
+
+
+def test_a_message_resent_while_its_first_copy_is_unacked_is_moved_by_its_new_copy_only() -> (
+    None
+):
+    # Was: one record, two ledger entries; the first copy's ack settled the resent
+    # record (ACKED, a groupchat record stays), then link_lost() raised ACKED ->
+    # HIBERNATED (and <resumed/> ACKED -> RESENT).
+    tracker = live()
+    send(tracker, "g1", "groupchat", copy="first")
+    [failed] = tracker.bounced("g1", WAIT)
+    assert isinstance(failed.payload, TrackedMessage)
+    assert show(tracker.resend(failed.payload)) == [("message:resent", "g1", None)]
+    tracker.counted(Stanza("second"), "g1", link_up=True)
+    assert [e.message_id for e in tracker.ledger] == [None, "g1"]  # one entry per record
+    assert show(tracker.ack(1)) == [("stanza:acked", "first")]  # the refused copy
+    assert tracker.records["g1"].state is S.RESENT
+    assert show(tracker.link_lost()) == [
+        ("stanza:hibernated", "second"),
+        ("message:hibernated", "g1", None),
+    ]
+    tracker.resume_sent()
+    events, _ = tracker.resumed(1)
+    assert show(events) == [("stanza:resent", "second"), ("message:resent", "g1", None)]
+    assert show(tracker.ack(2)) == [("stanza:acked", "second"), ("message:acked", "g1", None)]
+    assert show(tracker.room_received("g1")) == [("message:room_received", "g1", None)]
+    holds_nothing(tracker)
+
+
+# ---------------------------------------------------------------- 3
+
+
+def test_a_bounce_after_the_attempt_timeout_reaches_the_app_and_is_not_retried() -> None:
+    # Was: FAILED + FAILED was KEEP: the refusal was dropped, the record kept
+    # reason="ack-timeout", stayed retryable, and the retry policy resent a message
+    # the recipient had refused.
+    policy = RetryPolicy(max_attempts=3, attempt_timeout=30.0)
+    tracker = live(policy=policy)
+    send(tracker, "m1")
+    [timed_out] = tracker.timed_out("m1")
+    assert isinstance(timed_out.payload, TrackedMessage)
+    assert policy.should_retry(timed_out.payload)
+    events = tracker.bounced("m1", REFUSED)
+    assert show(events) == [("message:failed", "m1", REFUSED)]
+    refused = events[0].payload
+    assert isinstance(refused, TrackedMessage)
+    assert not refused.retryable and not policy.should_retry(refused)
+    # a refusal is final: the late ack of the copy does not turn it into "acked"
+    assert show(tracker.ack(1)) == [("stanza:acked", "m1")]
+    holds_nothing(tracker)
+
+
+def test_a_bounce_for_a_failed_message_fetched_from_the_store_updates_its_reason() -> None:
+    tracker = live()
+    tracker.track(outgoing("m1"), link_up=True)
+    [failed] = tracker.session_ended(unsent=["m1"])
+    assert isinstance(failed.payload, TrackedMessage) and failed.payload.retryable
+    tracker.reinstate(failed.payload)  # plugin._late_signal
+    assert show(tracker.bounced("m1", REFUSED)) == [("message:failed", "m1", REFUSED)]
+    tracker.reinstate(failed.payload.moved(S.FAILED, 2000.0, reason=REFUSED))
+    assert tracker.bounced("m1", REFUSED) == []  # the same refusal again: no news
+    tracker.copies_gone()
+    holds_nothing(tracker)
+
+
+# ---------------------------------------------------------------- 4
+
+
+def test_withheld_ids_do_not_pile_up_across_sessions() -> None:
+    # Was: Tracker.withheld only shrank in resend(): 100 sessions that each ended with
+    # 1000 unsent messages left 100 000 ids in it for good.
+    tracker: Tracker[Stanza] = Tracker(clock=Clock())
+    for session in range(100):
+        tracker.enable_sent()
+        tracker.enabled(f"sm-{session}", resumable=True, location=None, max=None, jid="a@b/c")
+        ids = [f"s{session}-m{i}" for i in range(1000)]
+        for mid in ids:
+            tracker.track(outgoing(mid), link_up=True)
+        tracker.session_ended(unsent=ids)
+        assert tracker.should_drop(ids[0])  # until slixmpp's queue is gone
+        tracker.copies_gone(keep=ids[:1])  # plugin._on_session_end: one copy still parked
+        assert tracker.withheld == {ids[0]}
+        assert tracker.should_drop(ids[0])
+        assert not tracker.should_drop(ids[1])
+    tracker.copies_gone()
+    holds_nothing(tracker)
+
+
+# ---------------------------------------------------------------- 5
+
+
+def test_adopted_records_fail_resume_failed_when_the_server_enables_afresh() -> None:
+    # Was: enable_sent() failed the restored ledger's entries with "session-ended",
+    # so an adopted record it carried failed "session-ended" instead of "resume-failed".
+    tracker: Tracker[Stanza] = Tracker(clock=Clock())
+    adopted = [
+        TrackedMessage(
+            id=mid,
+            origin_id=mid,
+            to="bob@example.org",
+            type="chat",
+            body="b",
+            state=S.HIBERNATED,
+            xml=f"<message id='{mid}'/>",
+            created_at=created,
+            updated_at=created,
+            seq=seq,
+        )
+        for mid, seq, created in (("carried", 12, 1.0), ("queued", None, 2.0))
+    ]
+    tracker.adopt(adopted)
+    tracker.restore(
+        RestoredState(
+            jid="alice@example.org/r",
+            stream_id="old",
+            location=None,
+            max=None,
+            handled=0,
+            seq=12,
+            last_ack=11,
+            unacked=(RestoredEntry(12, "<message id='carried'/>", "carried"),),
+            saved_at=0.0,
+        ),
+        [Stanza("carried")],
+    )
+    events = tracker.enable_sent() + tracker.enabled(
+        "new", resumable=True, location=None, max=None, jid="alice@example.org/r"
+    )
+    assert show(events) == [
+        ("stanza:failed", "carried"),
+        ("message:failed", "carried", RESUME_FAILED),
+        ("message:failed", "queued", RESUME_FAILED),
+    ]
+    tracker.copies_gone()
+    holds_nothing(tracker)
