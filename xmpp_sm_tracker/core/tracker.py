@@ -150,7 +150,7 @@ class Tracker(Generic[P]):
         state = next_state(record.state, signal)
         if state is None:
             if self._settled(record) and message_id not in self._late_ack_possible:
-                del self.records[message_id]  # a reinstated record goes back out
+                self._forget(message_id)  # a reinstated record goes back out
             return None
         if state is _S.RESENT and attempts is None:
             attempts = record.attempts + 1
@@ -163,10 +163,16 @@ class Tracker(Generic[P]):
         if state is not _S.FAILED:
             self._late_ack_possible.discard(message_id)
         if self._settled(moved) and message_id not in self._late_ack_possible:
-            del self.records[message_id]
+            self._forget(message_id)
         else:
             self.records[message_id] = moved
         return Event(MESSAGE_EVENT[state], moved)
+
+    def _forget(self, message_id: str) -> None:
+        """A settled record leaves memory (the store keeps it)."""
+        del self.records[message_id]
+        if self._adopted:
+            self._adopted.discard(message_id)
 
     @staticmethod
     def _settled(record: TrackedMessage) -> bool:
@@ -184,15 +190,40 @@ class Tracker(Generic[P]):
         """Events for ledger entries that all met the same fate, stanza event first."""
         stanza_event = _STANZA_EVENT[state]
         events: list[Event] = []
-        late = self._late_ack_possible
+        records = self.records
         for entry in entries:
             events.append(Event(stanza_event, entry.payload))
-            if late and state is _S.FAILED:
-                late.discard(entry.message_id)
-            message_event = self._move(entry.message_id, state, reason=reason)
+            message_id = entry.message_id
+            if message_id is None:
+                continue
+            record = records.get(message_id)
+            if record is None or record.seq != entry.seq:
+                continue  # not the copy its record waits on (any more)
+            if not record.in_flight:
+                message_event = self._late_fate(record, state)
+            else:
+                message_event = self._move(message_id, state, reason=reason)
             if message_event is not None:
                 events.append(message_event)
         return events
+
+    def _late_fate(self, record: TrackedMessage, state: DeliveryState) -> Event | None:
+        """The fate of the copy on the wire of a record that is no longer in flight.
+
+        Failed by its attempt timeout, a record stays failed while that copy may still
+        be acked: an ack upgrades it, a drop leaves it failed (never moved backwards),
+        and once the stream gives the copy up nothing can change the record any more.
+        Any other settled record (acked groupchat waiting for the room) keeps its state.
+        """
+        message_id = record.id
+        if record.state is not _S.FAILED or message_id not in self._late_ack_possible:
+            return None
+        if state is _S.ACKED:
+            return self._move(message_id, _S.ACKED)
+        if state is _S.FAILED:
+            self._late_ack_possible.discard(message_id)
+            self._forget(message_id)
+        return None
 
     # ------------------------------------------------------------------ outbound
 
