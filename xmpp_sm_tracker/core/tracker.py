@@ -340,6 +340,11 @@ class Tracker(Generic[P]):
         if record.state is not _S.FAILED:
             raise ValueError(f"message {record.id} is {record.state.name}, only FAILED is resent")
         self.withheld.discard(record.id)
+        for entry in self.ledger:
+            if entry.message_id == record.id:
+                # A copy of an earlier attempt still unacked on the wire: it no longer
+                # speaks for the record (one ledger entry per record, its current copy).
+                entry.message_id = None
         if xml is not None:
             record = replace(record, xml=xml)
         self.records[record.id] = record
@@ -560,6 +565,16 @@ class Tracker(Generic[P]):
 
         Raises :class:`SMProtocolError` on a bad ``h``; the caller then drops the session.
         """
+        # The copies their records wait on, told apart before the resends are renumbered.
+        records = self.records
+        current = {
+            id(entry)
+            for entry in self.ledger
+            if entry.message_id is not None
+            and (record := records.get(entry.message_id)) is not None
+            and record.seq == entry.seq
+            and (record.in_flight or entry.message_id in self._late_ack_possible)
+        }
         result = self.ledger.resume(h, allow_ahead=self.session.restored)
         self.session.resuming = False
         self.session.restored = False
@@ -568,6 +583,8 @@ class Tracker(Generic[P]):
         events = self._fate(result.acked, _S.ACKED)
         for entry in result.resend:
             events.append(Event(STANZA_RESENT, entry.payload))
+            if id(entry) not in current:
+                continue
             moved = self._move(entry.message_id, _S.RESENT, seq=entry.seq)
             if moved is not None:
                 events.append(moved)
