@@ -158,9 +158,15 @@ class Tracker(Generic[P]):
             reason = None
         moved = record.moved(state, self.clock(), attempts=attempts, reason=reason, seq=seq)
         policy = self.retry_policy
-        if state is _S.FAILED and policy is not None and policy.exhausted(moved):
-            moved = moved.moved(state, moved.updated_at, reason=FailureReason.RETRIES_EXHAUSTED)
-        if state is not _S.FAILED:
+        if state is _S.FAILED:
+            if policy is not None and policy.exhausted(moved):
+                moved = moved.moved(state, moved.updated_at, reason=FailureReason.RETRIES_EXHAUSTED)
+            if record.state is _S.FAILED and moved.reason == record.reason:
+                # The same failure again is no news (FAILED -> FAILED moves for a new reason).
+                if message_id not in self._late_ack_possible:
+                    self._forget(message_id)
+                return None
+        else:
             self._late_ack_possible.discard(message_id)
         if self._settled(moved) and message_id not in self._late_ack_possible:
             self._forget(message_id)
@@ -419,8 +425,12 @@ class Tracker(Generic[P]):
     def bounced(self, message_id: str, reason: str) -> list[Event]:
         """An error bounce: the server, the recipient or the room refused the message.
 
-        It fails even after ``acked`` (the server had it, somebody refused it).
+        It fails even after ``acked`` (the server had it, somebody refused it), and a
+        message that already failed without an answer (an attempt timeout, a failed
+        resumption) fails again with the refusal as its reason, so that it is not
+        retried. A late ack of the refused copy does not undo it.
         """
+        self._late_ack_possible.discard(message_id)
         moved = self._move(message_id, _S.FAILED, reason=reason)
         return [moved] if moved is not None else []
 
