@@ -267,6 +267,19 @@ class Tracker(Generic[P]):
             message.via_carbon,
         )
 
+    def copies_gone(self, keep: Iterable[str] = ()) -> None:
+        """The session ended and took the client's copies of withheld messages with it,
+        but for ``keep``: ``withheld`` forgets every other id.
+
+        slixmpp purges its send queue when a session ends with its connection (and
+        drains it through the filter, where :meth:`should_drop` answers, when the link
+        just drops). ``keep`` names what the plugin still holds a copy of: parked in
+        slixmpp for the next session start, held for a room rejoin, or held behind a
+        resend. So ``withheld`` holds at most what failed since the last session ended,
+        instead of every id that ever failed unsent.
+        """
+        self.withheld.intersection_update(keep)
+
     def should_drop(self, message_id: str | None) -> bool:
         """True for a failed message that slixmpp still wants to write from its queue.
 
