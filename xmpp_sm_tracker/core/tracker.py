@@ -537,6 +537,7 @@ class Tracker(Generic[P]):
         """``<enable/>`` went out: count from zero. Leftovers cannot be confirmed any more."""
         left = self.ledger.reset()
         session = self.session
+        reason = self._lost(FailureReason.SESSION_ENDED)
         session.enabled_out = True
         session.resuming = False
         # The old stream is abandoned: until <enabled/> there is nothing to resume.
@@ -545,7 +546,7 @@ class Tracker(Generic[P]):
         session.restored = False
         self._rooms_to_rejoin()
         session.rooms, session.joining = {}, {}  # a new session is in no room yet
-        return self._fate(left, _S.FAILED, reason=FailureReason.SESSION_ENDED)
+        return self._fate(left, _S.FAILED, reason=reason)
 
     def enabled(
         self,
@@ -647,6 +648,7 @@ class Tracker(Generic[P]):
         ``unsent`` names tracked messages that never reached the wire and will not
         any more (the client discarded them, or the user closed the session).
         """
+        reason = self._lost(reason)
         events = self._fate(self.ledger.reset(), _S.FAILED, reason=reason)
         for message_id in unsent:
             record = self.records.get(message_id)
@@ -735,6 +737,13 @@ class Tracker(Generic[P]):
                 events.append(moved)
         self._adopted.clear()
         return events
+
+    def _lost(self, reason: str) -> str:
+        """The reason a stream's in-flight messages fail with when it ends: a stream
+        restored from a saved state and never resumed failed its resumption."""
+        if self.session.restored and reason == FailureReason.SESSION_ENDED:
+            return FailureReason.RESUME_FAILED
+        return reason
 
     def _created_at(self, message_id: str) -> float:
         record = self.records.get(message_id)
