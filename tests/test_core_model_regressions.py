@@ -111,9 +111,7 @@ def test_a_message_failed_by_its_attempt_timeout_stays_failed_when_the_link_drop
 # ---------------------------------------------------------------- 2
 
 
-def test_a_message_resent_while_its_first_copy_is_unacked_is_moved_by_its_new_copy_only() -> (
-    None
-):
+def test_a_message_resent_while_its_first_copy_is_unacked_follows_its_new_copy() -> None:
     # Was: one record, two ledger entries; the first copy's ack settled the resent
     # record (ACKED, a groupchat record stays), then link_lost() raised ACKED ->
     # HIBERNATED (and <resumed/> ACKED -> RESENT).
