@@ -242,3 +242,117 @@ def test_adopted_records_fail_resume_failed_when_the_server_enables_afresh() -> 
     ]
     tracker.copies_gone()
     holds_nothing(tracker)
+
+
+# ---------------------------------------------------------------- found by the model
+
+
+def adopted_record(
+    mid: str, seq: int | None, state: DeliveryState = S.HIBERNATED
+) -> TrackedMessage:
+    return TrackedMessage(
+        id=mid,
+        origin_id=mid,
+        to="bob@example.org",
+        type="chat",
+        body="b",
+        state=state,
+        xml=f"<message id='{mid}'/>",
+        created_at=1.0,
+        updated_at=1.0,
+        seq=seq,
+    )
+
+
+def saved_state(*entries: tuple[int, str]) -> RestoredState:
+    return RestoredState(
+        jid="alice@example.org/r",
+        stream_id="old",
+        location=None,
+        max=None,
+        handled=0,
+        seq=12,
+        last_ack=10,
+        unacked=tuple(RestoredEntry(seq, f"<message id='{mid}'/>", mid) for seq, mid in entries),
+        saved_at=0.0,
+    )
+
+
+def test_an_acked_groupchat_message_leaves_memory_when_the_session_ends() -> None:
+    # Was: an ACKED groupchat record waits in memory for its reflection, and stayed
+    # there for good once the session (and so the room occupancy) ended.
+    tracker = live()
+    send(tracker, "g1", "groupchat")
+    tracker.ack(1)
+    assert tracker.records["g1"].state is S.ACKED  # waiting for the room
+    tracker.link_lost()
+    assert "g1" in tracker.records  # a resumption keeps the rooms: it may still come
+    assert tracker.session_ended() == []  # it stays acked (the server has it) ...
+    holds_nothing(tracker)  # ... and leaves memory
+
+
+def test_an_adopted_record_acked_by_resumed_h_though_its_stored_seq_lags() -> None:
+    # The store had the record's snapshot from before it was counted (seq None, as
+    # counting emits no event), the saved state has its entry: the entry speaks for it.
+    tracker: Tracker[Stanza] = Tracker(clock=Clock())
+    tracker.adopt([adopted_record("a", None, S.SENT)])
+    tracker.restore(saved_state((11, "a")), [Stanza("a")])
+    tracker.resume_sent()
+    events, _ = tracker.resumed(11)
+    assert show(events) == [("stanza:acked", "a"), ("message:acked", "a", None)]
+    holds_nothing(tracker)
+
+
+def test_adopted_records_settle_when_the_session_ends_before_any_stream_started() -> None:
+    # Was: adopted records settle with the first session start; a session that ended
+    # before one (close() while offline) left them in flight for good.
+    tracker: Tracker[Stanza] = Tracker(clock=Clock())
+    tracker.adopt([adopted_record("written", 9), adopted_record("unsent", None, S.SENT)])
+    assert show(tracker.session_ended()) == [
+        ("message:failed", "written", RESUME_FAILED),
+        ("message:failed", "unsent", RESUME_FAILED),
+    ]
+    tracker.copies_gone()
+    holds_nothing(tracker)
+
+
+def test_an_adopted_record_not_in_the_saved_state_is_no_late_ack_candidate() -> None:
+    # Was: its attempt timed out, and as it had a seq it waited in memory for a late
+    # ack that no stream could bring (its entry is not in the restored ledger).
+    tracker: Tracker[Stanza] = Tracker(clock=Clock())
+    tracker.adopt([adopted_record("gone", 9)])
+    tracker.restore(saved_state((11, "other")), [Stanza("other")])
+    assert show(tracker.timed_out("gone")) == [("message:failed", "gone", ACK_TIMEOUT)]
+    assert "gone" not in tracker.records
+    tracker.resume_sent()
+    tracker.resumed(12)
+    holds_nothing(tracker)
+
+
+def test_a_queued_copy_of_a_message_that_settled_meanwhile_is_withheld() -> None:
+    # Was: a resent message was refused (the bounce of its earlier copy) or proven
+    # delivered while its new copy still waited in the client's queue: that copy then
+    # went out, unasked, as a plain stanza.
+    for settle in (
+        lambda t: t.bounced("m1", REFUSED),
+        lambda t: t.delivered("m1"),
+    ):
+        tracker = live()
+        tracker.track(outgoing("m1"), link_up=True)
+        [failed] = tracker.session_ended(unsent=["m1"])
+        tracker.copies_gone()
+        tracker.enable_sent()
+        assert isinstance(failed.payload, TrackedMessage)
+        tracker.resend(failed.payload)  # its new copy waits in the client's queue
+        assert not tracker.should_drop("m1")
+        settle(tracker)
+        assert tracker.should_drop("m1")  # plugin._count_outgoing drops the copy
+        tracker.session_ended()
+        tracker.copies_gone()
+        holds_nothing(tracker)
+    # a left room: its queued message fails and its copy is withheld
+    tracker = live()
+    tracker.joined_room("room@muc.example.org", "me")
+    tracker.track(outgoing("g1", "groupchat"), link_up=True)
+    tracker.left_room("room@muc.example.org", FailureReason.LEFT_ROOM)
+    assert tracker.should_drop("g1")
