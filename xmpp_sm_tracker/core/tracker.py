@@ -545,6 +545,7 @@ class Tracker(Generic[P]):
         session.resumable = False
         session.restored = False
         self._rooms_to_rejoin()
+        self._stop_waiting_for_reflections()
         session.rooms, session.joining = {}, {}  # a new session is in no room yet
         return self._fate(left, _S.FAILED, reason=reason)
 
@@ -756,4 +757,18 @@ class Tracker(Generic[P]):
 
     def _forget_session(self) -> None:
         self._rooms_to_rejoin()
+        self._stop_waiting_for_reflections()
         self.session = SessionFacts()
+
+    def _stop_waiting_for_reflections(self) -> None:
+        """The session's rooms end with it: an acked groupchat message stays ``acked``
+        (the server has it; failing it would invite a duplicate in the room) and leaves
+        memory. A reflection that still comes (the room's history after a rejoin) finds
+        it in the store by its origin-id, as for any record that left memory."""
+        waiting = [
+            message_id
+            for message_id, record in self.records.items()
+            if record.state is _S.ACKED and record.type == "groupchat"
+        ]
+        for message_id in waiting:
+            self._forget(message_id)
