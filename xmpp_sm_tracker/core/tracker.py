@@ -681,6 +681,7 @@ class Tracker(Generic[P]):
             if record.in_flight and record.id not in self.records:
                 self.records[record.id] = record
                 self._adopted.add(record.id)
+        self._align_adopted()
 
     def restore(self, state: RestoredState, payloads: list[P]) -> None:
         """Install a checked saved state; ``payloads`` match ``state.unacked`` one to one."""
@@ -699,6 +700,22 @@ class Tracker(Generic[P]):
         self.ledger = Ledger(seq=state.seq, last_ack=state.last_ack)
         for saved, payload in zip(state.unacked, payloads, strict=True):
             self.ledger.restore(Entry(saved.seq, payload, saved.message_id))
+        self._align_adopted()
+
+    def _align_adopted(self) -> None:
+        """An adopted record carried by the restored ledger takes its entry's seq: the
+        store may hold a snapshot from before the stanza was counted (counting emits no
+        event), and only the record's current copy moves it."""
+        if not self._adopted:
+            return
+        for entry in self.ledger:
+            message_id = entry.message_id
+            if message_id in self._adopted:
+                record = self.records[message_id]
+                if record.seq != entry.seq:
+                    self.records[message_id] = record.moved(
+                        record.state, record.updated_at, seq=entry.seq
+                    )
 
     def export_state(
         self, serialize: Callable[[Entry[P]], str], *, now: float
