@@ -470,7 +470,9 @@ class Tracker(Generic[P]):
         record = self.records.get(message_id)
         if record is None or not record.in_flight:
             return []
-        if record.seq is not None:
+        if record.seq is not None and (
+            message_id not in self._adopted or any(e.message_id == message_id for e in self.ledger)
+        ):
             self._late_ack_possible.add(message_id)  # kept by _move
         moved = self._move(message_id, _S.FAILED, reason=FailureReason.ACK_TIMEOUT)
         if moved is None:
@@ -658,6 +660,7 @@ class Tracker(Generic[P]):
                 if moved is not None:
                     self.withheld.add(message_id)
                     events.append(moved)
+        events += self._settle_adopted()  # no stream of this session can carry them now
         self._forget_session()
         return events
 
@@ -748,11 +751,16 @@ class Tracker(Generic[P]):
         carried = {entry.message_id for entry in self.ledger}
         events: list[Event] = []
         for message_id in sorted(self._adopted, key=self._created_at):
-            if message_id in carried:
+            record = self.records.get(message_id)
+            if message_id in carried or record is None:
                 continue
-            moved = self._move(message_id, _S.FAILED, reason=FailureReason.RESUME_FAILED)
-            if moved is not None:
-                events.append(moved)
+            if record.in_flight:
+                moved = self._move(message_id, _S.FAILED, reason=FailureReason.RESUME_FAILED)
+                if moved is not None:
+                    events.append(moved)
+            elif message_id in self._late_ack_possible:  # no stream carries its copy
+                self._late_ack_possible.discard(message_id)
+                self._forget(message_id)
         self._adopted.clear()
         return events
 
