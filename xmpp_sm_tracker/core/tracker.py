@@ -168,6 +168,10 @@ class Tracker(Generic[P]):
                 return None
         else:
             self._late_ack_possible.discard(message_id)
+        if record.seq is None and record.in_flight and not moved.in_flight:
+            # Its copy still waits in the client's queue (or died with a previous
+            # process): the message is settled, so that copy must not go out by itself.
+            self.withheld.add(message_id)
         if self._settled(moved) and message_id not in self._late_ack_possible:
             self._forget(message_id)
         else:
