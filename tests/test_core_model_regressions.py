@@ -258,8 +258,8 @@ def adopted_record(
         body="b",
         state=state,
         xml=f"<message id='{mid}'/>",
-        created_at=1.0,
-        updated_at=1.0,
+        created_at=created_at,
+        updated_at=created_at,
         seq=seq,
     )
 
@@ -307,7 +307,7 @@ def test_adopted_records_settle_when_the_session_ends_before_any_stream_started(
     # Was: adopted records settle with the first session start; a session that ended
     # before one (close() while offline) left them in flight for good.
     tracker: Tracker[Stanza] = Tracker(clock=Clock())
-    tracker.adopt([adopted_record("written", 9), adopted_record("unsent", None, S.SENT)])
+    tracker.adopt([adopted_record("written", 9), adopted_record("unsent", None, S.SENT, 2.0)])
     assert show(tracker.session_ended()) == [
         ("message:failed", "written", RESUME_FAILED),
         ("message:failed", "unsent", RESUME_FAILED),
