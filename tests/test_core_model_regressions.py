@@ -248,7 +248,7 @@ def test_adopted_records_fail_resume_failed_when_the_server_enables_afresh() -> 
 
 
 def adopted_record(
-    mid: str, seq: int | None, state: DeliveryState = S.HIBERNATED
+    mid: str, seq: int | None, state: DeliveryState = S.HIBERNATED, created_at: float = 1.0
 ) -> TrackedMessage:
     return TrackedMessage(
         id=mid,
