@@ -356,3 +356,27 @@ def test_a_queued_copy_of_a_message_that_settled_meanwhile_is_withheld() -> None
     tracker.track(outgoing("g1", "groupchat"), link_up=True)
     tracker.left_room("room@muc.example.org", FailureReason.LEFT_ROOM)
     assert tracker.should_drop("g1")
+
+
+def test_queued_copies_of_a_message_that_failed_for_good_stay_withheld() -> None:
+    # Was: an explicit resend lifts the withholding of the message, so a copy of an
+    # earlier attempt still queued in the client went out with the resend's; when the
+    # last attempt then timed out with one copy on the wire, the other queued copy was
+    # no longer withheld and went out after the message had failed (retries exhausted).
+    policy = RetryPolicy(max_attempts=2, attempt_timeout=30.0)
+    tracker = live(policy=policy)
+    tracker.track(outgoing("m1"), link_up=True)  # copy 0 waits in slixmpp's queue
+    [failed] = tracker.timed_out("m1")
+    assert tracker.should_drop("m1")
+    assert isinstance(failed.payload, TrackedMessage)
+    tracker.resend(failed.payload)  # copy 1 queued behind copy 0, both may go now
+    assert not tracker.should_drop("m1")
+    tracker.counted(Stanza("copy 0"), "m1", link_up=True)  # the resend's attempt
+    assert show(tracker.timed_out("m1")) == [
+        ("message:failed", "m1", FailureReason.RETRIES_EXHAUSTED)
+    ]
+    assert tracker.should_drop("m1")  # copy 1 must not go out now
+    assert show(tracker.ack(1)) == [("stanza:acked", "copy 0"), ("message:acked", "m1", None)]
+    tracker.session_ended()
+    tracker.copies_gone()
+    holds_nothing(tracker)
