@@ -72,6 +72,9 @@ def send(tracker: Tracker[Stanza], mid: str, kind: str = "chat", copy: str = "")
 
 
 def holds_nothing(tracker: Tracker[Stanza]) -> None:
+    """Once the session is over (plugin._on_session_end), the core holds nothing."""
+    assert [e for e in tracker.session_ended() if e.name.startswith("message:")] == []
+    tracker.copies_gone()
     assert tracker.records == {}
     assert len(tracker.ledger) == 0
     assert tracker.withheld == set()

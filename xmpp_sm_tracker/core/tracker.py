@@ -168,10 +168,13 @@ class Tracker(Generic[P]):
                 return None
         else:
             self._late_ack_possible.discard(message_id)
-        if record.seq is None and record.in_flight and not moved.in_flight:
-            # Its copy still waits in the client's queue (or died with a previous
-            # process): the message is settled, so that copy must not go out by itself.
+        if state is _S.FAILED or (record.seq is None and record.in_flight and not moved.in_flight):
+            # A failed message goes out again only through an explicit resend, and one
+            # that settled while its copy still waits in the client's queue needs that
+            # copy no more: any copy of it that reaches the filter is dropped.
             self.withheld.add(message_id)
+        elif self.withheld and moved.in_flight:
+            self.withheld.discard(message_id)  # resent by the stream (<resumed/>)
         if self._settled(moved) and message_id not in self._late_ack_possible:
             self._forget(message_id)
         else:
@@ -285,10 +288,12 @@ class Tracker(Generic[P]):
         self.withheld.intersection_update(keep)
 
     def should_drop(self, message_id: str | None) -> bool:
-        """True for a failed message that slixmpp still wants to write from its queue.
+        """True for a failed (or otherwise settled) message that slixmpp still wants to
+        write from its queue.
 
         A failed record goes out again only through an explicit resend, which moves
-        it to RESENT first; anything else would be an unasked resend.
+        it to RESENT first; anything else would be an unasked resend. Every message
+        that failed since the last session ended is withheld (:meth:`copies_gone`).
         """
         return message_id is not None and message_id in self.withheld
 
