@@ -383,3 +383,23 @@ def test_queued_copies_of_a_message_that_failed_for_good_stay_withheld() -> None
     tracker.session_ended()
     tracker.copies_gone()
     holds_nothing(tracker)
+
+
+def test_an_explicit_resend_lets_one_copy_out_not_every_copy_still_queued() -> None:
+    # Was: resend() lifted the withholding of the message: every copy of earlier
+    # attempts still queued in the client went out with the new one, and once the
+    # session ended the plugin could no longer tell them apart (it keeps one parked
+    # copy per id), so after copies_gone() an old copy went out after a later failure.
+    tracker = live()
+    tracker.track(outgoing("m1"), link_up=True)  # copy 0 queued
+    [failed] = tracker.timed_out("m1")
+    assert isinstance(failed.payload, TrackedMessage)
+    tracker.resend(failed.payload)  # copy 1 queued behind it
+    # while resuming (or offline) the plugin parks what passes, and asks again later
+    assert not tracker.should_drop("m1")
+    assert not tracker.should_drop("m1")
+    tracker.counted(Stanza("copy 0"), "m1", link_up=True)  # the resend's one copy
+    assert tracker.should_drop("m1")  # copy 1 is dropped
+    assert show(tracker.ack(1)) == [("stanza:acked", "copy 0"), ("message:acked", "m1", None)]
+    assert tracker.should_drop("m1")
+    holds_nothing(tracker)
