@@ -78,6 +78,7 @@ def holds_nothing(tracker: Tracker[Stanza]) -> None:
     assert tracker.records == {}
     assert len(tracker.ledger) == 0
     assert tracker.withheld == set()
+    assert tracker._passes == set()
     assert tracker._late_ack_possible == set()
     assert tracker._adopted == set()
 

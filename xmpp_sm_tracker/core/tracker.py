@@ -105,9 +105,12 @@ class Tracker(Generic[P]):
         self.ledger: Ledger[P] = Ledger()
         #: Tracked messages that can still change, by id.
         self.records: dict[str, TrackedMessage] = {}
-        #: Failed messages that never reached the wire but may still sit in the
-        #: client's queue: they must not go out unless resent explicitly.
+        #: Messages that failed (or settled while a copy still waited) since the last
+        #: session ended: a copy of them that reaches the filter is dropped, but for one
+        #: copy per explicit resend (:meth:`should_drop`, :meth:`copies_gone`).
         self.withheld: set[str] = set()
+        #: Withheld messages resent explicitly: one copy of each may go out.
+        self._passes: set[str] = set()
         #: In-flight records taken over from a previous process, not settled yet.
         self._adopted: set[str] = set()
         #: Failed by their attempt timeout while a copy is still on the wire: kept
@@ -173,8 +176,8 @@ class Tracker(Generic[P]):
             # that settled while its copy still waits in the client's queue needs that
             # copy no more: any copy of it that reaches the filter is dropped.
             self.withheld.add(message_id)
-        elif self.withheld and moved.in_flight:
-            self.withheld.discard(message_id)  # resent by the stream (<resumed/>)
+        if self._passes and not moved.in_flight:
+            self._passes.discard(message_id)  # the resend's attempt is over
         if self._settled(moved) and message_id not in self._late_ack_possible:
             self._forget(message_id)
         else:
@@ -286,16 +289,23 @@ class Tracker(Generic[P]):
         instead of every id that ever failed unsent.
         """
         self.withheld.intersection_update(keep)
+        self._passes.intersection_update(self.withheld)
 
     def should_drop(self, message_id: str | None) -> bool:
         """True for a failed (or otherwise settled) message that slixmpp still wants to
         write from its queue.
 
         A failed record goes out again only through an explicit resend, which moves
-        it to RESENT first; anything else would be an unasked resend. Every message
-        that failed since the last session ended is withheld (:meth:`copies_gone`).
+        it to RESENT first and lets one copy pass (the first one counted): copies of
+        earlier attempts may still be queued, and only one goes out. Anything else
+        would be an unasked resend. Every message that failed since the last session
+        ended is withheld (:meth:`copies_gone`).
         """
-        return message_id is not None and message_id in self.withheld
+        return (
+            message_id is not None
+            and message_id in self.withheld
+            and message_id not in self._passes
+        )
 
     def counted(
         self,
@@ -327,6 +337,8 @@ class Tracker(Generic[P]):
         entry = self.ledger.record(payload, message_id)
         events: list[Event] = []
         if record is not None:
+            if self._passes:
+                self._passes.discard(record.id)  # the one copy its resend lets out
             if xml is not None:
                 entry.serialized = xml
             elif same_as_record:
@@ -367,7 +379,8 @@ class Tracker(Generic[P]):
         """
         if record.state is not _S.FAILED:
             raise ValueError(f"message {record.id} is {record.state.name}, only FAILED is resent")
-        self.withheld.discard(record.id)
+        if record.id in self.withheld:
+            self._passes.add(record.id)  # one copy, whichever the client writes first
         for entry in self.ledger:
             if entry.message_id == record.id:
                 # A copy of an earlier attempt still unacked on the wire: it no longer
