@@ -92,13 +92,14 @@ def test_leaving_a_room_drops_its_held_copies() -> None:
 
 def test_new_messages_wait_behind_a_resend_of_their_conversation() -> None:
     box: Outbox[Copy] = Outbox()
-    assert not box.hold_behind_resend("bob@x", Copy("before"))
+    assert not box.hold_behind_resend("bob@x", "before", Copy("before"))
     box.close_gates(["bob@x"])
     box.close_gates(["bob@x"])  # two resends overlap
     late1, late2 = Copy("a"), Copy("b")
-    assert box.hold_behind_resend("bob@x", late1)
-    assert box.hold_behind_resend("bob@x", late2)
-    assert not box.hold_behind_resend("carol@x", Copy("c"))
+    assert box.hold_behind_resend("bob@x", "a", late1)
+    assert box.hold_behind_resend("bob@x", "b", late2)
+    assert box.held_ids() == {"a", "b"}
+    assert not box.hold_behind_resend("carol@x", "c", Copy("c"))
     assert box.open_gates(["bob@x"]) == []  # one resend still under way
     assert box.resending("bob@x")
     assert box.open_gates(["bob@x"]) == [late1, late2]
@@ -112,6 +113,6 @@ def test_take_all_hands_back_everything_but_doomed_copies() -> None:
     box.parked("d", doomed)
     box.doom("d")
     box.close_gates(["bob@x"])
-    box.hold_behind_resend("bob@x", behind)
+    box.hold_behind_resend("bob@x", "b", behind)
     assert list(box.take_all()) == [held, behind]
     assert box.empty

@@ -297,12 +297,10 @@ def test_the_index_empties_as_everything_settles() -> None:
     tracker.left_room(OTHER, LEFT)
     tracker.link_lost()
     tracker.resume_sent()
-    tracker.resume_failed(None)  # g4 fails (g5 was reflected); g2, g3 stay acked
-    assert set(tracker.reflections) == {"g2", "g3"}
-    assert tracker.find_reflected(ROOM, None, "rewritten", "body of g2") == "g2"
-    tracker.room_received("g2")
-    assert tracker.find_reflected(ROOM, None, "rewritten", "same") == "g3"
-    tracker.room_received("g3")
+    # g4 fails (g5 was reflected); g2 and g3 stay acked and leave memory with the
+    # session (we are in no room any more: only the room's history could reflect them,
+    # and a late reflection finds them in the store by origin-id).
+    tracker.resume_failed(None)
     assert tracker.records == {}
     assert nothing_indexed(tracker)
 

@@ -50,13 +50,14 @@ EXPECTED: dict[tuple[DeliveryState, DeliveryState], Step] = {
     },
     (S.DELIVERED, S.DISPLAYED): M,
     **{(S.DISPLAYED, sig): K for sig in set(S) - {S.SENT}},
-    # "Failed" means "not confirmed": a confirmation upgrades it, a resend restarts it.
+    # "Failed" means "not confirmed": a confirmation upgrades it, a resend restarts it,
+    # a failure with a new reason (a refusal after an attempt timeout) replaces it.
     (S.FAILED, S.RESENT): M,
     (S.FAILED, S.ACKED): M,
     (S.FAILED, S.ROOM_RECEIVED): M,
     (S.FAILED, S.DELIVERED): M,
     (S.FAILED, S.DISPLAYED): M,
-    (S.FAILED, S.FAILED): K,
+    (S.FAILED, S.FAILED): M,
 }
 
 ALL_PAIRS = list(itertools.product(S, S))
@@ -173,6 +174,7 @@ def test_keep_only_for_the_same_or_a_weaker_signal() -> None:
         (S.RESENT, S.HIBERNATED, S.HIBERNATED),
         (S.HIBERNATED, S.HIBERNATED, None),
         (S.ROOM_RECEIVED, S.FAILED, None),
+        (S.FAILED, S.FAILED, S.FAILED),  # a bounce after the attempt timeout: new reason
     ],
 )
 def test_named_examples(

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Callable, Container
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 from slixmpp.plugins.xep_0198 import stanza as sm_stanza
@@ -102,7 +103,7 @@ class Outbound:
         """Keep a new message back while older ones to the same peer are resent."""
         if not self._ctx.config["keep_order"]:
             return False
-        if not self.outbox.hold_behind_resend(record.conversation, message):
+        if not self.outbox.hold_behind_resend(record.conversation, record.id, message):
             return False
         if record.id in self._unwritten:
             self.text_now(record.id)  # it waits: the record needs its text now
@@ -297,6 +298,10 @@ class Outbound:
     def parked_ids(self) -> Container[str]:
         """Tracked messages whose copy waits outside the wire (parked or held)."""
         return self.outbox.waiting_ids()
+
+    def held_ids(self) -> AbstractSet[str]:
+        """Tracked messages whose copy we hold: parked, held for a room or a resend."""
+        return self.outbox.held_ids()
 
     def withhold_parked(self, message_id: str) -> None:
         """A failed message's waiting copy must never go out by itself."""

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Callable, Container
+from collections.abc import Set as AbstractSet
 from typing import Any, Protocol
 
 from slixmpp.jid import JID
@@ -42,6 +43,9 @@ class OutboundView(Protocol):
 
     def withhold_parked(self, message_id: str) -> None:
         """A failed message's copy in slixmpp's queue must never go out by itself."""
+
+    def held_ids(self) -> AbstractSet[str]:
+        """Tracked messages whose copy we hold: parked, held for a room or a resend."""
 
     def wait_for_rejoins(self) -> None:
         """A session is live: messages to the rooms of the ended one wait for a rejoin."""
@@ -329,6 +333,9 @@ class SessionDriver:
         self._ctx.emit(self.core.session_ended(FailureReason.SESSION_ENDED, unsent=unsent))
         for message_id in unsent:
             self._outbound.withhold_parked(message_id)
+        # slixmpp purged its send queue with the session: the core need only remember
+        # the failed messages whose copy we still hold (parked, or held back).
+        self.core.copies_gone(keep=self._outbound.held_ids())
         self.xmpp.features.discard("stream_management")
         self._ctx.state_changed(urgent=True)
 

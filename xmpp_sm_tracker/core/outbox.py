@@ -56,7 +56,7 @@ class Outbox(Generic[P]):
         #: Conversations with resends under way (a count: resends may overlap).
         self._gates: dict[str, int] = {}
         #: New messages held behind those resends, by conversation, oldest first.
-        self._resend_held: dict[str, list[P]] = {}
+        self._resend_held: dict[str, list[tuple[str, P]]] = {}
 
     # ---------------------------------------------------------------- read-only views
 
@@ -74,6 +74,11 @@ class Outbox(Generic[P]):
     def waiting_ids(self) -> frozenset[str]:
         """Tracked messages whose copy waits to go out (parked or held for a room)."""
         return frozenset(self._waiting)
+
+    def held_ids(self) -> frozenset[str]:
+        """Every tracked message whose copy the outbox holds: waiting or behind a resend."""
+        behind = (message_id for held in self._resend_held.values() for message_id, _ in held)
+        return frozenset(self._waiting).union(behind)
 
     def is_waiting(self, message_id: str) -> bool:
         return message_id in self._waiting
@@ -102,14 +107,14 @@ class Outbox(Generic[P]):
                 self._gates[conversation] = left
                 continue
             self._gates.pop(conversation, None)
-            released += self._resend_held.pop(conversation, [])
+            released += [payload for _, payload in self._resend_held.pop(conversation, [])]
         return released
 
-    def hold_behind_resend(self, conversation: str, payload: P) -> bool:
+    def hold_behind_resend(self, conversation: str, message_id: str, payload: P) -> bool:
         """Keep a new message back while older ones to the same peer are resent."""
         if not self._gates or conversation not in self._gates:
             return False  # the usual case, checked first: nothing is being resent
-        self._resend_held.setdefault(conversation, []).append(payload)
+        self._resend_held.setdefault(conversation, []).append((message_id, payload))
         return True
 
     # ---------------------------------------------------------------- parked by the client
@@ -191,7 +196,7 @@ class Outbox(Generic[P]):
         the client sends it, untracked, rather than nobody)."""
         doomed = {id(p) for p in self._doomed.values()}
         held = [p for ps in self._room_held.values() for _, p in ps]
-        held += [p for ps in self._resend_held.values() for p in ps]
+        held += [p for ps in self._resend_held.values() for _, p in ps]
         self._room_held.clear()
         self._resend_held.clear()
         self._gates.clear()

@@ -88,10 +88,12 @@ TRANSITIONS: dict[DeliveryState, dict[DeliveryState, Step]] = {
         _S.HIBERNATED: _K, _S.RESENT: _K, _S.ACKED: _K, _S.ROOM_RECEIVED: _K,
         _S.DELIVERED: _K, _S.DISPLAYED: _K, _S.FAILED: _K,
     },
-    # "Failed" means "not confirmed": a later confirmation upgrades it, a resend restarts it.
+    # "Failed" means "not confirmed": a later confirmation upgrades it, a resend restarts it,
+    # and a failure with a new reason (a refusal after an attempt timeout) replaces the old
+    # one: the tracker reports FAILED -> FAILED only when the reason changes.
     _S.FAILED: {
         _S.RESENT: _M, _S.ACKED: _M, _S.ROOM_RECEIVED: _M, _S.DELIVERED: _M,
-        _S.DISPLAYED: _M, _S.FAILED: _K,
+        _S.DISPLAYED: _M, _S.FAILED: _M,
     },
 }
 # fmt: on

@@ -97,9 +97,12 @@ class Tracker(Generic[P]):
         self.ledger: Ledger[P] = Ledger()
         #: Tracked messages that can still change, by id.
         self.records: dict[str, TrackedMessage] = {}
-        #: Failed messages that never reached the wire but may still sit in the
-        #: client's queue: they must not go out unless resent explicitly.
+        #: Messages that failed (or settled while a copy still waited) since the last
+        #: session ended: a copy of them that reaches the filter is dropped, but for one
+        #: copy per explicit resend (:meth:`should_drop`, :meth:`copies_gone`).
         self.withheld: set[str] = set()
+        #: Withheld messages resent explicitly: one copy of each may go out.
+        self._passes: set[str] = set()
         #: In-flight records taken over from a previous process, not settled yet.
         self._adopted: set[str] = set()
         #: Failed by their attempt timeout while a copy is still on the wire: kept
@@ -160,9 +163,7 @@ class Tracker(Generic[P]):
         state = next_state(record.state, signal)
         if state is None:
             if self._settled(record) and message_id not in self._late_ack_possible:
-                del self.records[message_id]  # a reinstated record goes back out
-                if record.type == "groupchat":
-                    self.reflections.discard(message_id)
+                self._forget(message_id)  # a reinstated record goes back out
             return None
         if state is _S.RESENT and attempts is None:
             attempts = record.attempts + 1
@@ -170,17 +171,38 @@ class Tracker(Generic[P]):
             reason = None
         moved = record.moved(state, self.clock(), attempts=attempts, reason=reason, seq=seq)
         policy = self.retry_policy
-        if state is _S.FAILED and policy is not None and policy.exhausted(moved):
-            moved = moved.moved(state, moved.updated_at, reason=FailureReason.RETRIES_EXHAUSTED)
-        if state is not _S.FAILED:
+        if state is _S.FAILED:
+            if policy is not None and policy.exhausted(moved):
+                moved = moved.moved(state, moved.updated_at, reason=FailureReason.RETRIES_EXHAUSTED)
+            if record.state is _S.FAILED and moved.reason == record.reason:
+                # The same failure again is no news (FAILED -> FAILED moves for a new reason).
+                if message_id not in self._late_ack_possible:
+                    self._forget(message_id)
+                return None
+        else:
             self._late_ack_possible.discard(message_id)
+        if state is _S.FAILED or (record.seq is None and record.in_flight and not moved.in_flight):
+            # A failed message goes out again only through an explicit resend, and one
+            # that settled while its copy still waits in the client's queue needs that
+            # copy no more: any copy of it that reaches the filter is dropped.
+            self.withheld.add(message_id)
+        if self._passes and not moved.in_flight:
+            self._passes.discard(message_id)  # the resend's attempt is over
         if self._settled(moved) and message_id not in self._late_ack_possible:
-            del self.records[message_id]
+            self._forget(message_id)
         else:
             self.records[message_id] = moved
         if record.type == "groupchat" and (state in REFLECTED or message_id not in self.records):
             self.reflections.discard(message_id)  # the room has it, or it left memory
         return Event(MESSAGE_EVENT[state], moved)
+
+    def _forget(self, message_id: str) -> None:
+        """A settled record leaves memory (the store keeps it)."""
+        record = self.records.pop(message_id)
+        if record.type == "groupchat":
+            self.reflections.discard(message_id)
+        if self._adopted:
+            self._adopted.discard(message_id)
 
     @staticmethod
     def _settled(record: TrackedMessage) -> bool:
@@ -198,15 +220,40 @@ class Tracker(Generic[P]):
         """Events for ledger entries that all met the same fate, stanza event first."""
         stanza_event = _STANZA_EVENT[state]
         events: list[Event] = []
-        late = self._late_ack_possible
+        records = self.records
         for entry in entries:
             events.append(Event(stanza_event, entry.payload))
-            if late and state is _S.FAILED:
-                late.discard(entry.message_id)
-            message_event = self._move(entry.message_id, state, reason=reason)
+            message_id = entry.message_id
+            if message_id is None:
+                continue
+            record = records.get(message_id)
+            if record is None or record.seq != entry.seq:
+                continue  # not the copy its record waits on (any more)
+            if not record.in_flight:
+                message_event = self._late_fate(record, state)
+            else:
+                message_event = self._move(message_id, state, reason=reason)
             if message_event is not None:
                 events.append(message_event)
         return events
+
+    def _late_fate(self, record: TrackedMessage, state: DeliveryState) -> Event | None:
+        """The fate of the copy on the wire of a record that is no longer in flight.
+
+        Failed by its attempt timeout, a record stays failed while that copy may still
+        be acked: an ack upgrades it, a drop leaves it failed (never moved backwards),
+        and once the stream gives the copy up nothing can change the record any more.
+        Any other settled record (acked groupchat waiting for the room) keeps its state.
+        """
+        message_id = record.id
+        if record.state is not _S.FAILED or message_id not in self._late_ack_possible:
+            return None
+        if state is _S.ACKED:
+            return self._move(message_id, _S.ACKED)
+        if state is _S.FAILED:
+            self._late_ack_possible.discard(message_id)
+            self._forget(message_id)
+        return None
 
     # ------------------------------------------------------------------ outbound
 
@@ -246,13 +293,35 @@ class Tracker(Generic[P]):
             message.via_carbon,
         )
 
+    def copies_gone(self, keep: Iterable[str] = ()) -> None:
+        """The session ended and took the client's copies of withheld messages with it,
+        but for ``keep``: ``withheld`` forgets every other id.
+
+        slixmpp purges its send queue when a session ends with its connection (and
+        drains it through the filter, where :meth:`should_drop` answers, when the link
+        just drops). ``keep`` names what the plugin still holds a copy of: parked in
+        slixmpp for the next session start, held for a room rejoin, or held behind a
+        resend. So ``withheld`` holds at most what failed since the last session ended,
+        instead of every id that ever failed unsent.
+        """
+        self.withheld.intersection_update(keep)
+        self._passes.intersection_update(self.withheld)
+
     def should_drop(self, message_id: str | None) -> bool:
-        """True for a failed message that slixmpp still wants to write from its queue.
+        """True for a failed (or otherwise settled) message that slixmpp still wants to
+        write from its queue.
 
         A failed record goes out again only through an explicit resend, which moves
-        it to RESENT first; anything else would be an unasked resend.
+        it to RESENT first and lets one copy pass (the first one counted): copies of
+        earlier attempts may still be queued, and only one goes out. Anything else
+        would be an unasked resend. Every message that failed since the last session
+        ended is withheld (:meth:`copies_gone`).
         """
-        return message_id is not None and message_id in self.withheld
+        return (
+            message_id is not None
+            and message_id in self.withheld
+            and message_id not in self._passes
+        )
 
     def counted(
         self,
@@ -284,6 +353,8 @@ class Tracker(Generic[P]):
         entry = self.ledger.record(payload, message_id)
         events: list[Event] = []
         if record is not None:
+            if self._passes:
+                self._passes.discard(record.id)  # the one copy its resend lets out
             if xml is not None:
                 entry.serialized = xml
             elif same_as_record:
@@ -331,7 +402,13 @@ class Tracker(Generic[P]):
         """
         if record.state is not _S.FAILED:
             raise ValueError(f"message {record.id} is {record.state.name}, only FAILED is resent")
-        self.withheld.discard(record.id)
+        if record.id in self.withheld:
+            self._passes.add(record.id)  # one copy, whichever the client writes first
+        for entry in self.ledger:
+            if entry.message_id == record.id:
+                # A copy of an earlier attempt still unacked on the wire: it no longer
+                # speaks for the record (one ledger entry per record, its current copy).
+                entry.message_id = None
         if xml is not None:
             record = replace(record, xml=xml)
         self.records[record.id] = record
@@ -394,8 +471,12 @@ class Tracker(Generic[P]):
     def bounced(self, message_id: str, reason: str) -> list[Event]:
         """An error bounce: the server, the recipient or the room refused the message.
 
-        It fails even after ``acked`` (the server had it, somebody refused it).
+        It fails even after ``acked`` (the server had it, somebody refused it), and a
+        message that already failed without an answer (an attempt timeout, a failed
+        resumption) fails again with the refusal as its reason, so that it is not
+        retried. A late ack of the refused copy does not undo it.
         """
+        self._late_ack_possible.discard(message_id)
         moved = self._move(message_id, _S.FAILED, reason=reason)
         return [moved] if moved is not None else []
 
@@ -422,7 +503,9 @@ class Tracker(Generic[P]):
         record = self.records.get(message_id)
         if record is None or not record.in_flight:
             return []
-        if record.seq is not None:
+        if record.seq is not None and (
+            message_id not in self._adopted or any(e.message_id == message_id for e in self.ledger)
+        ):
             self._late_ack_possible.add(message_id)  # kept by _move
         moved = self._move(message_id, _S.FAILED, reason=FailureReason.ACK_TIMEOUT)
         if moved is None:
@@ -510,12 +593,14 @@ class Tracker(Generic[P]):
         self._sm.handle(SMEvent.ENABLE_SENT)
         left = self.ledger.reset()
         session = self.session
+        reason = self._lost(FailureReason.SESSION_ENDED)
         # The old stream is abandoned: until <enabled/> there is nothing to resume.
         session.sm_id = None
         session.resumable = False
         session.restored = False
         self.rooms.session_ended()  # a new session is in no room yet
-        return self._fate(left, _S.FAILED, reason=FailureReason.SESSION_ENDED)
+        self._stop_waiting_for_reflections()
+        return self._fate(left, _S.FAILED, reason=reason)
 
     def enabled(
         self,
@@ -556,6 +641,16 @@ class Tracker(Generic[P]):
 
         Raises :class:`SMProtocolError` on a bad ``h``; the caller then drops the session.
         """
+        # The copies their records wait on, told apart before the resends are renumbered.
+        records = self.records
+        current = {
+            id(entry)
+            for entry in self.ledger
+            if entry.message_id is not None
+            and (record := records.get(entry.message_id)) is not None
+            and record.seq == entry.seq
+            and (record.in_flight or entry.message_id in self._late_ack_possible)
+        }
         result = self.ledger.resume(h, allow_ahead=self.session.restored)
         self._sm.handle(SMEvent.RESUMED)
         self.session.restored = False
@@ -563,6 +658,8 @@ class Tracker(Generic[P]):
         events = self._fate(result.acked, _S.ACKED)
         for entry in result.resend:
             events.append(Event(STANZA_RESENT, entry.payload))
+            if id(entry) not in current:
+                continue
             moved = self._move(entry.message_id, _S.RESENT, seq=entry.seq)
             if moved is not None:
                 events.append(moved)
@@ -605,6 +702,7 @@ class Tracker(Generic[P]):
         any more (the client discarded them, or the user closed the session).
         """
         self._sm.handle(SMEvent.ENDED)
+        reason = self._lost(reason)
         events = self._fate(self.ledger.reset(), _S.FAILED, reason=reason)
         for message_id in unsent:
             record = self.records.get(message_id)
@@ -613,6 +711,7 @@ class Tracker(Generic[P]):
                 if moved is not None:
                     self.withheld.add(message_id)
                     events.append(moved)
+        events += self._settle_adopted()  # no stream of this session can carry them now
         self._forget_session()
         return events
 
@@ -638,6 +737,7 @@ class Tracker(Generic[P]):
                 self._adopted.add(record.id)
                 if record.type == "groupchat":
                     self.reflections.add(record)
+        self._align_adopted()
 
     def restore(self, state: RestoredState, payloads: list[P]) -> None:
         """Install a checked saved state; ``payloads`` match ``state.unacked`` one to one."""
@@ -657,6 +757,22 @@ class Tracker(Generic[P]):
         self.ledger = Ledger(seq=state.seq, last_ack=state.last_ack)
         for saved, payload in zip(state.unacked, payloads, strict=True):
             self.ledger.restore(Entry(saved.seq, payload, saved.message_id))
+        self._align_adopted()
+
+    def _align_adopted(self) -> None:
+        """An adopted record carried by the restored ledger takes its entry's seq: the
+        store may hold a snapshot from before the stanza was counted (counting emits no
+        event), and only the record's current copy moves it."""
+        if not self._adopted:
+            return
+        for entry in self.ledger:
+            message_id = entry.message_id
+            if message_id in self._adopted:
+                record = self.records[message_id]
+                if record.seq != entry.seq:
+                    self.records[message_id] = record.moved(
+                        record.state, record.updated_at, seq=entry.seq
+                    )
 
     def export_state(
         self, serialize: Callable[[Entry[P]], str], *, now: float
@@ -689,13 +805,25 @@ class Tracker(Generic[P]):
         carried = {entry.message_id for entry in self.ledger}
         events: list[Event] = []
         for message_id in sorted(self._adopted, key=self._created_at):
-            if message_id in carried:
+            record = self.records.get(message_id)
+            if message_id in carried or record is None:
                 continue
-            moved = self._move(message_id, _S.FAILED, reason=FailureReason.RESUME_FAILED)
-            if moved is not None:
-                events.append(moved)
+            if record.in_flight:
+                moved = self._move(message_id, _S.FAILED, reason=FailureReason.RESUME_FAILED)
+                if moved is not None:
+                    events.append(moved)
+            elif message_id in self._late_ack_possible:  # no stream carries its copy
+                self._late_ack_possible.discard(message_id)
+                self._forget(message_id)
         self._adopted.clear()
         return events
+
+    def _lost(self, reason: str) -> str:
+        """The reason a stream's in-flight messages fail with when it ends: a stream
+        restored from a saved state and never resumed failed its resumption."""
+        if self.session.restored and reason == FailureReason.SESSION_ENDED:
+            return FailureReason.RESUME_FAILED
+        return reason
 
     def _created_at(self, message_id: str) -> float:
         record = self.records.get(message_id)
@@ -703,4 +831,18 @@ class Tracker(Generic[P]):
 
     def _forget_session(self) -> None:
         self.rooms.session_ended()  # the app joins its rooms again
+        self._stop_waiting_for_reflections()
         self.session = SessionFacts()
+
+    def _stop_waiting_for_reflections(self) -> None:
+        """The session's rooms end with it: an acked groupchat message stays ``acked``
+        (the server has it; failing it would invite a duplicate in the room) and leaves
+        memory. A reflection that still comes (the room's history after a rejoin) finds
+        it in the store by its origin-id, as for any record that left memory."""
+        waiting = [
+            message_id
+            for message_id, record in self.records.items()
+            if record.state is _S.ACKED and record.type == "groupchat"
+        ]
+        for message_id in waiting:
+            self._forget(message_id)
