@@ -404,3 +404,15 @@ def test_an_explicit_resend_lets_one_copy_out_not_every_copy_still_queued() -> N
     assert show(tracker.ack(1)) == [("stanza:acked", "copy 0"), ("message:acked", "m1", None)]
     assert tracker.should_drop("m1")
     holds_nothing(tracker)
+
+
+def test_adopted_records_passed_as_unsent_fail_resume_failed() -> None:
+    # Was: a process restarted without a saved state (or its session not resumable)
+    # and closed before connecting: plugin._on_session_end passes the adopted records
+    # as unsent, and they failed "session-ended" instead of "resume-failed".
+    tracker: Tracker[Stanza] = Tracker(clock=Clock())
+    tracker.adopt([adopted_record("m1", None, S.SENT)])
+    assert show(tracker.session_ended(unsent=tracker.unsent_ids())) == [
+        ("message:failed", "m1", RESUME_FAILED)
+    ]
+    holds_nothing(tracker)
