@@ -678,7 +678,10 @@ class Tracker(Generic[P]):
         for message_id in unsent:
             record = self.records.get(message_id)
             if record is not None and record.in_flight:
-                moved = self._move(message_id, _S.FAILED, reason=reason)
+                failure = reason
+                if message_id in self._adopted and reason == FailureReason.SESSION_ENDED:
+                    failure = FailureReason.RESUME_FAILED  # a previous process's stream
+                moved = self._move(message_id, _S.FAILED, reason=failure)
                 if moved is not None:
                     self.withheld.add(message_id)
                     events.append(moved)
