@@ -154,6 +154,8 @@ class ProtocolModel(RuleBasedStateMachine):
         self.current: str | None = None
         self.wire: list[Copy] = []
         self.server_got: set[str] = set()
+        #: Messages a restarted process adopted, until the restored stream resumes.
+        self.adopted: set[str] = set()
 
     # ------------------------------------------------------------ helpers
 
@@ -190,6 +192,11 @@ class ProtocolModel(RuleBasedStateMachine):
                 except IllegalTransition as exc:  # pragma: no cover - a failure report
                     raise AssertionError(f"{payload.id}: {exc}; events so far {log}") from exc
                 assert moved is payload.state, (payload.id, previous.state, payload.state, log)
+            if payload.id in self.adopted and not payload.in_flight:
+                # what a restored stream carried fails "resume-failed" when it is not
+                # resumed, never "session-ended" (the contract)
+                assert payload.reason != FailureReason.SESSION_ENDED, (payload.id, log)
+                self.adopted.discard(payload.id)
             self.store[payload.id] = payload
             log.append(f"{event.name}:{payload.reason}" if payload.reason else event.name)
         self.clock.tick()
@@ -551,6 +558,7 @@ class ProtocolModel(RuleBasedStateMachine):
         if restored is not None and restore_first:
             tracker.restore(restored, [Copy.from_xml(e.xml) for e in restored.unacked])
         tracker.adopt(in_flight)
+        self.adopted = {r.id for r in in_flight}
         if restored is not None and not restore_first:
             tracker.restore(restored, [Copy.from_xml(e.xml) for e in restored.unacked])
         # a new process: nothing of the old one's queues or connection is left
@@ -632,6 +640,7 @@ class ProtocolModel(RuleBasedStateMachine):
         for entry in resend:
             assert entry.payload.name not in stream.received  # nothing resent twice
             self.wire.append(entry.payload)
+        self.adopted.clear()  # they settle with the resumed stream from now on
         self.apply(events, acked_on=stream.sid)
         self.current = stream.sid
         self.end_session_on_disconnect = not tracker.session.can_resume
