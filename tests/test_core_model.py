@@ -146,7 +146,9 @@ class ProtocolModel(RuleBasedStateMachine):
         self.end_session_on_disconnect = True
         self.waiting: list[Copy] = []
         self.queued: list[Copy] = []
-        self.parked: dict[str, Copy] = {}
+        #: plugin._parked, by message id: every parked copy (the plugin keeps one per id,
+        #: and loses track of an older copy when a resend parks a new one).
+        self.parked: dict[str, list[Copy]] = {}
         self.withheld_copies: set[Copy] = set()
         self.phase = "down"  # down, resuming, enabling, live
         # the server
@@ -214,13 +216,11 @@ class ProtocolModel(RuleBasedStateMachine):
             return
         self.queued.append(copy)
         if copy.message_id is not None and copy.message_id in self.tracker.records:
-            self.parked[copy.message_id] = copy
+            self.parked.setdefault(copy.message_id, []).append(copy)
 
     def withhold_parked(self, message_id: str) -> None:
         """plugin._withhold_parked."""
-        parked = self.parked.pop(message_id, None)
-        if parked is not None:
-            self.withheld_copies.add(parked)
+        self.withheld_copies.update(self.parked.pop(message_id, ()))
 
     def count_outgoing(self, copy: Copy) -> None:
         """run_filters -> plugin._on_outgoing -> _count_outgoing, then onto the wire."""
@@ -230,8 +230,11 @@ class ProtocolModel(RuleBasedStateMachine):
             return
         message_id = copy.message_id
         if message_id is not None:
-            if self.parked.get(message_id) is copy:
-                del self.parked[message_id]
+            parked = self.parked.get(message_id, [])
+            if copy in parked:
+                parked.remove(copy)
+                if not parked:
+                    del self.parked[message_id]
             if tracker.should_drop(message_id):
                 assert self.withholdable(message_id), self.log[message_id]
                 return
