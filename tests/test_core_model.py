@@ -724,7 +724,9 @@ class ProtocolModel(RuleBasedStateMachine):
         before = self.store[message_id]
         self.late_signal(message_id, lambda mid: self.tracker.bounced(mid, reason))
         after = self.store[message_id]
-        if before.state in (S.SENT, S.HIBERNATED, S.RESENT, S.ACKED, S.FAILED):
+        if before.state is S.FAILED and not before.retryable:
+            assert after == before, (message_id, self.log[message_id])  # it stands
+        elif before.state in (S.SENT, S.HIBERNATED, S.RESENT, S.ACKED, S.FAILED):
             # the refusal reaches the app: failed with the bounce's reason
             assert after.state is S.FAILED, (message_id, self.log[message_id])
             assert after.reason in (reason, FailureReason.RETRIES_EXHAUSTED), (

@@ -159,6 +159,7 @@ def test_a_bounce_after_the_attempt_timeout_reaches_the_app_and_is_not_retried()
     assert isinstance(refused, TrackedMessage)
     assert not refused.retryable and not policy.should_retry(refused)
     # a refusal is final: the late ack of the copy does not turn it into "acked"
+    assert tracker.bounced("m1", WAIT) == []
     assert show(tracker.ack(1)) == [("stanza:acked", "m1")]
     holds_nothing(tracker)
 
@@ -172,6 +173,7 @@ def test_a_bounce_for_a_failed_message_fetched_from_the_store_updates_its_reason
     assert show(tracker.bounced("m1", REFUSED)) == [("message:failed", "m1", REFUSED)]
     tracker.reinstate(failed.payload.moved(S.FAILED, 2000.0, reason=REFUSED))
     assert tracker.bounced("m1", REFUSED) == []  # the same refusal again: no news
+    assert tracker.bounced("m1", WAIT) == []  # nor another one after a refusal
     tracker.copies_gone()
     holds_nothing(tracker)
 
