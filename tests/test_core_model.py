@@ -147,7 +147,9 @@ class ProtocolModel(RuleBasedStateMachine):
         self.end_session_on_disconnect = True
         self.waiting: list[Copy] = []
         self.queued: list[Copy] = []
-        self.parked: dict[str, Copy] = {}
+        #: plugin._parked, by message id: every parked copy (the plugin keeps one per id,
+        #: and loses track of an older copy when a resend parks a new one).
+        self.parked: dict[str, list[Copy]] = {}
         self.withheld_copies: set[Copy] = set()
         self.phase = "down"  # down, resuming, enabling, live
         # the server
@@ -155,6 +157,8 @@ class ProtocolModel(RuleBasedStateMachine):
         self.current: str | None = None
         self.wire: list[Copy] = []
         self.server_got: set[str] = set()
+        #: Messages a restarted process adopted, until the restored stream resumes.
+        self.adopted: set[str] = set()
 
     # ------------------------------------------------------------ helpers
 
@@ -191,6 +195,11 @@ class ProtocolModel(RuleBasedStateMachine):
                 except IllegalTransition as exc:  # pragma: no cover - a failure report
                     raise AssertionError(f"{payload.id}: {exc}; events so far {log}") from exc
                 assert moved is payload.state, (payload.id, previous.state, payload.state, log)
+            if payload.id in self.adopted and not payload.in_flight:
+                # what a restored stream carried fails "resume-failed" when it is not
+                # resumed, never "session-ended" (the contract)
+                assert payload.reason != FailureReason.SESSION_ENDED, (payload.id, log)
+                self.adopted.discard(payload.id)
             self.store[payload.id] = payload
             log.append(f"{event.name}:{payload.reason}" if payload.reason else event.name)
         self.clock.tick()
@@ -208,13 +217,11 @@ class ProtocolModel(RuleBasedStateMachine):
             return
         self.queued.append(copy)
         if copy.message_id is not None and copy.message_id in self.tracker.records:
-            self.parked[copy.message_id] = copy
+            self.parked.setdefault(copy.message_id, []).append(copy)
 
     def withhold_parked(self, message_id: str) -> None:
         """plugin._withhold_parked."""
-        parked = self.parked.pop(message_id, None)
-        if parked is not None:
-            self.withheld_copies.add(parked)
+        self.withheld_copies.update(self.parked.pop(message_id, ()))
 
     def count_outgoing(self, copy: Copy) -> None:
         """run_filters -> plugin._on_outgoing -> _count_outgoing, then onto the wire."""
@@ -224,8 +231,11 @@ class ProtocolModel(RuleBasedStateMachine):
             return
         message_id = copy.message_id
         if message_id is not None:
-            if self.parked.get(message_id) is copy:
-                del self.parked[message_id]
+            parked = self.parked.get(message_id, [])
+            if copy in parked:
+                parked.remove(copy)
+                if not parked:
+                    del self.parked[message_id]
             if tracker.should_drop(message_id):
                 assert self.withholdable(message_id), self.log[message_id]
                 return
@@ -552,6 +562,7 @@ class ProtocolModel(RuleBasedStateMachine):
         if restored is not None and restore_first:
             tracker.restore(restored, [Copy.from_xml(e.xml) for e in restored.unacked])
         tracker.adopt(in_flight)
+        self.adopted = {r.id for r in in_flight}
         if restored is not None and not restore_first:
             tracker.restore(restored, [Copy.from_xml(e.xml) for e in restored.unacked])
         # a new process: nothing of the old one's queues or connection is left
@@ -633,6 +644,7 @@ class ProtocolModel(RuleBasedStateMachine):
         for entry in resend:
             assert entry.payload.name not in stream.received  # nothing resent twice
             self.wire.append(entry.payload)
+        self.adopted.clear()  # they settle with the resumed stream from now on
         self.apply(events, acked_on=stream.sid)
         self.current = stream.sid
         self.end_session_on_disconnect = not tracker.session.can_resume
@@ -713,7 +725,9 @@ class ProtocolModel(RuleBasedStateMachine):
         before = self.store[message_id]
         self.late_signal(message_id, lambda mid: self.tracker.bounced(mid, reason))
         after = self.store[message_id]
-        if before.state in (S.SENT, S.HIBERNATED, S.RESENT, S.ACKED, S.FAILED):
+        if before.state is S.FAILED and not before.retryable:
+            assert after == before, (message_id, self.log[message_id])  # it stands
+        elif before.state in (S.SENT, S.HIBERNATED, S.RESENT, S.ACKED, S.FAILED):
             # the refusal reaches the app: failed with the bounce's reason
             assert after.state is S.FAILED, (message_id, self.log[message_id])
             assert after.reason in (reason, FailureReason.RETRIES_EXHAUSTED), (

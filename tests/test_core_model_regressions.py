@@ -160,6 +160,7 @@ def test_a_bounce_after_the_attempt_timeout_reaches_the_app_and_is_not_retried()
     assert isinstance(refused, TrackedMessage)
     assert not refused.retryable and not policy.should_retry(refused)
     # a refusal is final: the late ack of the copy does not turn it into "acked"
+    assert tracker.bounced("m1", WAIT) == []
     assert show(tracker.ack(1)) == [("stanza:acked", "m1")]
     holds_nothing(tracker)
 
@@ -173,6 +174,7 @@ def test_a_bounce_for_a_failed_message_fetched_from_the_store_updates_its_reason
     assert show(tracker.bounced("m1", REFUSED)) == [("message:failed", "m1", REFUSED)]
     tracker.reinstate(failed.payload.moved(S.FAILED, 2000.0, reason=REFUSED))
     assert tracker.bounced("m1", REFUSED) == []  # the same refusal again: no news
+    assert tracker.bounced("m1", WAIT) == []  # nor another one after a refusal
     tracker.copies_gone()
     holds_nothing(tracker)
 
@@ -404,6 +406,18 @@ def test_an_explicit_resend_lets_one_copy_out_not_every_copy_still_queued() -> N
     assert tracker.should_drop("m1")  # copy 1 is dropped
     assert show(tracker.ack(1)) == [("stanza:acked", "copy 0"), ("message:acked", "m1", None)]
     assert tracker.should_drop("m1")
+    holds_nothing(tracker)
+
+
+def test_adopted_records_passed_as_unsent_fail_resume_failed() -> None:
+    # Was: a process restarted without a saved state (or its session not resumable)
+    # and closed before connecting: plugin._on_session_end passes the adopted records
+    # as unsent, and they failed "session-ended" instead of "resume-failed".
+    tracker: Tracker[Stanza] = Tracker(clock=Clock())
+    tracker.adopt([adopted_record("m1", None, S.SENT)])
+    assert show(tracker.session_ended(unsent=tracker.unsent_ids())) == [
+        ("message:failed", "m1", RESUME_FAILED)
+    ]
     holds_nothing(tracker)
 
 

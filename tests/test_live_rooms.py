@@ -189,13 +189,14 @@ async def test_being_kicked_fails_messages_the_room_never_reflected(
     await bob.xmpp.plugin["xep_0045"].set_role(slixmpp.JID(room), "Alice", "none")
     proxy.heal()
 
-    await wait_for(lambda: alice.log.count("message:failed") >= 1)
-    # The kick (307) fails it removed-from-room; the room's bounce of a non-occupant's
-    # message (not-acceptable), before or after, is the room's own answer and fails it
-    # with that reason (a refusal is never retried).
-    await wait_for(lambda: alice.records[message_id].reason != "removed-from-room", timeout=2)
+    await wait_for(lambda: alice.log.count("message:failed") == 1)
     record = alice.records[message_id]
-    assert record.reason.startswith(("cancel:", "modify:", "auth:")), record.reason
+    # Either the kick (307) arrives first, or the room bounces the message of a non-occupant.
+    assert record.reason == "removed-from-room" or record.reason.startswith(
+        ("cancel:", "modify:", "auth:")
+    ), record.reason
+    await asyncio.sleep(0.3)  # the room's bounce, if it comes after the kick, adds nothing
+    assert alice.log.count("message:failed") == 1
     assert not record.retryable
     assert alice.log.count("message:room_received") == 0
 

@@ -89,8 +89,8 @@ TRANSITIONS: dict[DeliveryState, dict[DeliveryState, Step]] = {
         _S.DELIVERED: _K, _S.DISPLAYED: _K, _S.FAILED: _K,
     },
     # "Failed" means "not confirmed": a later confirmation upgrades it, a resend restarts it,
-    # and a failure with a new reason (a refusal after an attempt timeout) replaces the old
-    # one: the tracker reports FAILED -> FAILED only when the reason changes.
+    # and a refusal after a failure without an answer (an attempt timeout) replaces it: the
+    # tracker reports FAILED -> FAILED only when a retryable reason gets a new one.
     _S.FAILED: {
         _S.RESENT: _M, _S.ACKED: _M, _S.ROOM_RECEIVED: _M, _S.DELIVERED: _M,
         _S.DISPLAYED: _M, _S.FAILED: _M,

@@ -174,8 +174,11 @@ class Tracker(Generic[P]):
         if state is _S.FAILED:
             if policy is not None and policy.exhausted(moved):
                 moved = moved.moved(state, moved.updated_at, reason=FailureReason.RETRIES_EXHAUSTED)
-            if record.state is _S.FAILED and moved.reason == record.reason:
-                # The same failure again is no news (FAILED -> FAILED moves for a new reason).
+            if record.state is _S.FAILED and (
+                moved.reason == record.reason or not record.retryable
+            ):
+                # FAILED -> FAILED moves only when a failure without an answer (retryable)
+                # gets one: the same failure again, or after a refusal, is no news.
                 if message_id not in self._late_ack_possible:
                     self._forget(message_id)
                 return None
@@ -473,8 +476,8 @@ class Tracker(Generic[P]):
 
         It fails even after ``acked`` (the server had it, somebody refused it), and a
         message that already failed without an answer (an attempt timeout, a failed
-        resumption) fails again with the refusal as its reason, so that it is not
-        retried. A late ack of the refused copy does not undo it.
+        resumption: a retryable reason) fails again with the refusal as its reason, so
+        that it is not retried. A late ack of the refused copy does not undo it.
         """
         self._late_ack_possible.discard(message_id)
         moved = self._move(message_id, _S.FAILED, reason=reason)
@@ -707,7 +710,10 @@ class Tracker(Generic[P]):
         for message_id in unsent:
             record = self.records.get(message_id)
             if record is not None and record.in_flight:
-                moved = self._move(message_id, _S.FAILED, reason=reason)
+                failure = reason
+                if message_id in self._adopted and reason == FailureReason.SESSION_ENDED:
+                    failure = FailureReason.RESUME_FAILED  # a previous process's stream
+                moved = self._move(message_id, _S.FAILED, reason=failure)
                 if moved is not None:
                     self.withheld.add(message_id)
                     events.append(moved)
