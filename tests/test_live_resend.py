@@ -205,6 +205,36 @@ async def test_an_ack_after_the_attempt_timeout_settles_the_message_without_a_re
         assert bob.received.counts["slow but there"] == 1
 
 
+async def test_a_link_drop_after_attempt_timeouts_comes_back_and_delivers_each_once(
+    server: ProsodyServer, parties: Any
+) -> None:
+    # Was (found by the protocol model): an attempt timeout failed messages whose copies
+    # were on the wire; the link then dropped and link_lost raised IllegalTransition
+    # (FAILED -> HIBERNATED) inside the disconnect handler: the other unacked messages
+    # were left half-moved and no reconnect was scheduled, though auto_reconnect is on.
+    policy = RetryPolicy(max_attempts=5, delay=0.3, attempt_timeout=0.5)
+    bodies = [f"stalled {i}" for i in range(5)]
+    async with FaultProxy(server.host, server.c2s_port) as proxy:
+        bob = await parties("bob", server.address)
+        alice = await parties("alice", proxy.address, retry_policy=policy, ack_timeout=60.0)
+        proxy.stall()
+        ids = [alice.send("bob@localhost", body) for body in bodies]
+        await wait_for(lambda: alice.log.count("message:failed") == len(ids), timeout=10)
+        assert {alice.records[i].reason for i in ids} == {"ack-timeout"}
+        proxy.cut()
+        await wait_for(lambda: not alice.tracker.session_live, timeout=10)
+        proxy.heal()
+
+        # back by itself, every message acked, each received once
+        await wait_for(
+            lambda: all(alice.records[i].state is DeliveryState.ACKED for i in ids), timeout=30
+        )
+        assert alice.tracker.managed
+        await wait_for(lambda: all(bob.received.counts[body] >= 1 for body in bodies))
+        await asyncio.sleep(1.0)  # past the retry delay: nothing goes out twice
+        assert [bob.received.counts[body] for body in bodies] == [1] * len(bodies)
+
+
 async def test_a_cancel_bounce_is_never_retried(server: ProsodyServer, parties: Any) -> None:
     policy = RetryPolicy(max_attempts=5, delay=0.05)
     alice = await parties("alice", server.address, retry_policy=policy)
