@@ -87,6 +87,37 @@ def holds_nothing(tracker: Tracker[Stanza]) -> None:
 # ---------------------------------------------------------------- 1
 
 
+def adopted_record(
+    mid: str, seq: int | None, state: DeliveryState = S.HIBERNATED, created_at: float = 1.0
+) -> TrackedMessage:
+    return TrackedMessage(
+        id=mid,
+        origin_id=mid,
+        to="bob@example.org",
+        type="chat",
+        body="b",
+        state=state,
+        xml=f"<message id='{mid}'/>",
+        created_at=created_at,
+        updated_at=created_at,
+        seq=seq,
+    )
+
+
+def saved_state(*entries: tuple[int, str], last_ack: int = 10) -> RestoredState:
+    return RestoredState(
+        jid="alice@example.org/r",
+        stream_id="old",
+        location=None,
+        max=None,
+        handled=0,
+        seq=12,
+        last_ack=last_ack,
+        unacked=tuple(RestoredEntry(seq, f"<message id='{mid}'/>", mid) for seq, mid in entries),
+        saved_at=0.0,
+    )
+
+
 def test_a_message_failed_by_its_attempt_timeout_stays_failed_when_the_link_drops() -> None:
     # Was: IllegalTransition FAILED -> HIBERNATED raised inside link_lost(), with m2
     # (after m1 in the ledger) left unhibernated.
@@ -209,36 +240,13 @@ def test_adopted_records_fail_resume_failed_when_the_server_enables_afresh() -> 
     # Was: enable_sent() failed the restored ledger's entries with "session-ended",
     # so an adopted record it carried failed "session-ended" instead of "resume-failed".
     tracker: Tracker[Stanza] = Tracker(clock=Clock())
-    adopted = [
-        TrackedMessage(
-            id=mid,
-            origin_id=mid,
-            to="bob@example.org",
-            type="chat",
-            body="b",
-            state=S.HIBERNATED,
-            xml=f"<message id='{mid}'/>",
-            created_at=created,
-            updated_at=created,
-            seq=seq,
-        )
-        for mid, seq, created in (("carried", 12, 1.0), ("queued", None, 2.0))
-    ]
-    tracker.adopt(adopted)
-    tracker.restore(
-        RestoredState(
-            jid="alice@example.org/r",
-            stream_id="old",
-            location=None,
-            max=None,
-            handled=0,
-            seq=12,
-            last_ack=11,
-            unacked=(RestoredEntry(12, "<message id='carried'/>", "carried"),),
-            saved_at=0.0,
-        ),
-        [Stanza("carried")],
+    tracker.adopt(
+        [
+            adopted_record("carried", 12, created_at=1.0),
+            adopted_record("queued", None, created_at=2.0),
+        ]
     )
+    tracker.restore(saved_state((12, "carried"), last_ack=11), [Stanza("carried")])
     events = _send_enable(tracker) + tracker.enabled(
         "new", resumable=True, location=None, max=None, jid="alice@example.org/r"
     )
@@ -252,37 +260,6 @@ def test_adopted_records_fail_resume_failed_when_the_server_enables_afresh() -> 
 
 
 # ---------------------------------------------------------------- found by the model
-
-
-def adopted_record(
-    mid: str, seq: int | None, state: DeliveryState = S.HIBERNATED, created_at: float = 1.0
-) -> TrackedMessage:
-    return TrackedMessage(
-        id=mid,
-        origin_id=mid,
-        to="bob@example.org",
-        type="chat",
-        body="b",
-        state=state,
-        xml=f"<message id='{mid}'/>",
-        created_at=created_at,
-        updated_at=created_at,
-        seq=seq,
-    )
-
-
-def saved_state(*entries: tuple[int, str]) -> RestoredState:
-    return RestoredState(
-        jid="alice@example.org/r",
-        stream_id="old",
-        location=None,
-        max=None,
-        handled=0,
-        seq=12,
-        last_ack=10,
-        unacked=tuple(RestoredEntry(seq, f"<message id='{mid}'/>", mid) for seq, mid in entries),
-        saved_at=0.0,
-    )
 
 
 def test_an_acked_groupchat_message_leaves_memory_when_the_session_ends() -> None:

@@ -116,3 +116,50 @@ def test_take_all_hands_back_everything_but_doomed_copies() -> None:
     box.hold_behind_resend("bob@x", "b", behind)
     assert list(box.take_all()) == [held, behind]
     assert box.empty
+
+
+def test_every_parked_copy_of_a_message_is_doomed() -> None:
+    # A message resent while offline is parked twice; both copies must be caught when
+    # it fails (one dict entry per id lost the older copy, which then went out).
+    box: Outbox[Copy] = Outbox()
+    first, again = Copy("first"), Copy("again")
+    box.parked("m", first)
+    box.parked("m", again)
+    box.doom("m")
+    assert box.verdict(again, "m", tracked=True, counting=True) is Verdict.DROP
+    assert box.verdict(first, "m", tracked=True, counting=True) is Verdict.DROP
+    assert box.empty
+
+
+def test_a_session_start_hands_parked_copies_to_the_client_but_keeps_room_holds() -> None:
+    # slixmpp moves what it parked into its send queue at the session start; if that
+    # queue is purged with the session, those messages are unsent, not "parked".
+    box: Outbox[Copy] = Outbox()
+    parked, held = Copy("p"), Copy("h")
+    box.parked("p", parked)
+    box.verdict(held, "h", tracked=True, room="r@muc", rooms_waited_for={"r@muc"})
+    box.session_started()
+    assert box.waiting_ids() == {"h"}
+    assert box.release_room("r@muc") == [held]
+
+
+def test_a_doomed_copy_is_still_dropped_after_the_session_start_moved_it() -> None:
+    # Found by the live suite: slixmpp re-queues what it parked at the next session
+    # start; a failed message's copy must still be dropped when it surfaces there.
+    box: Outbox[Copy] = Outbox()
+    old = Copy("old")
+    box.parked("m", old)
+    box.doom("m")
+    box.session_started()
+    assert box.held_ids() == {"m"}  # the core keeps the id withheld meanwhile
+    assert box.verdict(old, "m", tracked=True, counting=True) is Verdict.DROP
+    assert box.empty
+
+
+def test_doomed_copies_purged_with_the_send_queue_are_forgotten() -> None:
+    box: Outbox[Copy] = Outbox()
+    box.parked("m", Copy("old"))
+    box.doom("m")
+    box.session_started()
+    box.session_ended()  # the queue (and the copy in it) is gone
+    assert box.empty and box.held_ids() == frozenset()

@@ -299,6 +299,14 @@ class Outbound:
         """Tracked messages whose copy waits outside the wire (parked or held)."""
         return self.outbox.waiting_ids()
 
+    def session_started(self) -> None:
+        """slixmpp moved what it parked into its send queue: only room holds still wait."""
+        self.outbox.session_started()
+
+    def session_ended(self) -> None:
+        """slixmpp purged its send queue: doomed copies that were in it are gone."""
+        self.outbox.session_ended()
+
     def held_ids(self) -> AbstractSet[str]:
         """Tracked messages whose copy we hold: parked, held for a room or a resend."""
         return self.outbox.held_ids()

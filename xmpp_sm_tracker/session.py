@@ -53,6 +53,12 @@ class OutboundView(Protocol):
     def cancel_rejoin_wait(self) -> None:
         """The link dropped: the wait starts again with the next session."""
 
+    def session_started(self) -> None:
+        """slixmpp moved what it parked into its send queue (a session started)."""
+
+    def session_ended(self) -> None:
+        """slixmpp purged its send queue (the session ended)."""
+
 
 class SessionDriver:
     """Negotiates stream management, follows the connection, and reconnects."""
@@ -282,6 +288,7 @@ class SessionDriver:
 
     def on_session_live(self, _event: Any) -> None:
         self._ctx.link.handle(LinkEvent.SESSION_STARTED)
+        self._outbound.session_started()
         if self.core.counting_out:
             self._acks.clock.heard(self._ctx.now)  # the keepalive counts from here
             self._acks.arm()
@@ -335,6 +342,7 @@ class SessionDriver:
             self._outbound.withhold_parked(message_id)
         # slixmpp purged its send queue with the session: the core need only remember
         # the failed messages whose copy we still hold (parked, or held back).
+        self._outbound.session_ended()
         self.core.copies_gone(keep=self._outbound.held_ids())
         self.xmpp.features.discard("stream_management")
         self._ctx.state_changed(urgent=True)

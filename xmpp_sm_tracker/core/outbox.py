@@ -43,14 +43,18 @@ class Verdict(Enum):
 class Outbox(Generic[P]):
     """Outgoing stanzas held back, and the verdict for each one about to be written."""
 
-    __slots__ = ("_doomed", "_gates", "_resend_held", "_room_held", "_waiting")
+    __slots__ = ("_doomed", "_doomed_queued", "_gates", "_resend_held", "_room_held", "_waiting")
 
     def __init__(self) -> None:
-        #: Tracked messages whose copy waits outside the wire: parked by the client
-        #: until the session starts, or held for a room. By id.
-        self._waiting: dict[str, P] = {}
+        #: Tracked messages whose copies wait outside the wire: parked by the client
+        #: until the session starts, or held for a room. By id, every copy (a message
+        #: resent while offline is parked twice).
+        self._waiting: dict[str, list[P]] = {}
         #: Waiting copies of messages that failed meanwhile: dropped when they surface.
-        self._doomed: dict[str, P] = {}
+        self._doomed: dict[str, list[P]] = {}
+        #: Doomed copies the client moved into its send queue at a session start: they
+        #: surface in this session, or the queue is purged when it ends.
+        self._doomed_queued: dict[str, list[P]] = {}
         #: Messages held for a room rejoin, by room, oldest first, with their ids.
         self._room_held: dict[str, list[tuple[str, P]]] = {}
         #: Conversations with resends under way (a count: resends may overlap).
@@ -62,14 +66,14 @@ class Outbox(Generic[P]):
 
     def __len__(self) -> int:
         """How many payloads the outbox holds (a room-held one is also waiting)."""
-        return len(self._waiting) + len(self._doomed) + sum(map(len, self._resend_held.values()))
+        kinds = (self._waiting, self._doomed, self._doomed_queued, self._resend_held)
+        return sum(len(copies) for kind in kinds for copies in kind.values())
 
     @property
     def empty(self) -> bool:
         """Nothing held, nothing waiting, no resend under way."""
-        return not (self._waiting or self._doomed or self._room_held or self._gates) and not any(
-            self._resend_held.values()
-        )
+        held = self._waiting or self._doomed or self._doomed_queued or self._room_held
+        return not (held or self._gates) and not any(self._resend_held.values())
 
     def waiting_ids(self) -> frozenset[str]:
         """Tracked messages whose copy waits to go out (parked or held for a room)."""
@@ -78,7 +82,7 @@ class Outbox(Generic[P]):
     def held_ids(self) -> frozenset[str]:
         """Every tracked message whose copy the outbox holds: waiting or behind a resend."""
         behind = (message_id for held in self._resend_held.values() for message_id, _ in held)
-        return frozenset(self._waiting).union(behind)
+        return frozenset(self._waiting).union(self._doomed, self._doomed_queued, behind)
 
     def is_waiting(self, message_id: str) -> bool:
         return message_id in self._waiting
@@ -121,17 +125,39 @@ class Outbox(Generic[P]):
 
     def parked(self, message_id: str, payload: P) -> None:
         """The client holds this tracked message until the next session start."""
-        self._waiting[message_id] = payload
+        self._waiting.setdefault(message_id, []).append(payload)
 
     def doom(self, message_id: str) -> None:
-        """The message failed: its waiting copy, if any, must never go out by itself."""
-        payload = self._waiting.pop(message_id, None)
-        if payload is not None:
-            self._doomed[message_id] = payload
+        """The message failed: its waiting copies must never go out by themselves."""
+        copies = self._waiting.pop(message_id, None)
+        if copies:
+            self._doomed.setdefault(message_id, []).extend(copies)
 
-    def forget_doomed(self) -> None:
-        """The client dropped what it held (a new stream): no doomed copy can surface."""
-        self._doomed.clear()
+    def session_started(self) -> None:
+        """The client moved what it parked into its send queue: those copies are the
+        queue's now (the filter sees them, or the queue is purged with the session),
+        and only copies held for a room still wait here."""
+        held = {id(p) for copies in self._room_held.values() for _, p in copies}
+        for message_id in list(self._waiting):
+            kept = [p for p in self._waiting[message_id] if id(p) in held]
+            if kept:
+                self._waiting[message_id] = kept
+            else:
+                del self._waiting[message_id]
+        for message_id in list(self._doomed):
+            queued = [p for p in self._doomed[message_id] if id(p) not in held]
+            if queued:
+                self._doomed_queued.setdefault(message_id, []).extend(queued)
+                left = [p for p in self._doomed[message_id] if id(p) in held]
+                if left:
+                    self._doomed[message_id] = left
+                else:
+                    del self._doomed[message_id]
+
+    def session_ended(self) -> None:
+        """The client purged its send queue with the session: doomed copies that were in
+        it cannot surface any more (those it still parks can, at the next start)."""
+        self._doomed_queued.clear()
 
     # ---------------------------------------------------------------- at write time
 
@@ -159,18 +185,19 @@ class Outbox(Generic[P]):
         ``counting``: stream management counts what we write.
         """
         if message_id is not None:
-            if self._doomed.get(message_id) is payload:
-                del self._doomed[message_id]
+            if self._doomed and _take(self._doomed, message_id, payload):
                 return Verdict.DROP
-            if self._waiting.get(message_id) is payload:
-                del self._waiting[message_id]
+            if self._doomed_queued and _take(self._doomed_queued, message_id, payload):
+                return Verdict.DROP
+            if self._waiting:
+                _take(self._waiting, message_id, payload)
             if withheld:
                 return Verdict.DROP
         if resuming or (tracked and link_down):
             return Verdict.PARK
         if tracked and message_id is not None and room is not None and room in rooms_waited_for:
             self._room_held.setdefault(room, []).append((message_id, payload))
-            self._waiting[message_id] = payload  # it goes out later, like a parked one
+            self.parked(message_id, payload)  # it goes out later, like a parked one
             return Verdict.HOLD_FOR_ROOM
         return Verdict.COUNT if counting else Verdict.WRITE
 
@@ -185,16 +212,19 @@ class Outbox(Generic[P]):
         """We left ``room`` for good: its held messages failed with it and their copies
         are gone (an explicit resend sends them again)."""
         for message_id, payload in self._room_held.pop(room, []):
-            for where in (self._waiting, self._doomed):
-                if where.get(message_id) is payload:
-                    del where[message_id]
+            _take(self._waiting, message_id, payload) or _take(self._doomed, message_id, payload)
 
     # ---------------------------------------------------------------- the end
 
     def take_all(self) -> Iterator[P]:
         """Everything held back that is not doomed, oldest first per kind (plugin_end:
         the client sends it, untracked, rather than nobody)."""
-        doomed = {id(p) for p in self._doomed.values()}
+        doomed = {
+            id(p)
+            for kind in (self._doomed, self._doomed_queued)
+            for ps in kind.values()
+            for p in ps
+        }
         held = [p for ps in self._room_held.values() for _, p in ps]
         held += [p for ps in self._resend_held.values() for _, p in ps]
         self._room_held.clear()
@@ -202,4 +232,19 @@ class Outbox(Generic[P]):
         self._gates.clear()
         self._waiting.clear()
         self._doomed.clear()
+        self._doomed_queued.clear()
         return (p for p in held if id(p) not in doomed)
+
+
+def _take(where: dict[str, list[P]], message_id: str, payload: P) -> bool:
+    """Remove this very copy (by identity) from ``where``; True when it was there."""
+    copies = where.get(message_id)
+    if not copies:
+        return False
+    for index, copy in enumerate(copies):
+        if copy is payload:
+            del copies[index]
+            if not copies:
+                del where[message_id]
+            return True
+    return False
