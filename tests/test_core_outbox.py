@@ -163,3 +163,19 @@ def test_doomed_copies_purged_with_the_send_queue_are_forgotten() -> None:
     box.session_started()
     box.session_ended()  # the queue (and the copy in it) is gone
     assert box.empty and box.held_ids() == frozenset()
+
+
+def test_a_message_that_fails_while_held_behind_a_resend_is_held_no_more() -> None:
+    # Found by the protocol model: a new message waited behind a resend of its
+    # conversation and failed there (its attempt timed out, its session was closed).
+    # doom() only looked at parked copies: the held copy stayed, the outbox kept a copy
+    # of a failed message it was never going to write, and the core its withheld id.
+    box: Outbox[Copy] = Outbox()
+    box.close_gates(["bob@x"])
+    first, failed, last = Copy("first"), Copy("failed"), Copy("last")
+    for copy in (first, failed, last):
+        assert box.hold_behind_resend("bob@x", copy.name, copy)
+    box.doom("failed")
+    assert box.held_ids() == {"first", "last"}
+    assert box.open_gates(["bob@x"]) == [first, last]
+    assert box.empty

@@ -128,10 +128,21 @@ class Outbox(Generic[P]):
         self._waiting.setdefault(message_id, []).append(payload)
 
     def doom(self, message_id: str) -> None:
-        """The message failed: its waiting copies must never go out by themselves."""
+        """The message failed (or settled): its waiting copies must never go out by
+        themselves, and a copy held behind a resend is let go at once (it is ours: no
+        client queue will hand it back)."""
         copies = self._waiting.pop(message_id, None)
         if copies:
             self._doomed.setdefault(message_id, []).extend(copies)
+        if self._resend_held:
+            for conversation, held in list(self._resend_held.items()):
+                kept = [pair for pair in held if pair[0] != message_id]
+                if len(kept) == len(held):
+                    continue
+                if kept:
+                    self._resend_held[conversation] = kept
+                else:
+                    del self._resend_held[conversation]
 
     def session_started(self) -> None:
         """The client moved what it parked into its send queue: those copies are the
