@@ -115,9 +115,17 @@ class Outbox(Generic[P]):
         return released
 
     def hold_behind_resend(self, conversation: str, message_id: str, payload: P) -> bool:
-        """Keep a new message back while older ones to the same peer are resent."""
+        """Keep a new message back while older ones to the same peer are resent.
+
+        A copy released by its room comes here from the waiting ones: it is held behind
+        the resend now, no longer waiting for the client. A doomed one is not held (its
+        verdict drops it)."""
         if not self._gates or conversation not in self._gates:
             return False  # the usual case, checked first: nothing is being resent
+        if self._doomed and _has(self._doomed, message_id, payload):
+            return False
+        if self._waiting:
+            _take(self._waiting, message_id, payload)
         self._resend_held.setdefault(conversation, []).append((message_id, payload))
         return True
 
@@ -245,6 +253,11 @@ class Outbox(Generic[P]):
         self._doomed.clear()
         self._doomed_queued.clear()
         return (p for p in held if id(p) not in doomed)
+
+
+def _has(where: dict[str, list[P]], message_id: str, payload: P) -> bool:
+    """True when this very copy (by identity) is in ``where``."""
+    return any(copy is payload for copy in where.get(message_id, ()))
 
 
 def _take(where: dict[str, list[P]], message_id: str, payload: P) -> bool:
