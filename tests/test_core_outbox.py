@@ -214,3 +214,19 @@ def test_a_doomed_room_copy_is_not_held_behind_a_resend() -> None:
     assert box.verdict(released, "n", tracked=True, counting=True) is Verdict.DROP
     assert box.open_gates(["r@muc"]) == []
     assert box.empty
+
+
+def test_a_message_held_behind_a_resend_is_waiting_to_go_out() -> None:
+    # Found by the protocol model: a new message held behind a resend (or a scheduled
+    # retry) of its conversation when the session ended was failed "session-ended" as
+    # if slixmpp had purged it (waiting_ids named parked and room-held copies only),
+    # although its copy was still held here, to go out once the gate opens.
+    box: Outbox[Copy] = Outbox()
+    box.close_gates(["bob@x"])
+    held = Copy("n")
+    assert box.hold_behind_resend("bob@x", "n", held)
+    assert box.is_waiting("n")
+    assert box.waiting_ids() == {"n"}
+    assert box.open_gates(["bob@x"]) == [held]
+    assert not box.is_waiting("n")
+    assert box.empty

@@ -76,8 +76,12 @@ class Outbox(Generic[P]):
         return not (held or self._gates) and not any(self._resend_held.values())
 
     def waiting_ids(self) -> frozenset[str]:
-        """Tracked messages whose copy waits to go out (parked or held for a room)."""
-        return frozenset(self._waiting)
+        """Tracked messages whose copy waits to go out (parked, held for a room or
+        behind a resend): not lost when the client purges its send queue."""
+        if not self._resend_held:
+            return frozenset(self._waiting)
+        behind = (message_id for held in self._resend_held.values() for message_id, _ in held)
+        return frozenset(self._waiting).union(behind)
 
     def held_ids(self) -> frozenset[str]:
         """Every tracked message whose copy the outbox holds: waiting or behind a resend."""
@@ -85,7 +89,10 @@ class Outbox(Generic[P]):
         return frozenset(self._waiting).union(self._doomed, self._doomed_queued, behind)
 
     def is_waiting(self, message_id: str) -> bool:
-        return message_id in self._waiting
+        """True when a copy of ``message_id`` waits to go out (see :meth:`waiting_ids`)."""
+        if message_id in self._waiting:
+            return True
+        return any(i == message_id for held in self._resend_held.values() for i, _ in held)
 
     def held_rooms(self) -> frozenset[str]:
         """Rooms with messages held for a rejoin."""
