@@ -664,10 +664,11 @@ class ProtocolModel(RuleBasedStateMachine):
         near_wrap=st.booleans(),
         offset=st.integers(min_value=1, max_value=6),
         rejoin_wait=st.sampled_from([True, True, False]),
+        in_room=st.booleans(),
     )
-    def start(self, near_wrap: bool, offset: int, rejoin_wait: bool) -> None:
-        """Fresh, or a saved state (a previous process) whose counters are about to wrap;
-        ``rejoin_wait``: room_rejoin_wait is more than 0."""
+    def start(self, near_wrap: bool, offset: int, rejoin_wait: bool, in_room: bool) -> None:
+        """Fresh, or a saved state (a previous process, in a room or not) whose counters
+        are about to wrap; ``rejoin_wait``: room_rejoin_wait is more than 0."""
         self.rejoin_wait = rejoin_wait
         if not near_wrap:
             return
@@ -683,7 +684,7 @@ class ProtocolModel(RuleBasedStateMachine):
             "seq": h0,
             "last_ack": h0,
             "unacked": [],
-            "rooms": {},
+            "rooms": {ROOMS[0]: NICK} if in_room else {},
             "saved_at": 0.0,
         }
         self.tracker.restore(parse_state(json.loads(json.dumps(state)), bare_jid=BARE), [])
@@ -702,7 +703,9 @@ class ProtocolModel(RuleBasedStateMachine):
 
     @precondition(lambda self: self.loop_idle())
     @rule(
-        kind=st.sampled_from(["chat", "chat", "groupchat", "groupchat", "plain", "no-body"]),
+        kind=st.sampled_from(
+            ["chat", "chat", "groupchat", "groupchat", "to a room to rejoin", "plain", "no-body"]
+        ),
         to=st.integers(min_value=0, max_value=1),
         flow=st.sampled_from(["queued", "written", "received", "received"]),
         join_first=st.booleans(),
@@ -711,7 +714,12 @@ class ProtocolModel(RuleBasedStateMachine):
         """xmpp.send(message): Outbound.send tracks it (messages with a body), then hands
         it to slixmpp; ``flow``: slixmpp writes its queue at once, and the server reads
         what is on the wire; ``join_first``: the app joins a room before sending to it
-        (or sends while the room's rejoin is awaited)."""
+        (or sends while the room's rejoin is awaited, as "to a room to rejoin" does)."""
+        if kind == "to a room to rejoin":
+            rejoining = sorted(self.tracker.rejoining)
+            kind, join_first = "groupchat", False
+            if rejoining:
+                to = ROOMS.index(rejoining[to % len(rejoining)])
         self.send_one(kind, to, join_first)
         if flow != "queued" and self.transport:
             self.drain()
