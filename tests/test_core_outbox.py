@@ -230,3 +230,23 @@ def test_a_message_held_behind_a_resend_is_waiting_to_go_out() -> None:
     assert box.open_gates(["bob@x"]) == [held]
     assert not box.is_waiting("n")
     assert box.empty
+
+
+def test_room_copies_released_behind_a_resend_go_before_messages_sent_since() -> None:
+    # Found by the protocol model (long profile): a message held for its room's rejoin
+    # while a retry of the room's older messages held new ones back; on the rejoin the
+    # held message went behind the resend gate, but after the new messages sent since:
+    # newer before older in the room. What a room releases was handed over before
+    # anything waiting behind a resend (or is a resend's copy): it goes first.
+    box: Outbox[Copy] = Outbox()
+    room, waited = "r@muc", frozenset({"r@muc"})
+    older1, older2, newer = Copy("older1"), Copy("older2"), Copy("newer")
+    for copy in (older1, older2):
+        verdict = box.verdict(copy, copy.name, tracked=True, room=room, rooms_waited_for=waited)
+        assert verdict is Verdict.HOLD_FOR_ROOM
+    box.close_gates([room])  # a retry of the room's older messages is due
+    assert box.hold_behind_resend(room, "newer", newer)
+    for copy in box.release_room(room):  # back in the room: behind the resend too
+        assert box.hold_behind_resend(room, copy.name, copy)
+    assert box.open_gates([room]) == [older1, older2, newer]
+    assert box.empty
