@@ -1214,6 +1214,7 @@ class ProtocolModel(RuleBasedStateMachine):
         assert room_held <= waiting_or_doomed, "held for a room, yet not waiting"
         for _, p in resend_held:
             assert id(p) not in parked | queued | room_held, ("held twice", p)
+        assert outbox._released <= identities(p for _, p in resend_held), "released, not held"
         # never a copy of a settled message, unless it is doomed
         for message_id in list(outbox._waiting) + [mid for mid, _ in resend_held]:
             record = self.store[message_id]
