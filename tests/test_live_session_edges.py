@@ -46,7 +46,8 @@ async def test_a_stream_error_answering_resume_ends_the_session_instead_of_loopi
     await wait_for(lambda: alice.log.count("message:failed") == 3, timeout=15)
     assert {alice.records[i].reason for i in ids} == {"resume-failed"}
     assert "stream error" in caplog.text
-    await wait_for(lambda: alice.tracker.session_live, timeout=10)
+    # session_start fires before <enabled/> comes back: wait for the managed session
+    await wait_for(lambda: alice.tracker.managed, timeout=10)
     session = alice.tracker.core.session
     assert session.sm_id not in (None, first_stream)  # a fresh stream, not a loop
     made = len(connections)
