@@ -1190,7 +1190,8 @@ async def test_no_password_and_no_body_in_logs_at_info_and_above(
     erin.send("bob@localhost", "secret body 2")
     await asyncio.sleep(0.2)
     proxy.heal()
-    erin.tracker.core.session.sm_id = "a-stream-the-server-never-heard-of"
+    # <resume previd> for a stream the server never had: refused without an h.
+    proxy.rewrite(rb'previd="[^"]*"', b'previd="a-stream-the-server-never-heard-of"', upstream=True)
     proxy.cut()
     await wait_for(lambda: erin.count("message:failed") == 1, timeout=10)
     await wait_for(lambda: erin.tracker.session_live, timeout=10)

@@ -56,10 +56,12 @@ async def send_into_the_void(
 async def fail_by_refused_resumption(alice: Party, proxy: FaultProxy) -> None:
     """The server forgets nothing, but our resumption is refused without an h: everything
     unacked fails although the server may have it (the case reconciliation is for)."""
-    alice.tracker.core.session.sm_id = "not-a-stream-the-server-knows"
+    # <resume previd> for a stream the server never had: refused without an h.
+    proxy.rewrite(rb'previd="[^"]*"', b'previd="not-a-stream-the-server-knows"', upstream=True)
     proxy.cut()
     await wait_for(lambda: alice.tracker.managed is False)
     await wait_for(lambda: alice.tracker.managed, timeout=15)
+    proxy.heal()  # later resumptions go through
 
 
 async def test_resend_failed_sends_in_original_order_each_once(

@@ -422,8 +422,9 @@ async def alice_in_the_room_deaf_to_it(
 
 async def refuse_the_resumption(alice: Party, proxy: FaultProxy) -> None:
     """The link drops and the resumption is refused without an h; a fresh session follows."""
-    alice.tracker.core.session.sm_id = "not-a-stream-the-server-knows"
     proxy.heal()  # drops the rewrite too
+    # <resume previd> for a stream the server never had: refused without an h.
+    proxy.rewrite(rb'previd="[^"]*"', b'previd="not-a-stream-the-server-knows"', upstream=True)
     proxy.cut()
     await wait_for(lambda: alice.log.count("message:failed") >= 1, timeout=15)
     await wait_for(lambda: alice.tracker.session_live, timeout=15)
