@@ -10,10 +10,8 @@ import asyncio
 import contextlib
 import itertools
 import os
-import re
 import shutil
 import socket
-import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +29,8 @@ from xmpp_sm_tracker.testing import (
 )
 from xmpp_sm_tracker.testing import prosody as prosody_module
 from xmpp_sm_tracker.testing.proxy import Direction
+
+from .helpers.procfs import listening_sockets
 
 PASSWORD = "pass"
 QUIET = 0.2  # how long "nothing arrives" is observed; positive checks poll instead
@@ -303,32 +303,6 @@ async def test_proxy_aclose_closes_everything(net: Net) -> None:
 
 # ---------------------------------------------------------------------------------------
 # Prosody + slixmpp
-
-
-def listening_sockets(pid: int) -> set[tuple[str, int]]:
-    """TCP listeners owned by ``pid`` as (address, port), read from /proc."""
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            m = re.fullmatch(r"socket:\[(\d+)\]", os.readlink(fd))
-        except OSError:
-            continue
-        if m:
-            inodes.add(m.group(1))
-    found: set[tuple[str, int]] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            local, state, inode = fields[1], fields[3], fields[9]
-            if state != "0A" or inode not in inodes:  # 0A == LISTEN
-                continue
-            addr_hex, port_hex = local.split(":")
-            if table.endswith("6"):
-                addr = f"ipv6:{addr_hex}"
-            else:
-                addr = socket.inet_ntoa(struct.pack("<I", int(addr_hex, 16)))
-            found.add((addr, int(port_hex, 16)))
-    return found
 
 
 ClientFactory = Callable[[str], slixmpp.ClientXMPP]
