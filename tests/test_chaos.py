@@ -34,7 +34,7 @@ from xmpp_sm_tracker.chaos import (
     check_invariants,
     run_chaos,
 )
-from xmpp_sm_tracker.testing import FaultProxy, ProsodyServer
+from xmpp_sm_tracker.testing import FaultProxy, LocalXMPPServer
 from xmpp_sm_tracker.testing.client import connect_client, make_client, tracker_of, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -314,7 +314,7 @@ class GatedStore(MemoryStore):
 
 
 async def test_a_message_failed_during_send_message_never_goes_out_unasked(
-    prosody: ProsodyServer, proxy: FaultProxy
+    server: LocalXMPPServer, proxy: FaultProxy
 ) -> None:
     """Regression (found by scripts/chaos --seed 5045, a refusal during the first
     negotiation): when the session ended while send_message() was storing the
@@ -333,7 +333,7 @@ async def test_a_message_failed_during_send_message_never_goes_out_unasked(
     store = GatedStore()
     await tracker.attach(store)
     try:
-        await connect_client(bob, prosody.address)
+        await connect_client(bob, server.address)
         await connect_client(alice, proxy.address)
         store.gate.clear()
         sending = asyncio.ensure_future(tracker.send_message("bob@localhost", "in the gap"))
@@ -375,7 +375,7 @@ class FreezingStore(MemoryStore):
 
 
 async def test_a_message_whose_seq_died_with_its_sender_is_found_in_the_archive(
-    prosody: ProsodyServer, proxy: FaultProxy
+    server: LocalXMPPServer, proxy: FaultProxy
 ) -> None:
     received: list[str] = []
     bob = make_client("bob@localhost/chaos-seq", "pass", tracked=False)
@@ -385,7 +385,7 @@ async def test_a_message_whose_seq_died_with_its_sender_is_found_in_the_archive(
     second = make_client("alice@localhost/chaos-second", "pass", tracker_config={"ack_delay": 0.05})
     store = FreezingStore()
     try:
-        await connect_client(bob, prosody.address)
+        await connect_client(bob, server.address)
         tracker = tracker_of(first)
         await tracker.attach(store)
         tracker.sm.cache(store.save_sm_state)

@@ -1,4 +1,8 @@
-"""The ejabberd launcher on its own: isolation, accounts, a tracked client, a restart."""
+"""The ejabberd launcher on its own: isolation, accounts, a tracked client, a restart.
+
+The tests every server shares are in test_harness.py; these check what only the
+ejabberd launcher does (ejabberdctl, the Erlang node, tables in RAM).
+"""
 
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ from xmpp_sm_tracker.testing.client import EventLog, connect_client, make_client
 from .helpers.procfs import listening_sockets
 
 PASSWORD = "pass"
+
+pytestmark = pytest.mark.xmpp_server("ejabberd", reason="the ejabberd launcher's own checks")
 
 
 async def test_ejabberd_starts_isolated_tracks_a_message_and_restarts(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import asyncio
 
 import pytest
 
-from xmpp_sm_tracker.testing import FaultProxy, ProsodyServer
+from xmpp_sm_tracker.testing import FaultProxy, LocalXMPPServer
 from xmpp_sm_tracker.testing.client import ClientPool, wait_for
 
 from .helpers.wire import RESUMED_JOURNEY
@@ -26,12 +26,12 @@ STREAM_ERROR = (
 
 
 async def test_a_stream_error_answering_resume_ends_the_session_instead_of_looping(
-    prosody: ProsodyServer,
+    server: LocalXMPPServer,
     proxy: FaultProxy,
     clients: ClientPool,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    bob = await clients("bob", prosody.address, tracked=False)
+    bob = await clients("bob", server.address, tracked=False)
     alice = await clients("alice", proxy.address, **FAST)
     first_stream = alice.tracker.core.session.sm_id
     connections: list[object] = []
@@ -46,7 +46,8 @@ async def test_a_stream_error_answering_resume_ends_the_session_instead_of_loopi
     await wait_for(lambda: alice.log.count("message:failed") == 3, timeout=15)
     assert {alice.records[i].reason for i in ids} == {"resume-failed"}
     assert "stream error" in caplog.text
-    await wait_for(lambda: alice.tracker.session_live, timeout=10)
+    # managed, not only live: the session starts before <enabled/> gives its stream id.
+    await wait_for(lambda: alice.tracker.session_live and alice.tracker.managed, timeout=10)
     session = alice.tracker.core.session
     assert session.sm_id not in (None, first_stream)  # a fresh stream, not a loop
     made = len(connections)
@@ -60,9 +61,9 @@ async def test_a_stream_error_answering_resume_ends_the_session_instead_of_loopi
 
 
 async def test_reconnect_resumes_the_session_instead_of_ending_it(
-    prosody: ProsodyServer, proxy: FaultProxy, clients: ClientPool
+    server: LocalXMPPServer, proxy: FaultProxy, clients: ClientPool
 ) -> None:
-    bob = await clients("bob", prosody.address, tracked=False)
+    bob = await clients("bob", server.address, tracked=False)
     alice = await clients("alice", proxy.address, **FAST)
     stream = alice.tracker.core.session.sm_id
     proxy.blackhole()
@@ -81,7 +82,7 @@ async def test_reconnect_resumes_the_session_instead_of_ending_it(
 
 
 async def test_reconnect_without_a_resumable_session_still_reconnects(
-    prosody: ProsodyServer, proxy: FaultProxy, clients: ClientPool
+    server: LocalXMPPServer, proxy: FaultProxy, clients: ClientPool
 ) -> None:
     alice = await clients("alice", proxy.address, allow_resume=False, **FAST)
     connections: list[object] = []
@@ -95,12 +96,12 @@ async def test_reconnect_without_a_resumable_session_still_reconnects(
 
 
 async def test_a_link_that_dies_while_idle_is_found_without_sending_anything(
-    prosody: ProsodyServer,
+    server: LocalXMPPServer,
     proxy: FaultProxy,
     clients: ClientPool,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    bob = await clients("bob", prosody.address, tracked=False)
+    bob = await clients("bob", server.address, tracked=False)
     alice = await clients(
         "alice", proxy.address, ack_keepalive=0.5, ack_timeout=1.0, negotiation_timeout=2.0, **FAST
     )

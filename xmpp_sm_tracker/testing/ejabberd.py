@@ -264,6 +264,10 @@ class EjabberdServer(LocalXMPPServer):
         return self._dist_port
 
     @property
+    def listen_ports(self) -> set[int]:
+        return {self._c2s_port, self._dist_port}
+
+    @property
     def pid(self) -> int | None:
         """The Erlang VM (``beam.smp``), not the ``ejabberdctl`` shell above it."""
         proc = self._proc
@@ -391,26 +395,40 @@ class EjabberdServer(LocalXMPPServer):
         self._dist_port = free_port(HOST)
 
     async def _after_start(self) -> None:
-        if not self._ram_tables_ready():
-            self._tables_to_ram()
         pending, self._pending_accounts = self._pending_accounts, {}
         for (user, host), password in pending.items():
             self._register_now(user, host, password)
+        fresh = not self._ram_marker.exists()
+        if fresh or pending:
+            self._settle_tables(to_ram=fresh)
+        if fresh:
+            self._ram_marker.touch()
 
-    def _ram_tables_ready(self) -> bool:
-        marker = self.spool_path / ".ram-tables"
-        return marker.exists()
+    @property
+    def _ram_marker(self) -> Path:
+        return self.spool_path / ".ram-tables"
 
-    def _tables_to_ram(self) -> None:
-        """Convert the archive and offline tables to ``ram_copies`` (fresh spool)."""
+    def _settle_tables(self, *, to_ram: bool) -> None:
+        """Through the node: the archive tables to RAM (``to_ram``), then the
+        transaction log dumped into the tables.
+
+        Mnesia keeps a committed write in its log, buffered, until it dumps the log
+        into the table files (every few minutes), and the accounts' table file (dets)
+        delays its own writes by seconds: a SIGKILL (``kill()``, a hard restart) soon
+        after would lose the accounts just made. Dumped and synced, they survive.
+        """
         node = f"'{self._node}'"
-        tables = ", ".join(_RAM_TABLES)
+        tables = ", ".join(_RAM_TABLES) if to_ram else ""
         code = (
             f"R = [{{T, rpc:call({node}, mnesia, change_table_copy_type, "
-            f'[T, {node}, ram_copies])}} || T <- [{tables}]], io:format("~p~n", [R]), '
+            f"[T, {node}, ram_copies])}} || T <- [{tables}]], "
+            f"D = rpc:call({node}, mnesia, dump_log, []), "
+            f"S = [rpc:call({node}, dets, sync, [passwd])], "
+            'io:format("~p~n", [{D, S, R}]), '
             "Ok = fun({_, {atomic, ok}}) -> true; "
             "({_, {aborted, {already_exists, _, _, _}}}) -> true; (_) -> false end, "
-            "halt(case lists:all(Ok, R) of true -> 0; false -> 1 end)."
+            "halt(case {D, S} =:= {dumped, [ok]} andalso lists:all(Ok, R) of "
+            "true -> 0; false -> 1 end)."
         )
         argv = [
             self._erl,
@@ -428,8 +446,7 @@ class EjabberdServer(LocalXMPPServer):
             "-eval",
             code,
         ]
-        run_tool(argv, "moving ejabberd's archive tables to RAM", EjabberdError, self._env())
-        (self.spool_path / ".ram-tables").touch()
+        run_tool(argv, "settling ejabberd's tables", EjabberdError, self._env())
 
     # -- accounts -----------------------------------------------------------------
 
@@ -444,6 +461,7 @@ class EjabberdServer(LocalXMPPServer):
             self._pending_accounts[(user, host)] = password
             return
         self._register_now(user, host, password)
+        self._settle_tables(to_ram=False)
 
     def _register_now(self, user: str, host: str, password: str) -> None:
         try:

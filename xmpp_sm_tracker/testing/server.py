@@ -227,6 +227,11 @@ class LocalXMPPServer(ABC):
         return (HOST, self._c2s_port)
 
     @property
+    def listen_ports(self) -> set[int]:
+        """Every port the server listens on (all on 127.0.0.1, nothing else)."""
+        return {self._c2s_port}
+
+    @property
     def domain(self) -> str:
         return self._domain
 
