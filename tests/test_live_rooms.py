@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ import slixmpp
 from xmpp_sm_tracker import DeliveryState, SQLiteStore
 from xmpp_sm_tracker.testing import FaultProxy, LocalXMPPServer
 from xmpp_sm_tracker.testing.client import ClientPool, Party, make_client, wait_for
+
+from .helpers.wire import Inbound
 
 FAST = {"reconnect_delay": 0.1, "reconnect_max_delay": 1.0, "ack_delay": 0.05}
 
@@ -53,10 +56,18 @@ async def test_groupchat_messages_end_room_received_in_order(
     bob = await clients("bob", server.address, tracked=False)
     await alice.join(room, "Alice")
     await bob.join(room, "Bob")
+    wire = Inbound(alice.xmpp)
     ids = [alice.send(room, f"to the room {i}", "groupchat") for i in range(20)]
 
     await wait_for(lambda: alice.log.count("message:room_received") == 20)
     assert alice.log.ids("message:room_received") == ids
+    # Both servers reflect our message with its id and origin-id (Prosody adds an
+    # occupant-id and a stanza-id, ejabberd a stanza-id and <archived/>).
+    reflections = wire.find(r"<message [^>]*from='[^']*/Alice'.*?</message>")
+    assert len(reflections) == 20
+    for message_id, reflection in zip(ids, reflections, strict=True):
+        assert f"id='{message_id}'" in reflection
+        assert re.search(f"<origin-id [^>]*id='{message_id}'", reflection)
     for message_id in ids:
         names = alice.log.names_for(message_id)
         assert names[0] == "message:sent"

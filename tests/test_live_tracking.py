@@ -143,6 +143,7 @@ async def test_resumption_after_hibernation_expiry_fails_the_rest(
             (proxy.host, proxy.port),
             **{**SILENT, "reconnect_delay": 3.0, "reconnect_max_delay": 3.0},
         )
+        wire = Inbound(alice.xmpp)
         ids = await _send_half_then_blackhole(alice, bob, proxy)
         proxy.cut()
         proxy.heal()
@@ -153,6 +154,9 @@ async def test_resumption_after_hibernation_expiry_fails_the_rest(
             ),
             timeout=20,
         )
+        # Both servers remember h for a session that expired: <failed h='…'>.
+        [refusal] = wire.find(r"<failed [^>]*>")
+        assert re.search(r" h='\d+'", refusal)
         assert alice.log.ids("message:acked") == ids[:10]
         assert alice.log.ids("message:failed") == ids[10:]
         assert [r.id for r in await alice.tracker.failed()] == ids[10:]
