@@ -1,4 +1,4 @@
-"""Every Python block in docs/ runs (against the test Prosody); README blocks compile."""
+"""Every Python block in docs/ runs (against each test server); README blocks compile."""
 
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ def test_every_docs_page_has_code_to_run() -> None:
 async def test_docs_page_blocks_run(page: Path, server: LocalXMPPServer, tmp_path: Path) -> None:
     namespace: dict[str, object] = {
         "SERVER": server.address,
+        "KIND": server.kind,
         "PASSWORD": PASSWORD,
         "TMP": tmp_path,
     }

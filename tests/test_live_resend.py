@@ -11,6 +11,7 @@ import pytest
 from xmpp_sm_tracker import AckPolicy, DeliveryState, RetryPolicy
 from xmpp_sm_tracker.testing import FaultProxy, LocalXMPPServer
 from xmpp_sm_tracker.testing.client import ClientPool, Party, wait_for
+from xmpp_sm_tracker.testing.pytest_plugin import ServerFactory
 
 FAST = {"reconnect_delay": 0.1, "reconnect_max_delay": 1.0, "ack_delay": 0.05}
 SILENT = {**FAST, "ack_every": 10**6, "ack_delay": 3600.0}
@@ -279,3 +280,27 @@ async def test_failed_messages_can_be_listed_per_conversation_and_deleted(
         assert [r.id for r in await alice.tracker.failed()] == [to_carol]
         assert await alice.tracker.delete(to_carol) is True
         assert await alice.tracker.failed() == []
+
+
+@pytest.mark.xmpp_server("ejabberd", reason="ejabberd's mod_mam archives nothing by default")
+async def test_without_an_archive_reconciliation_resends_and_the_peer_gets_a_duplicate(
+    xmpp_server_factory: ServerFactory, parties: Any
+) -> None:
+    # ejabberd's mod_mam default is `never` (the test server sets `always`): then the
+    # archive check finds nothing, every unconfirmed message is resent, and the peer
+    # sees it twice with the same id and origin-id (its client drops the copy).
+    server = await xmpp_server_factory(modules={"mod_mam": {"default": "never"}})
+    async with FaultProxy(server.host, server.c2s_port) as proxy:
+        bob = await parties("bob", server.address)
+        alice = await parties("alice", proxy.address, **SILENT)
+        ids = [alice.send("bob@localhost", f"unarchived {i}") for i in range(3)]
+        await wait_for(lambda: len(bob.received.bodies) == 3)
+        await fail_by_refused_resumption(alice, proxy)
+        await wait_for(lambda: alice.log.count("message:failed") == 3)
+
+        results = await alice.tracker.resend_failed()
+        assert [r.id for r in results] == ids
+        assert all(r.state is DeliveryState.RESENT for r in results)
+        alice.tracker.ack_clock.policy = AckPolicy(delay=0.05)
+        await wait_for(lambda: alice.log.count("message:acked") == 3)
+        await wait_for(lambda: all(bob.received.counts[f"unarchived {i}"] == 2 for i in range(3)))
