@@ -246,15 +246,19 @@ def test_bob_counts_live_copies_only() -> None:
 # ---------------------------------------------------------------------- live
 
 
-async def test_chaos_schedules_on_prosody_keep_every_invariant(
-    capsys: pytest.CaptureFixture[str],
+async def test_chaos_schedules_keep_every_invariant(
+    xmpp_server_kind: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     seed = covering_seed()
-    summary = await run_chaos(ChaosConfig(schedules=3, seed=seed, hibernation_time=HIBERNATION))
+    config = ChaosConfig(
+        schedules=3, seed=seed, hibernation_time=HIBERNATION, server=xmpp_server_kind
+    )
+    summary = await run_chaos(config)
     with capsys.disabled():
         print(f"\n{summary.render()}\n")
     assert summary.violations == []
     data = summary.as_dict()
+    assert data["server"] == xmpp_server_kind
     assert data["schedules"] == 3 and data["messages"] >= 36
     assert set(data["faults"]) == set(FAULT_KINDS)
     settled = {"acked", "room_received", "failed", "delivered", "displayed"}
