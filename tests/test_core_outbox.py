@@ -163,3 +163,70 @@ def test_doomed_copies_purged_with_the_send_queue_are_forgotten() -> None:
     box.session_started()
     box.session_ended()  # the queue (and the copy in it) is gone
     assert box.empty and box.held_ids() == frozenset()
+
+
+def test_a_message_that_fails_while_held_behind_a_resend_is_held_no_more() -> None:
+    # Found by the protocol model: a new message waited behind a resend of its
+    # conversation and failed there (its attempt timed out, its session was closed).
+    # doom() only looked at parked copies: the held copy stayed, the outbox kept a copy
+    # of a failed message it was never going to write, and the core its withheld id.
+    box: Outbox[Copy] = Outbox()
+    box.close_gates(["bob@x"])
+    first, failed, last = Copy("first"), Copy("failed"), Copy("last")
+    for copy in (first, failed, last):
+        assert box.hold_behind_resend("bob@x", copy.name, copy)
+    box.doom("failed")
+    assert box.held_ids() == {"first", "last"}
+    assert box.open_gates(["bob@x"]) == [first, last]
+    assert box.empty
+
+
+def test_a_room_copy_released_behind_a_resend_is_held_there_only() -> None:
+    # Found by the protocol model: a message held for a room went, on the rejoin,
+    # behind a resend of the room's older messages, but also stayed "waiting" as if the
+    # client parked it. When the gate opened with the link down, the client parked it
+    # (really, this time): two entries for one copy, one of which never left.
+    box: Outbox[Copy] = Outbox()
+    copy = Copy("n")
+    waited = frozenset({"r@muc"})
+    verdict = box.verdict(copy, "n", tracked=True, room="r@muc", rooms_waited_for=waited)
+    assert verdict is Verdict.HOLD_FOR_ROOM
+    box.close_gates(["r@muc"])
+    [released] = box.release_room("r@muc")
+    assert box.hold_behind_resend("r@muc", "n", released)
+    assert box.held_ids() == {"n"}
+    assert box.open_gates(["r@muc"]) == [copy]
+    box.parked("n", copy)  # the link is down: the client parks it
+    assert box.verdict(copy, "n", tracked=True, counting=True) is Verdict.COUNT
+    assert box.empty
+
+
+def test_a_doomed_room_copy_is_not_held_behind_a_resend() -> None:
+    # It goes to its verdict at once, which drops it: the outbox holds no copy of a
+    # failed message behind a gate.
+    box: Outbox[Copy] = Outbox()
+    copy = Copy("n")
+    box.verdict(copy, "n", tracked=True, room="r@muc", rooms_waited_for={"r@muc"})
+    box.doom("n")
+    box.close_gates(["r@muc"])
+    [released] = box.release_room("r@muc")
+    assert not box.hold_behind_resend("r@muc", "n", released)
+    assert box.verdict(released, "n", tracked=True, counting=True) is Verdict.DROP
+    assert box.open_gates(["r@muc"]) == []
+    assert box.empty
+
+
+def test_a_message_held_behind_a_resend_is_waiting_to_go_out() -> None:
+    # Found by the protocol model: a new message held behind a resend (or a scheduled
+    # retry) of its conversation when the session ended was failed "session-ended" as
+    # if slixmpp had purged it (waiting_ids named parked and room-held copies only),
+    # although its copy was still held here, to go out once the gate opens.
+    box: Outbox[Copy] = Outbox()
+    box.close_gates(["bob@x"])
+    held = Copy("n")
+    assert box.hold_behind_resend("bob@x", "n", held)
+    assert box.is_waiting("n")
+    assert box.waiting_ids() == {"n"}
+    assert box.open_gates(["bob@x"]) == [held]
+    assert not box.is_waiting("n")
+    assert box.empty

@@ -76,8 +76,12 @@ class Outbox(Generic[P]):
         return not (held or self._gates) and not any(self._resend_held.values())
 
     def waiting_ids(self) -> frozenset[str]:
-        """Tracked messages whose copy waits to go out (parked or held for a room)."""
-        return frozenset(self._waiting)
+        """Tracked messages whose copy waits to go out (parked, held for a room or
+        behind a resend): not lost when the client purges its send queue."""
+        if not self._resend_held:
+            return frozenset(self._waiting)
+        behind = (message_id for held in self._resend_held.values() for message_id, _ in held)
+        return frozenset(self._waiting).union(behind)
 
     def held_ids(self) -> frozenset[str]:
         """Every tracked message whose copy the outbox holds: waiting or behind a resend."""
@@ -85,7 +89,10 @@ class Outbox(Generic[P]):
         return frozenset(self._waiting).union(self._doomed, self._doomed_queued, behind)
 
     def is_waiting(self, message_id: str) -> bool:
-        return message_id in self._waiting
+        """True when a copy of ``message_id`` waits to go out (see :meth:`waiting_ids`)."""
+        if message_id in self._waiting:
+            return True
+        return any(i == message_id for held in self._resend_held.values() for i, _ in held)
 
     def held_rooms(self) -> frozenset[str]:
         """Rooms with messages held for a rejoin."""
@@ -115,9 +122,17 @@ class Outbox(Generic[P]):
         return released
 
     def hold_behind_resend(self, conversation: str, message_id: str, payload: P) -> bool:
-        """Keep a new message back while older ones to the same peer are resent."""
+        """Keep a new message back while older ones to the same peer are resent.
+
+        A copy released by its room comes here from the waiting ones: it is held behind
+        the resend now, no longer waiting for the client. A doomed one is not held (its
+        verdict drops it)."""
         if not self._gates or conversation not in self._gates:
             return False  # the usual case, checked first: nothing is being resent
+        if self._doomed and _has(self._doomed, message_id, payload):
+            return False
+        if self._waiting:
+            _take(self._waiting, message_id, payload)
         self._resend_held.setdefault(conversation, []).append((message_id, payload))
         return True
 
@@ -128,10 +143,21 @@ class Outbox(Generic[P]):
         self._waiting.setdefault(message_id, []).append(payload)
 
     def doom(self, message_id: str) -> None:
-        """The message failed: its waiting copies must never go out by themselves."""
+        """The message failed (or settled): its waiting copies must never go out by
+        themselves, and a copy held behind a resend is let go at once (it is ours: no
+        client queue will hand it back)."""
         copies = self._waiting.pop(message_id, None)
         if copies:
             self._doomed.setdefault(message_id, []).extend(copies)
+        if self._resend_held:
+            for conversation, held in list(self._resend_held.items()):
+                kept = [pair for pair in held if pair[0] != message_id]
+                if len(kept) == len(held):
+                    continue
+                if kept:
+                    self._resend_held[conversation] = kept
+                else:
+                    del self._resend_held[conversation]
 
     def session_started(self) -> None:
         """The client moved what it parked into its send queue: those copies are the
@@ -234,6 +260,11 @@ class Outbox(Generic[P]):
         self._doomed.clear()
         self._doomed_queued.clear()
         return (p for p in held if id(p) not in doomed)
+
+
+def _has(where: dict[str, list[P]], message_id: str, payload: P) -> bool:
+    """True when this very copy (by identity) is in ``where``."""
+    return any(copy is payload for copy in where.get(message_id, ()))
 
 
 def _take(where: dict[str, list[P]], message_id: str, payload: P) -> bool:
