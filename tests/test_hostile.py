@@ -560,8 +560,9 @@ async def test_h_beyond_what_was_sent_fails_unacked_as_protocol_error_and_starts
     assert any(
         r.levelno >= logging.ERROR and "protocol error" in r.getMessage() for r in caplog.records
     )
-    # a fresh session on a new connection, never a resumption of the broken one
-    await wait_for(lambda: alice.tracker.session_live, timeout=10)
+    # a fresh session on a new connection, never a resumption of the broken one (managed,
+    # not only live: the session starts before <enabled/> gives its stream id)
+    await wait_for(lambda: alice.tracker.session_live and alice.tracker.managed, timeout=10)
     session = alice.tracker.core.session
     assert proxy.connections == 2 and session.sm_id not in (None, first_stream)
     assert [r.id for r in await alice.tracker.failed()] == ids
@@ -749,7 +750,7 @@ async def test_resumed_for_another_stream_drops_the_session_and_loses_nothing(
     assert {alice.last[i].reason for i in ids} == {"protocol-error"}
     assert "does not match our stream" in caplog.text
     proxy.heal()
-    await wait_for(lambda: alice.tracker.session_live, timeout=10)
+    await wait_for(lambda: alice.tracker.session_live and alice.tracker.managed, timeout=10)
     session = alice.tracker.core.session
     assert session.sm_id not in (None, first_stream)  # started afresh
     assert [r.id for r in await alice.tracker.failed()] == ids

@@ -14,7 +14,7 @@ from typing import Any
 import slixmpp
 from slixmpp.stanza import Message
 
-from xmpp_sm_tracker.testing import FaultProxy, ProsodyServer
+from xmpp_sm_tracker.testing import FaultProxy, LocalXMPPServer
 from xmpp_sm_tracker.testing.client import PASSWORD, make_client, wait_for
 
 LIFECYCLE = ("sm_enabled", "sm_disabled", "session_resumed", "sm_failed")
@@ -55,7 +55,7 @@ class BareApp:
 
 
 async def run_the_app(
-    server: ProsodyServer, tracked: bool, bodies: list[str]
+    server: LocalXMPPServer, tracked: bool, bodies: list[str]
 ) -> tuple[list[str], list[str]]:
     """(the app's lifecycle events with repeats folded, the bodies it saw acked)."""
     async with FaultProxy(server.host, server.c2s_port) as proxy:
@@ -81,11 +81,11 @@ async def run_the_app(
 
 
 async def test_an_app_written_for_bare_xep_0198_sees_the_same_events_with_the_tracker(
-    fresh_prosody: ProsodyServer,
+    fresh_server: LocalXMPPServer,
 ) -> None:
     bodies = [f"drop-in {i}" for i in range(7)]
-    bare_events, bare_acked = await run_the_app(fresh_prosody, False, bodies)
-    tracked_events, tracked_acked = await run_the_app(fresh_prosody, True, bodies)
+    bare_events, bare_acked = await run_the_app(fresh_server, False, bodies)
+    tracked_events, tracked_acked = await run_the_app(fresh_server, True, bodies)
     expected_start = ["sm_enabled", "sm_disabled", "session_resumed", "sm_disabled"]
     assert bare_events[:4] == expected_start, bare_events
     assert "sm_failed" in bare_events and bare_events[-1] == "sm_enabled", bare_events
