@@ -344,9 +344,12 @@ class SessionDriver:
         self._ctx.emit(self.core.session_ended(FailureReason.SESSION_ENDED, unsent=unsent))
         for message_id in unsent:
             self._outbound.withhold_parked(message_id)
-        # slixmpp purged its send queue with the session: the core need only remember
-        # the failed messages whose copy we still hold (parked, or held back).
-        self._outbound.session_ended()
+        # When slixmpp's send queue is empty (purged with the session, or drained),
+        # doomed copies that were in it are gone; a disconnect() with the link down
+        # leaves the queue as it was, and they may still surface. The core need only
+        # remember the failed messages whose copy we still hold.
+        if self.xmpp.waiting_queue.empty():
+            self._outbound.session_ended()
         self.core.copies_gone(keep=self._outbound.held_ids())
         self.xmpp.features.discard("stream_management")
         self._ctx.state_changed(urgent=True)
