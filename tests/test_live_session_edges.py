@@ -155,6 +155,8 @@ async def test_an_oversized_stanza_ends_the_stream_and_what_came_before_is_not_l
         assert "<a " not in before_error
         assert {alice.records[i].reason for i in small} == {"resume-failed"}
         # ... and the archive check before a resend finds them: acked, not sent twice.
+        # (It asks the archive only on a live session: offline, it would resend blind.)
+        await wait_for(lambda: alice.tracker.managed, timeout=15)
         for message_id in small:
             record = await alice.tracker.resend(message_id)
             assert (record.state, record.reason) == (DeliveryState.ACKED, "found-in-archive")
