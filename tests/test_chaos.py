@@ -34,7 +34,7 @@ from xmpp_sm_tracker.chaos import (
     check_invariants,
     run_chaos,
 )
-from xmpp_sm_tracker.testing import FaultProxy, ProsodyServer
+from xmpp_sm_tracker.testing import FaultProxy, LocalXMPPServer
 from xmpp_sm_tracker.testing.client import connect_client, make_client, tracker_of, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -246,15 +246,19 @@ def test_bob_counts_live_copies_only() -> None:
 # ---------------------------------------------------------------------- live
 
 
-async def test_chaos_schedules_on_prosody_keep_every_invariant(
-    capsys: pytest.CaptureFixture[str],
+async def test_chaos_schedules_keep_every_invariant(
+    xmpp_server_kind: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     seed = covering_seed()
-    summary = await run_chaos(ChaosConfig(schedules=3, seed=seed, hibernation_time=HIBERNATION))
+    config = ChaosConfig(
+        schedules=3, seed=seed, hibernation_time=HIBERNATION, server=xmpp_server_kind
+    )
+    summary = await run_chaos(config)
     with capsys.disabled():
         print(f"\n{summary.render()}\n")
     assert summary.violations == []
     data = summary.as_dict()
+    assert data["server"] == xmpp_server_kind
     assert data["schedules"] == 3 and data["messages"] >= 36
     assert set(data["faults"]) == set(FAULT_KINDS)
     settled = {"acked", "room_received", "failed", "delivered", "displayed"}
@@ -314,7 +318,7 @@ class GatedStore(MemoryStore):
 
 
 async def test_a_message_failed_during_send_message_never_goes_out_unasked(
-    prosody: ProsodyServer, proxy: FaultProxy
+    server: LocalXMPPServer, proxy: FaultProxy
 ) -> None:
     """Regression (found by scripts/chaos --seed 5045, a refusal during the first
     negotiation): when the session ended while send_message() was storing the
@@ -333,7 +337,7 @@ async def test_a_message_failed_during_send_message_never_goes_out_unasked(
     store = GatedStore()
     await tracker.attach(store)
     try:
-        await connect_client(bob, prosody.address)
+        await connect_client(bob, server.address)
         await connect_client(alice, proxy.address)
         store.gate.clear()
         sending = asyncio.ensure_future(tracker.send_message("bob@localhost", "in the gap"))
@@ -375,7 +379,7 @@ class FreezingStore(MemoryStore):
 
 
 async def test_a_message_whose_seq_died_with_its_sender_is_found_in_the_archive(
-    prosody: ProsodyServer, proxy: FaultProxy
+    server: LocalXMPPServer, proxy: FaultProxy
 ) -> None:
     received: list[str] = []
     bob = make_client("bob@localhost/chaos-seq", "pass", tracked=False)
@@ -385,7 +389,7 @@ async def test_a_message_whose_seq_died_with_its_sender_is_found_in_the_archive(
     second = make_client("alice@localhost/chaos-second", "pass", tracker_config={"ack_delay": 0.05})
     store = FreezingStore()
     try:
-        await connect_client(bob, prosody.address)
+        await connect_client(bob, server.address)
         tracker = tracker_of(first)
         await tracker.attach(store)
         tracker.sm.cache(store.save_sm_state)

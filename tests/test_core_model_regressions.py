@@ -613,13 +613,6 @@ async def test_a_resent_copy_held_for_the_room_is_not_held_behind_its_own_retry(
     assert alice.transport.bodies() == ["hi", "hi", "later"]  # all out, in order
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="session.py SessionDriver.on_session_end: outbox.session_ended() (doomed copies in "
-    "slixmpp's send queue are gone) only when that queue is empty as the session ends "
-    "(purged, or drained), not when disconnect() ends it with the link down and the "
-    "queue as it was",
-)
 async def test_a_doomed_copy_still_queued_when_the_app_closes_offline_stays_doomed(
     wired: list[WiredClient],
 ) -> None:

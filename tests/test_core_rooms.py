@@ -143,11 +143,10 @@ def test_tracker_rejoining_is_a_read_only_view() -> None:
     assert not hasattr(view, "clear")
     tracker.stop_waiting_for_rooms()
     assert view == {} and tracker.rejoining == {}
-    waits = {"s@muc": "Al"}
-    tracker.rejoining = waits  # replaced through Rooms, a copy kept
-    waits.clear()
-    assert tracker.rejoining == {"s@muc": "Al"}
     tracker.joined_room("s@muc", "Al")
+    tracker.session_ended()
+    assert tracker.rejoining == {"s@muc": "Al"}
+    tracker.joined_room("s@muc", "Al")  # back in: no more waiting
     assert tracker.rejoining == {}
 
 

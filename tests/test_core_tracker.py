@@ -626,8 +626,12 @@ def test_inbound_counts_only_when_enabled_in() -> None:
     assert tracker.session.handled == 0  # reset by a new <enabled/>
 
 
-def test_inbound_wraps_at_2_32(tracker: Tracker[Stanza]) -> None:
-    tracker.session.handled = MAX_SEQ - 2
+def test_inbound_wraps_at_2_32() -> None:
+    tracker = new_tracker()  # a stream restored with handled near 2**32, then resumed
+    tracker.restore(restored_state(handled=MAX_SEQ - 2), [Stanza("a"), Stanza("iq")])
+    tracker.resume_sent()
+    tracker.resumed(14)
+    assert tracker.session.handled == MAX_SEQ - 2
     tracker.inbound()
     assert tracker.session.handled == MAX_SEQ - 1
     tracker.inbound()

@@ -1,4 +1,4 @@
-"""Every Python block in docs/ runs (against the test Prosody); README blocks compile."""
+"""Every Python block in docs/ runs (against each test server); README blocks compile."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from xmpp_sm_tracker.testing import ProsodyServer
+from xmpp_sm_tracker.testing import LocalXMPPServer
 from xmpp_sm_tracker.testing.client import PASSWORD
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,9 +34,10 @@ def test_every_docs_page_has_code_to_run() -> None:
 
 
 @pytest.mark.parametrize("page", DOCS, ids=lambda p: p.name)
-async def test_docs_page_blocks_run(page: Path, prosody: ProsodyServer, tmp_path: Path) -> None:
+async def test_docs_page_blocks_run(page: Path, server: LocalXMPPServer, tmp_path: Path) -> None:
     namespace: dict[str, object] = {
-        "SERVER": prosody.address,
+        "SERVER": server.address,
+        "KIND": server.kind,
         "PASSWORD": PASSWORD,
         "TMP": tmp_path,
     }

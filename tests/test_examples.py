@@ -1,4 +1,4 @@
-"""Every example runs against a local Prosody, as its docstring tells a user to run it."""
+"""Every example runs against a local server, as its docstring tells a user to run it."""
 
 from __future__ import annotations
 
@@ -7,23 +7,29 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pytest
 import pytest_asyncio
 
 from xmpp_sm_tracker.serve import ACCOUNTS, PASSWORD
-from xmpp_sm_tracker.testing import ProsodyServer
+from xmpp_sm_tracker.testing import LocalXMPPServer
 from xmpp_sm_tracker.testing.client import Received, connect_client, make_client, wait_for
+from xmpp_sm_tracker.testing.servers import ensure_server_installed, make_server
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 
 
-@pytest_asyncio.fixture
-async def server(tmp_path: Path) -> AsyncIterator[ProsodyServer]:
-    prosody = ProsodyServer(tmp_path / "prosody")
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def server(
+    xmpp_server_kind: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[LocalXMPPServer]:
+    """A server with the demo's accounts and password (``scripts/demo --serve``)."""
+    ensure_server_installed(xmpp_server_kind)
+    demo = make_server(xmpp_server_kind, tmp_path_factory.mktemp(f"examples-{xmpp_server_kind}"))
     for user in ACCOUNTS:
-        prosody.register(user, PASSWORD)
-    async with prosody:
-        yield prosody
+        demo.register(user, PASSWORD)
+    async with demo:
+        yield demo
 
 
 async def run_example(*args: str, stdin: bytes = b"", timeout: float = 40) -> str:
@@ -41,13 +47,13 @@ async def run_example(*args: str, stdin: bytes = b"", timeout: float = 40) -> st
     return text
 
 
-async def test_minimal_example_sees_its_message_acked(server: ProsodyServer) -> None:
+async def test_minimal_example_sees_its_message_acked(server: LocalXMPPServer) -> None:
     out = await run_example(str(EXAMPLES / "minimal.py"), str(server.c2s_port))
     assert "→ sent 'hello bob'" in out
     assert "✓ server has it" in out
 
 
-async def test_console_chat_shows_ticks_and_receipts(server: ProsodyServer) -> None:
+async def test_console_chat_shows_ticks_and_receipts(server: LocalXMPPServer) -> None:
     bob = make_client("bob@localhost/phone", PASSWORD, tracked=False)
     bob.register_plugin("xep_0184")
     received = Received()
@@ -70,7 +76,7 @@ async def test_console_chat_shows_ticks_and_receipts(server: ProsodyServer) -> N
 
 
 async def test_restart_bot_echoes_and_keeps_its_state_across_runs(
-    server: ProsodyServer, tmp_path: Path
+    server: LocalXMPPServer, tmp_path: Path
 ) -> None:
     db = tmp_path / "bot.sqlite"
     bob = make_client("bob@localhost/desk", PASSWORD, tracked=False)

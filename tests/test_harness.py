@@ -1,4 +1,4 @@
-"""Live tests of the harness itself: the isolated Prosody and the fault-injecting proxy.
+"""Live tests of the harness itself: the isolated servers and the fault-injecting proxy.
 
 Pure proxy behaviour is checked with raw asyncio sockets against a tiny local server
 (fast and exact); the XMPP-level tests prove the pieces work together with slixmpp.
@@ -10,10 +10,8 @@ import asyncio
 import contextlib
 import itertools
 import os
-import re
 import shutil
 import socket
-import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,13 +22,19 @@ import pytest_asyncio
 import slixmpp
 
 from xmpp_sm_tracker.testing import (
+    EjabberdServer,
     FaultProxy,
+    LocalXMPPServer,
     ProsodyError,
     ProsodyServer,
+    ServerError,
     ensure_prosody_installed,
 )
 from xmpp_sm_tracker.testing import prosody as prosody_module
 from xmpp_sm_tracker.testing.proxy import Direction
+from xmpp_sm_tracker.testing.servers import make_server
+
+from .helpers.procfs import listening_sockets
 
 PASSWORD = "pass"
 QUIET = 0.2  # how long "nothing arrives" is observed; positive checks poll instead
@@ -302,33 +306,7 @@ async def test_proxy_aclose_closes_everything(net: Net) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# Prosody + slixmpp
-
-
-def listening_sockets(pid: int) -> set[tuple[str, int]]:
-    """TCP listeners owned by ``pid`` as (address, port), read from /proc."""
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            m = re.fullmatch(r"socket:\[(\d+)\]", os.readlink(fd))
-        except OSError:
-            continue
-        if m:
-            inodes.add(m.group(1))
-    found: set[tuple[str, int]] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            local, state, inode = fields[1], fields[3], fields[9]
-            if state != "0A" or inode not in inodes:  # 0A == LISTEN
-                continue
-            addr_hex, port_hex = local.split(":")
-            if table.endswith("6"):
-                addr = f"ipv6:{addr_hex}"
-            else:
-                addr = socket.inet_ntoa(struct.pack("<I", int(addr_hex, 16)))
-            found.add((addr, int(port_hex, 16)))
-    return found
+# the servers (Prosody, ejabberd) + slixmpp
 
 
 ClientFactory = Callable[[str], slixmpp.ClientXMPP]
@@ -383,21 +361,29 @@ async def wait_for(awaitable: Awaitable[Any], timeout: float = 10.0) -> Any:
     return await asyncio.wait_for(awaitable, timeout)
 
 
-async def test_prosody_is_isolated_on_loopback(prosody: ProsodyServer) -> None:
-    assert prosody.running and prosody.pid is not None
-    assert prosody.host == "127.0.0.1"
-    assert (prosody.domain, prosody.muc_domain) == ("localhost", "conference.localhost")
-    # Only the c2s port, only on loopback: no s2s, http, component or IPv6 listener.
-    assert listening_sockets(prosody.pid) == {("127.0.0.1", prosody.c2s_port)}
-    assert prosody.pidfile_path.read_text().strip() == str(prosody.pid)
-    for path in (prosody.log_path, prosody.data_path, prosody.config_path):
-        assert path.is_relative_to(prosody.base_dir)
-    assert "Activated service 'c2s'" in prosody.log_path.read_text()
-    assert (prosody.data_path / "localhost" / "accounts" / "carol.dat").exists()
+async def test_the_server_is_isolated_on_loopback(server: LocalXMPPServer) -> None:
+    assert server.running and server.pid is not None
+    assert server.host == "127.0.0.1"
+    assert (server.domain, server.muc_domain) == ("localhost", "conference.localhost")
+    # Only loopback: no s2s, http, component, epmd or IPv6 listener. Prosody listens
+    # on c2s only; ejabberd also on its Erlang distribution port (ejabberdctl's way in).
+    assert listening_sockets(server.pid) == {("127.0.0.1", port) for port in server.listen_ports}
+    for path in (server.log_path, server.config_path, server.stderr_path):
+        assert path.is_relative_to(server.base_dir)
+    if isinstance(server, ProsodyServer):
+        assert server.listen_ports == {server.c2s_port}
+        assert server.pidfile_path.read_text().strip() == str(server.pid)
+        assert "Activated service 'c2s'" in server.log_path.read_text()
+        assert (server.data_path / "localhost" / "accounts" / "carol.dat").exists()
+    else:
+        assert isinstance(server, EjabberdServer)
+        assert server.listen_ports == {server.c2s_port, server.dist_port}
+        assert f"is started in the node '{server.node}'" in server.log_path.read_text()
+        assert server.ctl("registered_users", "localhost").split() == ["alice", "bob", "carol"]
 
 
 async def test_login_through_proxy_with_stream_management(
-    prosody: ProsodyServer, proxy: FaultProxy, make_client: ClientFactory
+    server: LocalXMPPServer, proxy: FaultProxy, make_client: ClientFactory
 ) -> None:
     alice = make_client("alice")
     await online(alice, proxy.address)
@@ -407,7 +393,7 @@ async def test_login_through_proxy_with_stream_management(
 
 
 async def test_cut_disconnects_client_and_session_resumes(
-    prosody: ProsodyServer, proxy: FaultProxy, make_client: ClientFactory
+    server: LocalXMPPServer, proxy: FaultProxy, make_client: ClientFactory
 ) -> None:
     alice = make_client("alice")
     await online(alice, proxy.address)
@@ -421,10 +407,10 @@ async def test_cut_disconnects_client_and_session_resumes(
 
 
 async def test_stall_delays_a_message_until_heal(
-    prosody: ProsodyServer, proxy: FaultProxy, make_client: ClientFactory
+    server: LocalXMPPServer, proxy: FaultProxy, make_client: ClientFactory
 ) -> None:
     alice, bob = make_client("alice"), make_client("bob")
-    await asyncio.gather(online(alice, proxy.address), online(bob, prosody.address))
+    await asyncio.gather(online(alice, proxy.address), online(bob, server.address))
     got = event_future(bob, "message")
     proxy.stall()
     alice.send_message(mto=bob.boundjid.full, mbody="held back", mtype="chat")
@@ -436,7 +422,7 @@ async def test_stall_delays_a_message_until_heal(
 
 
 async def test_refuse_keeps_client_out_until_healed(
-    prosody: ProsodyServer, proxy: FaultProxy, make_client: ClientFactory
+    server: LocalXMPPServer, proxy: FaultProxy, make_client: ClientFactory
 ) -> None:
     alice = make_client("alice")
     proxy.refuse(True)
@@ -451,9 +437,9 @@ async def test_refuse_keeps_client_out_until_healed(
 
 
 async def test_restart_keeps_accounts_but_not_sessions(
-    fresh_prosody: ProsodyServer, make_client: ClientFactory
+    fresh_server: LocalXMPPServer, make_client: ClientFactory
 ) -> None:
-    server = fresh_prosody
+    server = fresh_server
     server.register("dave", PASSWORD)  # works while running
     port = server.c2s_port
     dave = make_client("dave")
@@ -470,9 +456,9 @@ async def test_restart_keeps_accounts_but_not_sessions(
 
 
 async def test_kill_is_abrupt_and_start_recovers(
-    fresh_prosody: ProsodyServer, make_client: ClientFactory
+    fresh_server: LocalXMPPServer, make_client: ClientFactory
 ) -> None:
-    server = fresh_prosody
+    server = fresh_server
     carol = make_client("carol")
     await online(carol, server.address)
     disconnected = event_future(carol, "disconnected")
@@ -484,21 +470,26 @@ async def test_kill_is_abrupt_and_start_recovers(
     await online(carol2, server.address)
 
 
-async def test_start_failure_raises_with_log_tail(tmp_path: Path) -> None:
+async def test_start_failure_raises_with_log_tail(xmpp_server_kind: str, tmp_path: Path) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        server = ProsodyServer(tmp_path, c2s_port=busy.getsockname()[1], start_timeout=10)
-        with pytest.raises(ProsodyError) as info:
+        port = busy.getsockname()[1]
+        server = make_server(xmpp_server_kind, tmp_path, c2s_port=port, start_timeout=10)
+        with pytest.raises(ServerError) as info:
             await server.start()
     message = str(info.value)
+    assert isinstance(info.value, server.error)
     assert "could not bind c2s port" in message
-    assert "Failed to open server port" in message  # the log tail is included
+    # The log tail is included: each server says it in its own words.
+    assert ("Failed to open server port" if server.kind == "prosody" else "eaddrinuse") in message
     assert not server.running
 
 
-async def test_auto_port_taken_before_start_is_replaced(tmp_path: Path) -> None:
-    server = ProsodyServer(tmp_path)
+async def test_auto_port_taken_before_start_is_replaced(
+    xmpp_server_kind: str, tmp_path: Path
+) -> None:
+    server = make_server(xmpp_server_kind, tmp_path)
     picked = server.c2s_port
     with socket.socket() as thief:
         thief.bind(("127.0.0.1", picked))
@@ -506,12 +497,14 @@ async def test_auto_port_taken_before_start_is_replaced(tmp_path: Path) -> None:
         try:
             await server.start()
             assert server.c2s_port != picked
-            assert listening_sockets(server.pid or 0) == {("127.0.0.1", server.c2s_port)}
+            expected = {("127.0.0.1", port) for port in server.listen_ports}
+            assert listening_sockets(server.pid or 0) == expected
         finally:
             await server.stop()
     assert not server.running
 
 
+@pytest.mark.xmpp_server("prosody", reason="the Prosody launcher's own install check")
 def test_prosody_version_and_install_check(monkeypatch: pytest.MonkeyPatch) -> None:
     version = prosody_module.installed_prosody_version()
     assert version is not None and version.startswith("0.12.")
@@ -523,7 +516,8 @@ def test_prosody_version_and_install_check(monkeypatch: pytest.MonkeyPatch) -> N
         ensure_prosody_installed()
 
 
-def test_register_error_is_reported(tmp_path: Path) -> None:
+@pytest.mark.xmpp_server("prosody", reason="prosodyctl's own error message")
+def test_prosody_register_error_is_reported(tmp_path: Path) -> None:
     server = ProsodyServer(tmp_path)
     with pytest.raises(ProsodyError, match="hostname does not exist"):
         server.register("eve", PASSWORD, domain="nowhere.example")

@@ -43,7 +43,7 @@ from xmpp_sm_tracker import (
     TrackedMessage,
 )
 from xmpp_sm_tracker.core.phases import SMPhase
-from xmpp_sm_tracker.testing import FaultProxy, ProsodyServer
+from xmpp_sm_tracker.testing import FaultProxy, LocalXMPPServer
 from xmpp_sm_tracker.testing.client import connect_client, make_client, tracker_of, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -161,14 +161,14 @@ async def clients() -> AsyncIterator[Factory]:
             xmpp.abort()
 
 
-def room_jid(prosody: ProsodyServer) -> str:
-    return f"hostile-{uuid.uuid4().hex[:8]}@{prosody.muc_domain}"
+def room_jid(server: LocalXMPPServer) -> str:
+    return f"hostile-{uuid.uuid4().hex[:8]}@{server.muc_domain}"
 
 
-async def leave_a_crashed_store(prosody: ProsodyServer, db: Path, count: int = 5) -> SMState:
+async def leave_a_crashed_store(server: LocalXMPPServer, db: Path, count: int = 5) -> SMState:
     """A client that sent ``count`` durable messages into a stalled link, then vanished
     without a word: the file keeps them in flight, with a resumable SM state."""
-    async with FaultProxy(prosody.host, prosody.c2s_port) as proxy:
+    async with FaultProxy(server.host, server.c2s_port) as proxy:
         xmpp = make_client(
             "alice@localhost/crashed", "pass", tracker_config={**FAST, "auto_reconnect": False}
         )
@@ -287,10 +287,10 @@ def _corrupt(state: SMState, how: str) -> object:
     ],
 )
 async def test_a_corrupt_sm_state_is_refused_whole_and_the_records_settle_failed(
-    how: str, prosody: ProsodyServer, tmp_path: Path, clients: Factory
+    how: str, server: LocalXMPPServer, tmp_path: Path, clients: Factory
 ) -> None:
     db = tmp_path / "alice.sqlite"
-    state = await leave_a_crashed_store(prosody, db)
+    state = await leave_a_crashed_store(server, db)
     alice = await clients("alice", None)
     store = SQLiteStore(db)
     try:
@@ -299,7 +299,7 @@ async def test_a_corrupt_sm_state_is_refused_whole_and_the_records_settle_failed
             alice.tracker.sm.load(_corrupt(state, how))
         core = alice.tracker.core
         assert core.session.sm_id is None and len(core.ledger) == 0  # nothing half-applied
-        await connect_client(alice.xmpp, prosody.address)  # a fresh session
+        await connect_client(alice.xmpp, server.address)  # a fresh session
         await wait_for(lambda: alice.count("message:failed") == 5)
         failed = await alice.tracker.failed()
         assert [r.body for r in failed] == [f"crashed {i}" for i in range(5)]
@@ -312,10 +312,10 @@ async def test_a_corrupt_sm_state_is_refused_whole_and_the_records_settle_failed
 
 
 async def test_a_truncated_sm_state_in_the_database_is_a_clear_error_and_records_are_kept(
-    prosody: ProsodyServer, tmp_path: Path, clients: Factory
+    server: LocalXMPPServer, tmp_path: Path, clients: Factory
 ) -> None:
     db = tmp_path / "alice.sqlite"
-    await leave_a_crashed_store(prosody, db)
+    await leave_a_crashed_store(server, db)
     with contextlib.closing(sqlite3.connect(db)) as raw:
         raw.execute("UPDATE sm_state SET state = substr(state, 1, length(state) / 2)")
         raw.commit()
@@ -325,7 +325,7 @@ async def test_a_truncated_sm_state_in_the_database_is_a_clear_error_and_records
         await alice.tracker.attach(store)
         with pytest.raises(StoreError, match=r"alice\.sqlite.*not valid JSON"):
             await store.load_sm_state()
-        await connect_client(alice.xmpp, prosody.address)
+        await connect_client(alice.xmpp, server.address)
         await wait_for(lambda: alice.count("message:failed") == 5)
         assert len(await alice.tracker.failed()) == 5
         assert await alice.tracker.pending() == []
@@ -336,13 +336,13 @@ async def test_a_truncated_sm_state_in_the_database_is_a_clear_error_and_records
 
 
 async def test_a_state_forged_for_another_accounts_stream_cannot_resume_it(
-    prosody: ProsodyServer, clients: Factory
+    server: LocalXMPPServer, clients: Factory
 ) -> None:
     """The client refuses a state whose JID is another account's (test_live_restart);
     here the JID is rewritten to ours, so only the server stands between us and
     carol's stream: resumption must fail, we stay alice, carol's session stays hers."""
-    bob = await clients("bob", prosody.address, tracked=False)
-    async with FaultProxy(prosody.host, prosody.c2s_port) as carols_link:
+    bob = await clients("bob", server.address, tracked=False)
+    async with FaultProxy(server.host, server.c2s_port) as carols_link:
         carol = await clients("carol", carols_link.address, **SILENT)
         states: list[Any] = []
         carol.tracker.sm.cache(states.append)
@@ -359,7 +359,7 @@ async def test_a_state_forged_for_another_accounts_stream_cannot_resume_it(
 
         alice = await clients("alice", None)
         alice.tracker.sm.load(stolen)  # passes the client-side check: the JID says alice
-        await connect_client(alice.xmpp, prosody.address)
+        await connect_client(alice.xmpp, server.address)
         assert alice.xmpp.boundjid.bare == "alice@localhost"
         assert alice.tracker.core.session.sm_id != stolen["stream_id"]
         assert alice.tracker.managed
@@ -377,12 +377,12 @@ async def test_a_state_forged_for_another_accounts_stream_cannot_resume_it(
 
 
 async def test_attaching_a_corrupt_database_is_a_clear_error_and_the_stream_goes_on(
-    prosody: ProsodyServer, tmp_path: Path, clients: Factory
+    server: LocalXMPPServer, tmp_path: Path, clients: Factory
 ) -> None:
     db = tmp_path / "garbage.sqlite"
     garbage = b"SQLite format 3\x00" + os.urandom(4096)
     db.write_bytes(garbage)
-    alice = await clients("alice", prosody.address)
+    alice = await clients("alice", server.address)
     broken = SQLiteStore(db)
     with pytest.raises(StoreError, match=r"garbage\.sqlite"):
         await alice.tracker.attach(broken)
@@ -393,13 +393,13 @@ async def test_attaching_a_corrupt_database_is_a_clear_error_and_the_stream_goes
 
 
 async def test_a_failed_attach_keeps_the_store_that_works(
-    prosody: ProsodyServer, tmp_path: Path, clients: Factory
+    server: LocalXMPPServer, tmp_path: Path, clients: Factory
 ) -> None:
     """Regression: attach() used to switch to the new store before reading it, so a
     broken file left the tracker writing into it (found by this suite)."""
     db = tmp_path / "garbage.sqlite"
     db.write_bytes(b"SQLite format 3\x00" + os.urandom(4096))
-    alice = await clients("alice", prosody.address)
+    alice = await clients("alice", server.address)
     working = MemoryStore()
     await alice.tracker.attach(working)
     broken = SQLiteStore(db)
@@ -414,17 +414,17 @@ async def test_a_failed_attach_keeps_the_store_that_works(
 
 
 async def test_a_read_only_database_is_a_clear_error_and_the_stream_goes_on(
-    prosody: ProsodyServer, tmp_path: Path, clients: Factory, caplog: pytest.LogCaptureFixture
+    server: LocalXMPPServer, tmp_path: Path, clients: Factory, caplog: pytest.LogCaptureFixture
 ) -> None:
     db = tmp_path / "alice.sqlite"
-    await leave_a_crashed_store(prosody, db)
+    await leave_a_crashed_store(server, db)
     before = db.read_bytes()
     alice = await clients("alice", None)
     with immutable(db):
         store = SQLiteStore(db)
         try:
             await alice.tracker.attach(store)  # reading works: 5 records adopted
-            await connect_client(alice.xmpp, prosody.address)
+            await connect_client(alice.xmpp, server.address)
             await wait_for(lambda: alice.count("message:failed") == 5)
             ids = [alice.send("bob@localhost", f"unsaved {i}") for i in range(3)]
             await wait_for(lambda: alice.count("message:acked") == 3)
@@ -443,17 +443,17 @@ async def test_a_read_only_database_is_a_clear_error_and_the_stream_goes_on(
 
 
 async def test_records_queued_for_a_read_only_database_move_to_a_new_store(
-    prosody: ProsodyServer, tmp_path: Path, clients: Factory
+    server: LocalXMPPServer, tmp_path: Path, clients: Factory
 ) -> None:
     """Regression: attach() used to flush the old store first and raise, so records
     queued for a store that cannot write were stuck and lost at exit."""
     db = tmp_path / "alice.sqlite"
-    await leave_a_crashed_store(prosody, db)
+    await leave_a_crashed_store(server, db)
     alice = await clients("alice", None)
     with immutable(db):
         store = SQLiteStore(db)
         await alice.tracker.attach(store)
-        await connect_client(alice.xmpp, prosody.address)
+        await connect_client(alice.xmpp, server.address)
         ids = [alice.send("bob@localhost", f"unsaved {i}") for i in range(3)]
         await wait_for(lambda: alice.count("message:acked") == 3)
     rescue = SQLiteStore(tmp_path / "rescue.sqlite")
@@ -474,7 +474,7 @@ async def test_records_queued_for_a_read_only_database_move_to_a_new_store(
 
 
 async def test_a_store_whose_writes_fail_for_a_while_loses_nothing(
-    prosody: ProsodyServer, proxy: FaultProxy, clients: Factory, caplog: pytest.LogCaptureFixture
+    server: LocalXMPPServer, proxy: FaultProxy, clients: Factory, caplog: pytest.LogCaptureFixture
 ) -> None:
     flaky = FlakyStore()
     alice = await clients("alice", proxy.address)
@@ -497,7 +497,7 @@ async def test_a_store_whose_writes_fail_for_a_while_loses_nothing(
 
 
 async def test_records_reach_a_recovered_store_after_a_failed_flush_without_new_events(
-    prosody: ProsodyServer, proxy: FaultProxy, clients: Factory
+    server: LocalXMPPServer, proxy: FaultProxy, clients: Factory
 ) -> None:
     """Regression: a failed flush() used to cancel the writer's retry timer, so queued
     records waited for some later event to be written."""
@@ -515,7 +515,7 @@ async def test_records_reach_a_recovered_store_after_a_failed_flush_without_new_
 
 
 async def test_send_message_into_a_failing_store_leaves_no_stuck_record(
-    prosody: ProsodyServer, proxy: FaultProxy, clients: Factory
+    server: LocalXMPPServer, proxy: FaultProxy, clients: Factory
 ) -> None:
     """Regression: a durable send whose flush failed used to leave a SENT record that
     never went out, could not be resent and could not be deleted."""
@@ -537,9 +537,9 @@ async def test_send_message_into_a_failing_store_leaves_no_stuck_record(
 
 
 async def test_h_beyond_what_was_sent_fails_unacked_as_protocol_error_and_starts_fresh(
-    prosody: ProsodyServer, proxy: FaultProxy, clients: Factory, caplog: pytest.LogCaptureFixture
+    server: LocalXMPPServer, proxy: FaultProxy, clients: Factory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    bob = await clients("bob", prosody.address, tracked=False)
+    bob = await clients("bob", server.address, tracked=False)
     alice = await clients("alice", proxy.address, **SILENT)
     ids = [alice.send("bob@localhost", f"too high {i}") for i in range(5)]
     await wait_for(lambda: len(bob.bodies) == 5)  # the server has them, unacked
@@ -560,8 +560,9 @@ async def test_h_beyond_what_was_sent_fails_unacked_as_protocol_error_and_starts
     assert any(
         r.levelno >= logging.ERROR and "protocol error" in r.getMessage() for r in caplog.records
     )
-    # a fresh session on a new connection, never a resumption of the broken one
-    await wait_for(lambda: alice.tracker.session_live, timeout=10)
+    # a fresh session on a new connection, never a resumption of the broken one (managed,
+    # not only live: the session starts before <enabled/> gives its stream id)
+    await wait_for(lambda: alice.tracker.session_live and alice.tracker.managed, timeout=10)
     session = alice.tracker.core.session
     assert proxy.connections == 2 and session.sm_id not in (None, first_stream)
     assert [r.id for r in await alice.tracker.failed()] == ids
@@ -575,7 +576,7 @@ async def test_h_beyond_what_was_sent_fails_unacked_as_protocol_error_and_starts
 
 
 async def test_h_going_backwards_is_ignored_as_a_stale_ack(
-    prosody: ProsodyServer, proxy: FaultProxy, clients: Factory, caplog: pytest.LogCaptureFixture
+    server: LocalXMPPServer, proxy: FaultProxy, clients: Factory, caplog: pytest.LogCaptureFixture
 ) -> None:
     alice = await clients("alice", proxy.address)
     ids = [alice.send("bob@localhost", f"acked {i}") for i in range(5)]
@@ -607,7 +608,7 @@ async def test_h_going_backwards_is_ignored_as_a_stale_ack(
 )
 async def test_an_ack_without_a_valid_h_is_ignored_with_a_warning(
     ack: str,
-    prosody: ProsodyServer,
+    server: LocalXMPPServer,
     proxy: FaultProxy,
     clients: Factory,
     caplog: pytest.LogCaptureFixture,
@@ -628,7 +629,7 @@ async def test_an_ack_without_a_valid_h_is_ignored_with_a_warning(
 
 @pytest.mark.parametrize("h", ["1_0", "\u0661\u0660"])
 async def test_an_ack_with_a_python_only_number_is_ignored(
-    h: str, prosody: ProsodyServer, proxy: FaultProxy, clients: Factory
+    h: str, server: LocalXMPPServer, proxy: FaultProxy, clients: Factory
 ) -> None:
     """Regression: h used to be parsed with int(), which takes '1_0' and non-ASCII
     digits: not XML numbers, they must be ignored like any other bad h."""
@@ -647,7 +648,7 @@ _ENABLED = rb"<enabled "
 @pytest.mark.parametrize("location", ["nonsense", "host:", ":5222", "host:port", "[::1]"])
 async def test_enabled_with_an_unusable_location_is_ignored_with_a_warning(
     location: str,
-    prosody: ProsodyServer,
+    server: LocalXMPPServer,
     proxy: FaultProxy,
     clients: Factory,
     caplog: pytest.LogCaptureFixture,
@@ -668,7 +669,7 @@ async def test_enabled_with_an_unusable_location_is_ignored_with_a_warning(
 
 @pytest.mark.parametrize("location", ["127.0.0.1:99999", "127.0.0.1:0"])
 async def test_enabled_with_an_out_of_range_location_port_is_ignored(
-    location: str, prosody: ProsodyServer, proxy: FaultProxy, clients: Factory
+    location: str, server: LocalXMPPServer, proxy: FaultProxy, clients: Factory
 ) -> None:
     """Regression: a location port of 0 or above 65535 used to be kept, and the
     reconnect went there and never came back."""
@@ -683,7 +684,7 @@ async def test_enabled_with_an_out_of_range_location_port_is_ignored(
 
 
 async def test_a_location_that_does_not_answer_falls_back_to_the_address_we_were_given(
-    prosody: ProsodyServer, proxy: FaultProxy, clients: Factory, caplog: pytest.LogCaptureFixture
+    server: LocalXMPPServer, proxy: FaultProxy, clients: Factory, caplog: pytest.LogCaptureFixture
 ) -> None:
     # A server may prefer another node for resumption; if that node is down the client
     # must come back to the address the app gave, not knock on the dead one for ever.
@@ -708,7 +709,7 @@ async def test_a_location_that_does_not_answer_falls_back_to_the_address_we_were
 
 @pytest.mark.parametrize("max_value", ["soon", "-5", "4294967296", ""])
 async def test_enabled_with_a_bad_max_keeps_a_working_resumable_session(
-    max_value: str, prosody: ProsodyServer, proxy: FaultProxy, clients: Factory
+    max_value: str, server: LocalXMPPServer, proxy: FaultProxy, clients: Factory
 ) -> None:
     proxy.rewrite(rb"max=(['\"])[^'\"]*\1", b"max='" + max_value.encode() + b"'")
     alice = await clients("alice", proxy.address, **SILENT)
@@ -724,7 +725,7 @@ async def test_enabled_with_a_bad_max_keeps_a_working_resumable_session(
 
 
 async def test_enabled_with_a_bad_max_is_warned_about(
-    prosody: ProsodyServer, proxy: FaultProxy, clients: Factory, caplog: pytest.LogCaptureFixture
+    server: LocalXMPPServer, proxy: FaultProxy, clients: Factory, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Regression: an unparseable max used to be dropped without a word."""
     proxy.rewrite(rb"max=(['\"])[^'\"]*\1", b"max='soon'")
@@ -735,9 +736,9 @@ async def test_enabled_with_a_bad_max_is_warned_about(
 
 
 async def test_resumed_for_another_stream_drops_the_session_and_loses_nothing(
-    prosody: ProsodyServer, proxy: FaultProxy, clients: Factory, caplog: pytest.LogCaptureFixture
+    server: LocalXMPPServer, proxy: FaultProxy, clients: Factory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    bob = await clients("bob", prosody.address, tracked=False)
+    bob = await clients("bob", server.address, tracked=False)
     alice = await clients("alice", proxy.address, **SILENT)
     first_stream = alice.tracker.core.session.sm_id
     ids = [alice.send("bob@localhost", f"resumed {i}") for i in range(3)]
@@ -749,7 +750,7 @@ async def test_resumed_for_another_stream_drops_the_session_and_loses_nothing(
     assert {alice.last[i].reason for i in ids} == {"protocol-error"}
     assert "does not match our stream" in caplog.text
     proxy.heal()
-    await wait_for(lambda: alice.tracker.session_live, timeout=10)
+    await wait_for(lambda: alice.tracker.session_live and alice.tracker.managed, timeout=10)
     session = alice.tracker.core.session
     assert session.sm_id not in (None, first_stream)  # started afresh
     assert [r.id for r in await alice.tracker.failed()] == ids
@@ -763,12 +764,12 @@ async def test_resumed_for_another_stream_drops_the_session_and_loses_nothing(
 
 
 async def test_a_connection_lost_while_waiting_for_resumed_does_not_end_the_next_session(
-    prosody: ProsodyServer, proxy: FaultProxy, clients: Factory, caplog: pytest.LogCaptureFixture
+    server: LocalXMPPServer, proxy: FaultProxy, clients: Factory, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Found by scripts/chaos: the wait for <resumed/> outlived its connection; when it
     # timed out it fired session_end on the next connection's session (its messages
     # failed, and the server's next <a/> looked like a protocol error).
-    bob = await clients("bob", prosody.address, tracked=False)
+    bob = await clients("bob", server.address, tracked=False)
     alice = await clients("alice", proxy.address, negotiation_timeout=1.5)
     [first] = [alice.send("bob@localhost", "before the cuts")]
     await wait_for(lambda: alice.count("message:acked") == 1)
@@ -793,11 +794,11 @@ async def test_a_connection_lost_while_waiting_for_resumed_does_not_end_the_next
 
 
 async def _every_message_event(
-    prosody: ProsodyServer, proxy: FaultProxy, clients: Factory
+    server: LocalXMPPServer, proxy: FaultProxy, clients: Factory
 ) -> tuple[Party, Party, dict[str, str]]:
     """One run that fires every ``message:*`` event: sent, acked, delivered, displayed,
     room_received, failed (a bounce), hibernated and resent (a cut)."""
-    bob = await clients("bob", prosody.address, tracked=False, plugins=("xep_0184",))
+    bob = await clients("bob", server.address, tracked=False, plugins=("xep_0184",))
     bob.xmpp.plugin["xep_0184"].auto_ack = True
     alice = await clients(
         "alice",
@@ -806,12 +807,12 @@ async def _every_message_event(
         request_receipts=True,
         request_markers=True,
     )
-    room = room_jid(prosody)
+    room = room_jid(server)
     await alice.join(room, "Alice")
     ids = {
         "chat": alice.send(str(bob.xmpp.boundjid), "read me"),
         "room": alice.send(room, "to the room", "groupchat"),
-        "bounce": alice.send(room_jid(prosody), "to nowhere", "groupchat"),
+        "bounce": alice.send(room_jid(server), "to nowhere", "groupchat"),
     }
     await wait_for(lambda: alice.count("message:delivered") == 1)
     marker = bob.xmpp.make_message(mto=alice.xmpp.boundjid, mtype="chat")
@@ -868,7 +869,7 @@ class Raiser:
 @pytest.mark.parametrize("bus", ["slixmpp", "pyee"])
 async def test_raising_handlers_on_every_message_event_break_nothing(
     bus: str,
-    prosody: ProsodyServer,
+    server: LocalXMPPServer,
     proxy: FaultProxy,
     clients: Factory,
     caplog: pytest.LogCaptureFixture,
@@ -887,7 +888,7 @@ async def test_raising_handlers_on_every_message_event_break_nothing(
                         party.tracker.events.on(name, handler)
         return party
 
-    alice, bob, ids = await _every_message_event(prosody, proxy, raising_clients)
+    alice, bob, ids = await _every_message_event(server, proxy, raising_clients)
     _assert_every_record_right(alice, bob, ids)
     # every event reached the raising callbacks too, and each raise was logged
     # (the handlers were added after session start: sent/acked fire from the first message)
@@ -900,7 +901,7 @@ async def test_raising_handlers_on_every_message_event_break_nothing(
 
 
 async def test_a_raising_stanza_handler_on_the_slixmpp_bus_sends_nothing(
-    prosody: ProsodyServer, proxy: FaultProxy, clients: Factory
+    server: LocalXMPPServer, proxy: FaultProxy, clients: Factory
 ) -> None:
     """Regression: slixmpp hands a handler's exception to the payload's exception(),
     and a stanza's replies with an error stanza: with our own outgoing stanza as
@@ -926,7 +927,7 @@ async def test_a_raising_stanza_handler_on_the_slixmpp_bus_sends_nothing(
 
 
 async def test_a_raising_should_track_tracks_the_message_anyway(
-    prosody: ProsodyServer, proxy: FaultProxy, clients: Factory, caplog: pytest.LogCaptureFixture
+    server: LocalXMPPServer, proxy: FaultProxy, clients: Factory, caplog: pytest.LogCaptureFixture
 ) -> None:
     def predicate(_message: Any) -> bool:
         raise ValueError("user bug in should_track")
@@ -943,7 +944,7 @@ async def test_a_raising_should_track_tracks_the_message_anyway(
 @pytest.mark.parametrize("kind", ["sync", "async"])
 async def test_a_raising_sm_cache_is_logged_retried_and_never_breaks_the_stream(
     kind: str,
-    prosody: ProsodyServer,
+    server: LocalXMPPServer,
     proxy: FaultProxy,
     clients: Factory,
     caplog: pytest.LogCaptureFixture,
@@ -978,7 +979,7 @@ async def test_a_raising_sm_cache_is_logged_retried_and_never_breaks_the_stream(
 
 
 async def test_database_and_state_files_are_private_after_a_live_session(
-    prosody: ProsodyServer, proxy: FaultProxy, tmp_path: Path, clients: Factory
+    server: LocalXMPPServer, proxy: FaultProxy, tmp_path: Path, clients: Factory
 ) -> None:
     folder = tmp_path / "state"
     folder.mkdir()
@@ -1108,7 +1109,7 @@ HOSTILE = "x'); DROP TABLE records; -- \" % _ \\ ☃"
 
 
 async def test_hostile_ids_bodies_and_jids_only_travel_as_bound_parameters(
-    prosody: ProsodyServer,
+    server: LocalXMPPServer,
     proxy: FaultProxy,
     tmp_path: Path,
     clients: Factory,
@@ -1158,7 +1159,7 @@ async def test_hostile_ids_bodies_and_jids_only_travel_as_bound_parameters(
 
 
 async def test_no_password_and_no_body_in_logs_at_info_and_above(
-    prosody: ProsodyServer,
+    server: LocalXMPPServer,
     proxy: FaultProxy,
     tmp_path: Path,
     clients: Factory,
@@ -1168,9 +1169,9 @@ async def test_no_password_and_no_body_in_logs_at_info_and_above(
     a protocol error, a store error, a clean close) logs neither the password nor
     a message body at INFO or above, from any logger, slixmpp's included."""
     password = "s3cret-pass"
-    prosody.register("erin", password)
+    server.register("erin", password)
     caplog.set_level(logging.DEBUG)
-    bob = await clients("bob", prosody.address, tracked=False)
+    bob = await clients("bob", server.address, tracked=False)
     erin = await clients("erin", None, password=password, **SILENT)
     flaky = FlakyStore()
     await erin.tracker.attach(flaky)
@@ -1190,12 +1191,13 @@ async def test_no_password_and_no_body_in_logs_at_info_and_above(
     erin.send("bob@localhost", "secret body 2")
     await asyncio.sleep(0.2)
     proxy.heal()
-    erin.tracker.core.session.sm_id = "a-stream-the-server-never-heard-of"
+    # <resume previd> for a stream the server never had: refused without an h.
+    proxy.rewrite(rb'previd="[^"]*"', b'previd="a-stream-the-server-never-heard-of"', upstream=True)
     proxy.cut()
     await wait_for(lambda: erin.count("message:failed") == 1, timeout=10)
     await wait_for(lambda: erin.tracker.session_live, timeout=10)
     await erin.tracker.resend_failed()
-    erin.send(room_jid(prosody), "secret body 3", "groupchat")  # bounces
+    erin.send(room_jid(server), "secret body 3", "groupchat")  # bounces
     flaky.failing = True
     erin.send("bob@localhost", "secret body 4")
     await wait_for(lambda: flaky.refused >= 1)

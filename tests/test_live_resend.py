@@ -1,31 +1,20 @@
-"""Issue #6 scenarios: resend, retry policy, order, archive reconciliation, on Prosody."""
+"""Issue #6 scenarios: resend, retry policy, order, archive reconciliation, live."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 
 from xmpp_sm_tracker import AckPolicy, DeliveryState, RetryPolicy
-from xmpp_sm_tracker.testing import FaultProxy, ProsodyServer
+from xmpp_sm_tracker.testing import FaultProxy, LocalXMPPServer
 from xmpp_sm_tracker.testing.client import ClientPool, Party, wait_for
+from xmpp_sm_tracker.testing.pytest_plugin import ServerFactory
 
 FAST = {"reconnect_delay": 0.1, "reconnect_max_delay": 1.0, "ack_delay": 0.05}
 SILENT = {**FAST, "ack_every": 10**6, "ack_delay": 3600.0}
-
-
-@pytest_asyncio.fixture
-async def server(tmp_path: Path) -> AsyncIterator[ProsodyServer]:
-    prosody = ProsodyServer(tmp_path / "prosody", hibernation_time=30)
-    for user in ("alice", "bob"):
-        prosody.register(user, "pass")
-    async with prosody:
-        yield prosody
 
 
 @pytest.fixture
@@ -56,14 +45,16 @@ async def send_into_the_void(
 async def fail_by_refused_resumption(alice: Party, proxy: FaultProxy) -> None:
     """The server forgets nothing, but our resumption is refused without an h: everything
     unacked fails although the server may have it (the case reconciliation is for)."""
-    alice.tracker.core.session.sm_id = "not-a-stream-the-server-knows"
+    # <resume previd> for a stream the server never had: refused without an h.
+    proxy.rewrite(rb'previd="[^"]*"', b'previd="not-a-stream-the-server-knows"', upstream=True)
     proxy.cut()
     await wait_for(lambda: alice.tracker.managed is False)
     await wait_for(lambda: alice.tracker.managed, timeout=15)
+    proxy.heal()  # later resumptions go through
 
 
 async def test_resend_failed_sends_in_original_order_each_once(
-    server: ProsodyServer, parties: Any
+    server: LocalXMPPServer, parties: Any
 ) -> None:
     async with FaultProxy(server.host, server.c2s_port) as proxy:
         bob = await parties("bob", server.address)
@@ -82,7 +73,7 @@ async def test_resend_failed_sends_in_original_order_each_once(
 
 
 async def test_a_resent_message_carries_its_original_time_on_the_wire_and_in_its_record(
-    server: ProsodyServer, parties: Any
+    server: LocalXMPPServer, parties: Any
 ) -> None:
     async with FaultProxy(server.host, server.c2s_port) as proxy:
         bob = await parties("bob", server.address)
@@ -107,7 +98,7 @@ async def test_a_resent_message_carries_its_original_time_on_the_wire_and_in_its
 
 
 async def test_reconciliation_finds_stored_messages_and_does_not_resend_them(
-    server: ProsodyServer, parties: Any
+    server: LocalXMPPServer, parties: Any
 ) -> None:
     async with FaultProxy(server.host, server.c2s_port) as proxy:
         bob = await parties("bob", server.address)
@@ -132,7 +123,7 @@ async def test_reconciliation_finds_stored_messages_and_does_not_resend_them(
 
 
 async def test_retry_policy_gives_up_after_three_attempts_when_the_link_stays_down(
-    server: ProsodyServer, parties: Any
+    server: LocalXMPPServer, parties: Any
 ) -> None:
     policy = RetryPolicy(max_attempts=3, delay=0.2, attempt_timeout=0.5)
     async with FaultProxy(server.host, server.c2s_port) as proxy:
@@ -154,7 +145,7 @@ async def test_retry_policy_gives_up_after_three_attempts_when_the_link_stays_do
 
 
 async def test_retry_policy_delivers_once_the_link_is_back_in_time(
-    server: ProsodyServer, parties: Any
+    server: LocalXMPPServer, parties: Any
 ) -> None:
     policy = RetryPolicy(max_attempts=3, delay=0.2, attempt_timeout=0.5)
     async with FaultProxy(server.host, server.c2s_port) as proxy:
@@ -175,7 +166,7 @@ async def test_retry_policy_delivers_once_the_link_is_back_in_time(
 
 
 async def test_an_ack_after_the_attempt_timeout_settles_the_message_without_a_retry(
-    server: ProsodyServer, parties: Any
+    server: LocalXMPPServer, parties: Any
 ) -> None:
     # The copy on the wire outlived its attempt timeout in a stalled link; the server
     # gets it when the link heals. Its ack must count: resending would duplicate it.
@@ -206,7 +197,7 @@ async def test_an_ack_after_the_attempt_timeout_settles_the_message_without_a_re
 
 
 async def test_a_link_drop_after_attempt_timeouts_comes_back_and_delivers_each_once(
-    server: ProsodyServer, parties: Any
+    server: LocalXMPPServer, parties: Any
 ) -> None:
     # Was (found by the protocol model): an attempt timeout failed messages whose copies
     # were on the wire; the link then dropped and link_lost raised IllegalTransition
@@ -235,7 +226,7 @@ async def test_a_link_drop_after_attempt_timeouts_comes_back_and_delivers_each_o
         assert [bob.received.counts[body] for body in bodies] == [1] * len(bodies)
 
 
-async def test_a_cancel_bounce_is_never_retried(server: ProsodyServer, parties: Any) -> None:
+async def test_a_cancel_bounce_is_never_retried(server: LocalXMPPServer, parties: Any) -> None:
     policy = RetryPolicy(max_attempts=5, delay=0.05)
     alice = await parties("alice", server.address, retry_policy=policy)
     room = f"nowhere-{uuid.uuid4().hex[:6]}@{server.muc_domain}"
@@ -250,7 +241,7 @@ async def test_a_cancel_bounce_is_never_retried(server: ProsodyServer, parties: 
 
 @pytest.mark.parametrize("durable", [False, True], ids=["send", "send_message"])
 async def test_new_messages_wait_behind_a_resend_of_the_same_conversation(
-    server: ProsodyServer, parties: Any, durable: bool
+    server: LocalXMPPServer, parties: Any, durable: bool
 ) -> None:
     async with FaultProxy(server.host, server.c2s_port) as proxy:
         bob = await parties("bob", server.address)
@@ -272,7 +263,7 @@ async def test_new_messages_wait_behind_a_resend_of_the_same_conversation(
 
 
 async def test_failed_messages_can_be_listed_per_conversation_and_deleted(
-    server: ProsodyServer, parties: Any
+    server: LocalXMPPServer, parties: Any
 ) -> None:
     async with FaultProxy(server.host, server.c2s_port) as proxy:
         alice = await parties("alice", proxy.address, **SILENT)
@@ -291,3 +282,27 @@ async def test_failed_messages_can_be_listed_per_conversation_and_deleted(
         assert [r.id for r in await alice.tracker.failed()] == [to_carol]
         assert await alice.tracker.delete(to_carol) is True
         assert await alice.tracker.failed() == []
+
+
+@pytest.mark.xmpp_server("ejabberd", reason="ejabberd's mod_mam archives nothing by default")
+async def test_without_an_archive_reconciliation_resends_and_the_peer_gets_a_duplicate(
+    xmpp_server_factory: ServerFactory, parties: Any
+) -> None:
+    # ejabberd's mod_mam default is `never` (the test server sets `always`): then the
+    # archive check finds nothing, every unconfirmed message is resent, and the peer
+    # sees it twice with the same id and origin-id (its client drops the copy).
+    server = await xmpp_server_factory(modules={"mod_mam": {"default": "never"}})
+    async with FaultProxy(server.host, server.c2s_port) as proxy:
+        bob = await parties("bob", server.address)
+        alice = await parties("alice", proxy.address, **SILENT)
+        ids = [alice.send("bob@localhost", f"unarchived {i}") for i in range(3)]
+        await wait_for(lambda: len(bob.received.bodies) == 3)
+        await fail_by_refused_resumption(alice, proxy)
+        await wait_for(lambda: alice.log.count("message:failed") == 3)
+
+        results = await alice.tracker.resend_failed()
+        assert [r.id for r in results] == ids
+        assert all(r.state is DeliveryState.RESENT for r in results)
+        alice.tracker.ack_clock.policy = AckPolicy(delay=0.05)
+        await wait_for(lambda: alice.log.count("message:acked") == 3)
+        await wait_for(lambda: all(bob.received.counts[f"unarchived {i}"] == 2 for i in range(3)))

@@ -1,4 +1,4 @@
-"""Issue #4: tracking survives the process. Real processes, SIGKILL, a real Prosody."""
+"""Issue #4: tracking survives the process. Real processes, SIGKILL, a real server."""
 
 from __future__ import annotations
 
@@ -7,15 +7,13 @@ import json
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 
 from xmpp_sm_tracker import DeliveryState, SMStateError, SQLiteStore, StoreError
-from xmpp_sm_tracker.testing import FaultProxy, ProsodyServer
+from xmpp_sm_tracker.testing import FaultProxy, LocalXMPPServer
 from xmpp_sm_tracker.testing.client import (
     EventLog,
     Received,
@@ -83,16 +81,7 @@ async def crash_child_with_messages_in_a_blackhole(db: Path, proxy: FaultProxy) 
     proxy.heal()
 
 
-@pytest_asyncio.fixture
-async def server(tmp_path: Path) -> AsyncIterator[ProsodyServer]:
-    prosody = ProsodyServer(tmp_path / "prosody", hibernation_time=30)
-    for user in ("alice", "bob"):
-        prosody.register(user, "pass")
-    async with prosody:
-        yield prosody
-
-
-async def start_bob(server: ProsodyServer) -> tuple[Any, Received]:
+async def start_bob(server: LocalXMPPServer) -> tuple[Any, Received]:
     bob = make_client("bob@localhost/desk", "pass", tracked=False)
     received = Received()
     received.attach(bob)
@@ -115,7 +104,7 @@ async def restarted_alice(db: Path, address: tuple[str, int]) -> tuple[Any, Any,
 
 
 async def test_killed_process_is_resumed_by_the_next_one_nothing_lost_nothing_twice(
-    server: ProsodyServer, tmp_path: Path
+    server: LocalXMPPServer, tmp_path: Path
 ) -> None:
     db = tmp_path / "alice.sqlite"
     bob, received = await start_bob(server)
@@ -145,8 +134,9 @@ async def test_killed_process_is_resumed_by_the_next_one_nothing_lost_nothing_tw
 
 
 async def test_killed_process_after_server_restart_fails_them_and_resend_works(
-    server: ProsodyServer, tmp_path: Path
+    fresh_server: LocalXMPPServer, tmp_path: Path
 ) -> None:
+    server = fresh_server
     db = tmp_path / "alice.sqlite"
     async with FaultProxy(server.host, server.c2s_port) as proxy:
         await crash_child_with_messages_in_a_blackhole(db, proxy)
@@ -155,6 +145,7 @@ async def test_killed_process_after_server_restart_fails_them_and_resend_works(
         alice, store, log = await restarted_alice(db, proxy.address)
         try:
             await wait_for(lambda: log.count("message:failed") == COUNT, timeout=20)
+            await tracker_of(alice).flush()
             failed = await store.failed()
             assert len(failed) == COUNT
             assert {r.reason for r in failed} == {"resume-failed"}
@@ -178,7 +169,7 @@ async def test_killed_process_after_server_restart_fails_them_and_resend_works(
 
 
 async def test_state_of_another_account_is_refused_and_records_kept(
-    server: ProsodyServer, tmp_path: Path
+    server: LocalXMPPServer, tmp_path: Path
 ) -> None:
     db = tmp_path / "alice.sqlite"
     async with FaultProxy(server.host, server.c2s_port) as proxy:

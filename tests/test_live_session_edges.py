@@ -4,19 +4,22 @@ Each was found by reading the plugin against XEP-0198 and the bug reports of oth
 libraries (docs/reliability.md): a stream error answering ``<resume/>`` (aioxmpp #382,
 a reconnect loop), and ``xmpp.reconnect()`` (what an app calls on a network change
 and what ``xep_0199`` calls on a ping timeout), which closes the stream gracefully
-and so ends a session that could simply have been resumed.
+and so ends a session that could simply have been resumed. And one a server decides:
+a stanza over its size limit ends the stream (Prosody and ejabberd end it differently).
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 
-from xmpp_sm_tracker.testing import FaultProxy, ProsodyServer
+from xmpp_sm_tracker import DeliveryState
+from xmpp_sm_tracker.testing import FaultProxy, LocalXMPPServer
 from xmpp_sm_tracker.testing.client import ClientPool, wait_for
 
-from .helpers.wire import RESUMED_JOURNEY
+from .helpers.wire import RESUMED_JOURNEY, Inbound
 
 FAST = {"reconnect_delay": 0.1, "reconnect_max_delay": 1.0, "ack_delay": 0.05}
 STREAM_ERROR = (
@@ -26,12 +29,12 @@ STREAM_ERROR = (
 
 
 async def test_a_stream_error_answering_resume_ends_the_session_instead_of_looping(
-    prosody: ProsodyServer,
+    server: LocalXMPPServer,
     proxy: FaultProxy,
     clients: ClientPool,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    bob = await clients("bob", prosody.address, tracked=False)
+    bob = await clients("bob", server.address, tracked=False)
     alice = await clients("alice", proxy.address, **FAST)
     first_stream = alice.tracker.core.session.sm_id
     connections: list[object] = []
@@ -46,7 +49,8 @@ async def test_a_stream_error_answering_resume_ends_the_session_instead_of_loopi
     await wait_for(lambda: alice.log.count("message:failed") == 3, timeout=15)
     assert {alice.records[i].reason for i in ids} == {"resume-failed"}
     assert "stream error" in caplog.text
-    await wait_for(lambda: alice.tracker.session_live, timeout=10)
+    # session_start fires before <enabled/> comes back: wait for the managed session
+    await wait_for(lambda: alice.tracker.managed, timeout=10)
     session = alice.tracker.core.session
     assert session.sm_id not in (None, first_stream)  # a fresh stream, not a loop
     made = len(connections)
@@ -60,9 +64,9 @@ async def test_a_stream_error_answering_resume_ends_the_session_instead_of_loopi
 
 
 async def test_reconnect_resumes_the_session_instead_of_ending_it(
-    prosody: ProsodyServer, proxy: FaultProxy, clients: ClientPool
+    server: LocalXMPPServer, proxy: FaultProxy, clients: ClientPool
 ) -> None:
-    bob = await clients("bob", prosody.address, tracked=False)
+    bob = await clients("bob", server.address, tracked=False)
     alice = await clients("alice", proxy.address, **FAST)
     stream = alice.tracker.core.session.sm_id
     proxy.blackhole()
@@ -81,7 +85,7 @@ async def test_reconnect_resumes_the_session_instead_of_ending_it(
 
 
 async def test_reconnect_without_a_resumable_session_still_reconnects(
-    prosody: ProsodyServer, proxy: FaultProxy, clients: ClientPool
+    server: LocalXMPPServer, proxy: FaultProxy, clients: ClientPool
 ) -> None:
     alice = await clients("alice", proxy.address, allow_resume=False, **FAST)
     connections: list[object] = []
@@ -95,12 +99,12 @@ async def test_reconnect_without_a_resumable_session_still_reconnects(
 
 
 async def test_a_link_that_dies_while_idle_is_found_without_sending_anything(
-    prosody: ProsodyServer,
+    server: LocalXMPPServer,
     proxy: FaultProxy,
     clients: ClientPool,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    bob = await clients("bob", prosody.address, tracked=False)
+    bob = await clients("bob", server.address, tracked=False)
     alice = await clients(
         "alice", proxy.address, ack_keepalive=0.5, ack_timeout=1.0, negotiation_timeout=2.0, **FAST
     )
@@ -116,3 +120,45 @@ async def test_a_link_that_dies_while_idle_is_found_without_sending_anything(
     message_id = alice.send("bob@localhost", "after the silent death")
     await wait_for(lambda: alice.log.names_for(message_id)[-1:] == ["message:acked"])
     await wait_for(lambda: "after the silent death" in bob.received.bodies)
+
+
+async def test_an_oversized_stanza_ends_the_stream_and_what_came_before_is_not_lost(
+    server: LocalXMPPServer, proxy: FaultProxy, clients: ClientPool
+) -> None:
+    bob = await clients("bob", server.address, tracked=False)
+    # alice never asks for an ack: only the server's last word can confirm anything.
+    alice = await clients(
+        "alice", proxy.address, **{**FAST, "ack_every": 10**6, "ack_delay": 3600.0}
+    )
+    wire = Inbound(alice.xmpp)
+    small = [alice.send("bob@localhost", f"before the big one {i}") for i in range(3)]
+    await wait_for(lambda: len(bob.received.bodies) == 3)
+    big = alice.send("bob@localhost", "x" * 300_000)  # over both servers' 256 KiB limit
+    ids = [*small, big]
+    settled = (DeliveryState.ACKED, DeliveryState.FAILED)
+    await wait_for(lambda: all(alice.records[i].state in settled for i in ids), timeout=20)
+
+    before_error, _, error = wire.text.partition("<stream:error>")
+    assert "<policy-violation" in error
+    assert (alice.records[big].state, alice.records[big].reason) == (
+        DeliveryState.FAILED,
+        "resume-failed",
+    )
+    if server.kind == "prosody":
+        # Prosody acknowledges what it handled right before the stream error:
+        # <a h='…'/><stream:error><policy-violation/>…: the three are acked.
+        assert re.search(r"<a [^>]*h='\d+'[^>]*/>$", before_error)
+        assert all(alice.records[i].state is DeliveryState.ACKED for i in small)
+    else:
+        # ejabberd sends the stream error without a last <a/>, and refuses the
+        # resumption without h: the three bob has are failed, "not confirmed" ...
+        assert "<a " not in before_error
+        assert {alice.records[i].reason for i in small} == {"resume-failed"}
+        # ... and the archive check before a resend finds them: acked, not sent twice.
+        # (It asks the archive only on a live session: offline, it would resend blind.)
+        await wait_for(lambda: alice.tracker.managed, timeout=15)
+        for message_id in small:
+            record = await alice.tracker.resend(message_id)
+            assert (record.state, record.reason) == (DeliveryState.ACKED, "found-in-archive")
+    await asyncio.sleep(0.3)
+    assert bob.received.bodies == [f"before the big one {i}" for i in range(3)]

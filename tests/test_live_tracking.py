@@ -10,10 +10,11 @@ import pytest
 import slixmpp
 
 from xmpp_sm_tracker import DeliveryState
-from xmpp_sm_tracker.testing import FaultProxy, ProsodyServer
+from xmpp_sm_tracker.testing import FaultProxy, LocalXMPPServer
 from xmpp_sm_tracker.testing.client import ClientPool, Party, connect_client, wait_for
+from xmpp_sm_tracker.testing.pytest_plugin import ServerFactory
 
-from .helpers.wire import RESUMED_JOURNEY
+from .helpers.wire import RESUMED_JOURNEY, Inbound
 
 MESSAGE_EVENTS = [
     "message:sent",
@@ -31,9 +32,9 @@ ClientFactory = ClientPool
 
 
 async def test_hundred_messages_each_sent_then_acked_once_in_order(
-    prosody: ProsodyServer, proxy: FaultProxy, clients: ClientFactory
+    server: LocalXMPPServer, proxy: FaultProxy, clients: ClientFactory
 ) -> None:
-    bob = await clients("bob", prosody.address, tracked=False)
+    bob = await clients("bob", server.address, tracked=False)
     alice = await clients("alice", (proxy.host, proxy.port), **FAST)
     ids = [alice.send("bob@localhost", f"hello {i}") for i in range(100)]
 
@@ -53,9 +54,9 @@ async def test_hundred_messages_each_sent_then_acked_once_in_order(
 
 
 async def test_cut_link_hibernates_then_resume_resends_each_once(
-    prosody: ProsodyServer, proxy: FaultProxy, clients: ClientFactory
+    server: LocalXMPPServer, proxy: FaultProxy, clients: ClientFactory
 ) -> None:
-    bob = await clients("bob", prosody.address, tracked=False)
+    bob = await clients("bob", server.address, tracked=False)
     alice = await clients("alice", (proxy.host, proxy.port), **SILENT)
     proxy.stall()  # the server never sees these before the cut
     ids = [alice.send("bob@localhost", f"cut {i}") for i in range(20)]
@@ -89,14 +90,15 @@ async def _send_half_then_blackhole(alice: Party, bob: Party, proxy: FaultProxy)
 
 
 async def test_resumption_after_server_restart_acks_what_failed_h_covers(
-    fresh_prosody: ProsodyServer, clients: ClientFactory
+    fresh_server: LocalXMPPServer, clients: ClientFactory
 ) -> None:
-    async with FaultProxy(fresh_prosody.host, fresh_prosody.c2s_port) as proxy:
-        bob = await clients("bob", fresh_prosody.address, tracked=False)
+    async with FaultProxy(fresh_server.host, fresh_server.c2s_port) as proxy:
+        bob = await clients("bob", fresh_server.address, tracked=False)
         alice = await clients("alice", (proxy.host, proxy.port), **SILENT)
+        wire = Inbound(alice.xmpp)
         ids = await _send_half_then_blackhole(alice, bob, proxy)
         proxy.heal()
-        await fresh_prosody.restart()
+        await fresh_server.restart()
         proxy.cut()
 
         await wait_for(
@@ -104,11 +106,25 @@ async def test_resumption_after_server_restart_acks_what_failed_h_covers(
             timeout=20,
         )
         acked, failed = alice.log.ids("message:acked"), alice.log.ids("message:failed")
-        # Prosody 0.12 remembers h for sessions it no longer has: <failed h='10'>.
-        assert acked == ids[:10]
-        assert failed == ids[10:]
+        [refusal] = wire.find(r"<failed [^>]*>")
+        if fresh_server.kind == "prosody":
+            # Prosody 0.12 remembers h for sessions it no longer has: <failed h='12'>
+            # (the 10 messages and what alice sent before them, her presence and all).
+            assert re.search(r" h='\d+'", refusal)
+            assert acked == ids[:10]
+            assert failed == ids[10:]
+        else:
+            # ejabberd forgets a session's h with the restart: <failed> with an
+            # <item-not-found/> and no h. Nothing is confirmed, so all 20 fail, the
+            # 10 bob has too ("failed" means not confirmed: a resend carries the same
+            # origin-id for bob to drop, and the archive check finds them first).
+            assert " h=" not in refusal
+            assert "<item-not-found" in wire.text
+            assert acked == []
+            assert failed == ids
+        assert bob.received.bodies == [f"kept {i}" for i in range(10)]
         stored = await alice.tracker.failed()
-        assert [r.id for r in stored] == ids[10:]
+        assert [r.id for r in stored] == failed
         assert {r.reason for r in stored} == {"resume-failed"}
         assert all(r.state is DeliveryState.FAILED for r in stored)
         # The client went on with a fresh session.
@@ -117,18 +133,17 @@ async def test_resumption_after_server_restart_acks_what_failed_h_covers(
 
 
 async def test_resumption_after_hibernation_expiry_fails_the_rest(
-    clients: ClientFactory, tmp_path: Any
+    clients: ClientFactory, xmpp_server_factory: ServerFactory
 ) -> None:
-    server = ProsodyServer(tmp_path / "p", hibernation_time=1)
-    for user in ("alice", "bob"):
-        server.register(user, "pass")
-    async with server, FaultProxy(server.host, server.c2s_port) as proxy:
+    server = await xmpp_server_factory(hibernation_time=1)
+    async with FaultProxy(server.host, server.c2s_port) as proxy:
         bob = await clients("bob", server.address, tracked=False)
         alice = await clients(
             "alice",
             (proxy.host, proxy.port),
             **{**SILENT, "reconnect_delay": 3.0, "reconnect_max_delay": 3.0},
         )
+        wire = Inbound(alice.xmpp)
         ids = await _send_half_then_blackhole(alice, bob, proxy)
         proxy.cut()
         proxy.heal()
@@ -139,13 +154,16 @@ async def test_resumption_after_hibernation_expiry_fails_the_rest(
             ),
             timeout=20,
         )
+        # Both servers remember h for a session that expired: <failed h='…'>.
+        [refusal] = wire.find(r"<failed [^>]*>")
+        assert re.search(r" h='\d+'", refusal)
         assert alice.log.ids("message:acked") == ids[:10]
         assert alice.log.ids("message:failed") == ids[10:]
         assert [r.id for r in await alice.tracker.failed()] == ids[10:]
 
 
 async def test_clean_disconnect_on_a_stalled_link_fails_unacked_as_session_ended(
-    prosody: ProsodyServer, proxy: FaultProxy, clients: ClientFactory
+    server: LocalXMPPServer, proxy: FaultProxy, clients: ClientFactory
 ) -> None:
     alice = await clients("alice", (proxy.host, proxy.port), **SILENT)
     proxy.stall()
@@ -163,7 +181,7 @@ async def test_clean_disconnect_on_a_stalled_link_fails_unacked_as_session_ended
 
 
 async def test_clean_disconnect_on_a_healthy_link_gets_everything_acked_first(
-    prosody: ProsodyServer, proxy: FaultProxy, clients: ClientFactory
+    server: LocalXMPPServer, proxy: FaultProxy, clients: ClientFactory
 ) -> None:
     alice = await clients("alice", (proxy.host, proxy.port), **SILENT)
     written: list[str] = []
@@ -194,9 +212,9 @@ async def take_the_link_down(alice: Party, proxy: FaultProxy) -> None:
 
 
 async def test_messages_sent_while_link_down_hibernate_then_resend_after_resume(
-    prosody: ProsodyServer, proxy: FaultProxy, clients: ClientFactory
+    server: LocalXMPPServer, proxy: FaultProxy, clients: ClientFactory
 ) -> None:
-    bob = await clients("bob", prosody.address, tracked=False)
+    bob = await clients("bob", server.address, tracked=False)
     alice = await clients("alice", (proxy.host, proxy.port), **FAST)
     await take_the_link_down(alice, proxy)
     ids = [alice.send("bob@localhost", f"offline {i}") for i in range(5)]
@@ -212,7 +230,7 @@ async def test_messages_sent_while_link_down_hibernate_then_resend_after_resume(
 
 
 async def test_bodyless_stanzas_are_not_tracked_but_get_stanza_events(
-    prosody: ProsodyServer, proxy: FaultProxy, clients: ClientFactory
+    server: LocalXMPPServer, proxy: FaultProxy, clients: ClientFactory
 ) -> None:
     alice = await clients("alice", (proxy.host, proxy.port), **FAST)
     before = alice.log.count("stanza:acked")
@@ -235,9 +253,9 @@ async def test_bodyless_stanzas_are_not_tracked_but_get_stanza_events(
 
 
 async def test_ack_timeout_detects_blackhole_and_recovers_without_loss(
-    prosody: ProsodyServer, proxy: FaultProxy, clients: ClientFactory
+    server: LocalXMPPServer, proxy: FaultProxy, clients: ClientFactory
 ) -> None:
-    bob = await clients("bob", prosody.address, tracked=False)
+    bob = await clients("bob", server.address, tracked=False)
     alice = await clients(
         "alice", (proxy.host, proxy.port), **FAST, ack_timeout=1.0, negotiation_timeout=2.0
     )
@@ -254,7 +272,7 @@ async def test_ack_timeout_detects_blackhole_and_recovers_without_loss(
 
 
 async def test_pyee_emitter_sees_the_same_sequence_as_the_slixmpp_bus(
-    prosody: ProsodyServer, proxy: FaultProxy, clients: ClientFactory
+    server: LocalXMPPServer, proxy: FaultProxy, clients: ClientFactory
 ) -> None:
     alice = await clients("alice", (proxy.host, proxy.port), **FAST)
     pyee_seen: list[tuple[str, Any]] = []
@@ -274,7 +292,7 @@ async def test_pyee_emitter_sees_the_same_sequence_as_the_slixmpp_bus(
 @pytest.mark.parametrize("where", ["slixmpp", "pyee"])
 async def test_a_raising_event_handler_breaks_nothing(
     where: str,
-    prosody: ProsodyServer,
+    server: LocalXMPPServer,
     proxy: FaultProxy,
     clients: ClientFactory,
     caplog: pytest.LogCaptureFixture,
@@ -295,7 +313,7 @@ async def test_a_raising_event_handler_breaks_nothing(
 
 
 async def test_sm_cache_coalesces_a_burst_and_reports_the_end_with_none(
-    prosody: ProsodyServer, proxy: FaultProxy, clients: ClientFactory
+    server: LocalXMPPServer, proxy: FaultProxy, clients: ClientFactory
 ) -> None:
     alice = await clients("alice", (proxy.host, proxy.port), **FAST)
     states: list[Any] = []
@@ -319,9 +337,9 @@ async def test_sm_cache_coalesces_a_burst_and_reports_the_end_with_none(
 
 
 async def test_messages_failed_while_queued_never_go_out_unless_resent(
-    prosody: ProsodyServer, proxy: FaultProxy, clients: ClientFactory
+    server: LocalXMPPServer, proxy: FaultProxy, clients: ClientFactory
 ) -> None:
-    bob = await clients("bob", prosody.address, tracked=False)
+    bob = await clients("bob", server.address, tracked=False)
     alice = await clients("alice", (proxy.host, proxy.port), **FAST)
     await take_the_link_down(alice, proxy)
     ids = [alice.send("bob@localhost", f"queued {i}") for i in range(3)]
@@ -340,7 +358,7 @@ async def test_messages_failed_while_queued_never_go_out_unless_resent(
 
 @pytest.mark.parametrize("rewriting_filter", [False, True])
 async def test_saved_state_holds_the_stanza_as_it_went_on_the_wire(
-    rewriting_filter: bool, prosody: ProsodyServer, proxy: FaultProxy, clients: ClientFactory
+    rewriting_filter: bool, server: LocalXMPPServer, proxy: FaultProxy, clients: ClientFactory
 ) -> None:
     plugins = ("xep_0184",) if rewriting_filter else ()
     alice = await clients("alice", proxy.address, plugins=plugins, **SILENT)
@@ -359,11 +377,11 @@ async def test_saved_state_holds_the_stanza_as_it_went_on_the_wire(
 
 
 async def test_a_second_stanza_reusing_a_tracked_id_goes_out_with_its_own_text(
-    prosody: ProsodyServer, proxy: FaultProxy, clients: ClientFactory
+    server: LocalXMPPServer, proxy: FaultProxy, clients: ClientFactory
 ) -> None:
     # A tracked message goes out as its record's text (serialized once); a different
     # stanza with the same id must never be written as that text.
-    bob = await clients("bob", prosody.address, tracked=False)
+    bob = await clients("bob", server.address, tracked=False)
     alice = await clients("alice", proxy.address, **FAST)
     first = alice.xmpp.make_message(mto="bob@localhost", mbody="first text", mtype="chat")
     second = alice.xmpp.make_message(mto="bob@localhost", mbody="second text", mtype="chat")
@@ -377,11 +395,11 @@ async def test_a_second_stanza_reusing_a_tracked_id_goes_out_with_its_own_text(
 
 
 async def test_a_filter_added_later_still_sees_and_changes_what_goes_out(
-    prosody: ProsodyServer, proxy: FaultProxy, clients: ClientFactory
+    server: LocalXMPPServer, proxy: FaultProxy, clients: ClientFactory
 ) -> None:
     # Whether other filters may rewrite messages is cached; adding one must reset that,
     # or later messages would go out as their record's text, without the filter's change.
-    bob = await clients("bob", prosody.address, tracked=False)
+    bob = await clients("bob", server.address, tracked=False)
     seen: list[str] = []
     bob.xmpp.add_event_handler(
         "message", lambda msg: seen.append(msg["thread"] or "-") if msg["body"] else None
@@ -406,7 +424,7 @@ async def test_a_filter_added_later_still_sees_and_changes_what_goes_out(
 
 
 async def test_an_ack_request_follows_the_stanza_that_fills_the_window_not_the_burst(
-    prosody: ProsodyServer, proxy: FaultProxy, clients: ClientFactory
+    server: LocalXMPPServer, proxy: FaultProxy, clients: ClientFactory
 ) -> None:
     # slixmpp writes its <r/> before the stanza that completes the window; queued behind
     # the send queue it would wait for the whole burst. Ours goes right after the stanza.
@@ -433,7 +451,7 @@ async def test_an_ack_request_follows_the_stanza_that_fills_the_window_not_the_b
 
 
 async def test_the_text_is_made_when_written_and_every_later_snapshot_carries_it(
-    prosody: ProsodyServer, proxy: FaultProxy, clients: ClientFactory
+    server: LocalXMPPServer, proxy: FaultProxy, clients: ClientFactory
 ) -> None:
     # On a live session a message is serialized once, when written: its message:sent
     # snapshot has no text yet; get(), pending(), the store and every later event do.
@@ -459,12 +477,12 @@ async def test_the_text_is_made_when_written_and_every_later_snapshot_carries_it
 
 
 async def test_a_message_the_link_drops_under_before_it_is_written_keeps_its_text(
-    prosody: ProsodyServer, proxy: FaultProxy, clients: ClientFactory
+    server: LocalXMPPServer, proxy: FaultProxy, clients: ClientFactory
 ) -> None:
     # Tracked on a live session, so serialized only when written; but the link is
     # lost first (connection_lost runs before the send queue): the hibernated
     # snapshot must carry the text all the same, and the message goes out once.
-    bob = await clients("bob", prosody.address, tracked=False)
+    bob = await clients("bob", server.address, tracked=False)
     alice = await clients("alice", proxy.address, **FAST)
     hibernated: list[Any] = []
     alice.xmpp.add_event_handler("message:hibernated", hibernated.append)
@@ -482,11 +500,11 @@ async def test_a_message_the_link_drops_under_before_it_is_written_keeps_its_tex
 
 
 async def test_unacked_messages_go_out_again_before_those_sent_while_the_link_was_down(
-    prosody: ProsodyServer, proxy: FaultProxy, clients: ClientFactory
+    server: LocalXMPPServer, proxy: FaultProxy, clients: ClientFactory
 ) -> None:
     # The order slixmpp gets wrong (new0, new1, old0, old1): what the server never got
     # from the old connection is resent first, then what was written while down, once.
-    bob = await clients("bob", prosody.address, tracked=False)
+    bob = await clients("bob", server.address, tracked=False)
     alice = await clients("alice", (proxy.host, proxy.port), **FAST)
     proxy.blackhole()
     old = [alice.send("bob@localhost", f"old {i}") for i in range(3)]

@@ -25,7 +25,9 @@ class Client(WiredClient):
 
     def __init__(self, **config: Any) -> None:
         super().__init__(**config)
-        self.tracker.core.rejoining = {ROOM: "Alice"}
+        core = self.tracker.core  # the previous session was in ROOM, then ended
+        core.joined_room(ROOM, "Alice")
+        core.session_ended()
         self.xmpp.event("session_start")  # the session goes live: the rejoin wait starts
         self.start_writing()
 

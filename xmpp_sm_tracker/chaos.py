@@ -1,10 +1,10 @@
-"""Randomized fault schedules on a real Prosody, with the delivery invariants checked.
+"""Randomized fault schedules on a real server, with the delivery invariants checked.
 
 Run with ``./scripts/chaos --schedules N --seed S`` (or ``python -m
 xmpp_sm_tracker.chaos``). For every seeded schedule, alice -- a separate process
 using an :class:`~xmpp_sm_tracker.SQLiteStore`, so that she can be SIGKILLed and
 restarted from her file -- sends a stream of messages to bob and to a room while
-the harness cuts, stalls, blackholes and refuses her link, restarts Prosody under
+the harness cuts, stalls, blackholes and refuses her link, restarts the server under
 her, and kills her. Then everything heals and settles, and the invariants are
 checked against her SQLite file and what bob (a plain client) saw:
 
@@ -29,8 +29,8 @@ The faults, each for a drawn ``duration``:
 * ``blackhole``: everything is swallowed, then the connection is reset (a dead
   route; TCP never delivers bytes past a gap, so the link is not healed as is);
 * ``refuse``: the link drops and new connections are reset (the server is
-  unreachable), sometimes for longer than Prosody's hibernation time;
-* ``restart``: Prosody stops (SIGTERM, or SIGKILL when ``hard``) and starts again:
+  unreachable), sometimes for longer than the server's hibernation time;
+* ``restart``: the server stops (SIGTERM, or SIGKILL when ``hard``) and starts again:
   sessions, archives (in memory in the test server) and rooms are gone;
 * ``kill``: alice's process is SIGKILLed; a new one starts from her SQLite file
   (records and SM state), resumes if it still can, and sends the rest.
@@ -78,8 +78,9 @@ from .core.states import DeliveryState
 from .plugin import SMTracker
 from .stores.base import StoreError
 from .stores.sqlite import SQLiteStore
-from .testing import FaultProxy, ProsodyServer, ensure_prosody_installed
+from .testing import FaultProxy
 from .testing.client import connect_client, make_client, tracker_of, wait_for
+from .testing.servers import SERVER_KINDS, ensure_server_installed, make_server
 
 __all__ = [
     "FAULT_KINDS",
@@ -99,7 +100,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FaultKind = Literal["cut", "stall", "blackhole", "refuse", "restart", "kill"]
-#: What a schedule draws from: link faults (proxy), a Prosody restart, a sender kill.
+#: What a schedule draws from: link faults (proxy), a server restart, a sender kill.
 FAULT_KINDS: tuple[FaultKind, ...] = get_args(FaultKind)
 
 #: Seconds a fault may last, per kind (a cut is instantaneous). Refusals and kills
@@ -142,7 +143,7 @@ _SENDER_CONFIG: dict[str, Any] = {
 class Fault:
     """One fault: when (seconds after the schedule starts), what, and for how long.
 
-    ``hard`` picks SIGKILL over a graceful stop for a Prosody restart.
+    ``hard`` picks SIGKILL over a graceful stop for a server restart.
     """
 
     at: float
@@ -375,6 +376,8 @@ class ChaosSummary:
 
     results: list[ScheduleResult]
     seconds: float
+    #: The server the schedules ran against.
+    server: str = "prosody"
 
     @property
     def violations(self) -> list[Violation]:
@@ -389,6 +392,7 @@ class ChaosSummary:
     def as_dict(self) -> dict[str, Any]:
         seeds = [r.seed for r in self.results]
         return {
+            "server": self.server,
             "schedules": len(self.results),
             "seeds": [min(seeds), max(seeds)] if seeds else [],
             "messages": sum(r.messages for r in self.results),
@@ -411,7 +415,8 @@ class ChaosSummary:
         seeds = data["seeds"]
         dupes: dict[str, int] = data["duplicates_after_resend"]
         lines = [
-            f"chaos: {data['schedules']} schedules (seeds {seeds[0]}..{seeds[-1]}), "
+            f"chaos on {self.server}: {data['schedules']} schedules "
+            f"(seeds {seeds[0]}..{seeds[-1]}), "
             f"{data['messages']} messages, {data['seconds']}s"
             if seeds
             else "chaos: no schedules",
@@ -456,7 +461,7 @@ def _row(title: str, counts: Mapping[str, int], order: Sequence[str] = ()) -> st
 class _Bob:
     """A plain client that counts what alice's messages reached him, by origin-id.
 
-    He reconnects by himself after a Prosody restart (slixmpp does not) and joins
+    He reconnects by himself after a server restart (slixmpp does not) and joins
     the schedule's room again. Offline copies (a server ``<delay/>``) and room
     history (a room ``<delay/>``) are not live deliveries and are not counted.
     """
@@ -829,29 +834,33 @@ class ChaosConfig:
     work_dir: Path | None = None
     #: The sender logs everything (slixmpp's stream included) to its file in work_dir.
     debug: bool = False
+    #: Which server: "prosody" or "ejabberd" (xmpp_sm_tracker.testing.servers).
+    server: str = "prosody"
 
 
 class _Worker:
-    """One Prosody, one fault proxy in front of it, and bob: runs schedules in turn."""
+    """One server, one fault proxy in front of it, and bob: runs schedules in turn."""
 
     def __init__(self, base: Path, config: ChaosConfig) -> None:
         self.base = base
         self.config = config
-        self.prosody = ProsodyServer(base / "prosody", hibernation_time=config.hibernation_time)
+        self.server = make_server(
+            config.server, base / config.server, hibernation_time=config.hibernation_time
+        )
         self.proxy: FaultProxy | None = None
         self.bob_link: FaultProxy | None = None
         self.bob: _Bob | None = None
 
     async def start(self) -> None:
         for user in ("alice", "bob"):
-            self.prosody.register(user, _PASSWORD)
-        await self.prosody.start()
-        self.proxy = FaultProxy(self.prosody.host, self.prosody.c2s_port)
+            self.server.register(user, _PASSWORD)
+        await self.server.start()
+        self.proxy = FaultProxy(self.server.host, self.server.c2s_port)
         await self.proxy.start()
         # bob's own link is never faulted; through a proxy, a server that is down
         # looks like a closed connection, which he retries at once, not like a
         # refused one, which slixmpp retries with a growing backoff.
-        self.bob_link = FaultProxy(self.prosody.host, self.prosody.c2s_port)
+        self.bob_link = FaultProxy(self.server.host, self.server.c2s_port)
         await self.bob_link.start()
         self.bob = _Bob(self.bob_link.address)
         await self.bob.start()
@@ -862,7 +871,7 @@ class _Worker:
         for proxy in (self.proxy, self.bob_link):
             if proxy is not None:
                 await proxy.aclose()
-        await self.prosody.stop()
+        await self.server.stop()
 
     async def run(self, schedule: Schedule) -> ScheduleResult:
         """Play one schedule, settle, resend, and check: a fresh room, file and resource
@@ -871,7 +880,7 @@ class _Worker:
         started = time.monotonic()
         proxy, bob = self.proxy, self.bob
         tag = f"{schedule.seed}-{uuid.uuid4().hex[:6]}"
-        room = f"chaos-{tag}@{self.prosody.muc_domain}"
+        room = f"chaos-{tag}@{self.server.muc_domain}"
         db = self.base / f"alice-{tag}.sqlite"
         await bob.use_room(room)
         config: dict[str, Any] = {
@@ -913,8 +922,8 @@ class _Worker:
             except TimeoutError:
                 harness.append(Violation(schedule.seed, "harness", None, "sender never finished"))
             proxy.heal()
-            if not self.prosody.running:
-                await self.prosody.start()
+            if not self.server.running:
+                await self.server.start()
             settle = self.config.settle_timeout
             first: dict[str, Any] = {}
             second: dict[str, Any] = {}
@@ -933,8 +942,8 @@ class _Worker:
         finally:
             await sender.kill()
             proxy.heal()
-            if not self.prosody.running:
-                await self.prosody.start()
+            if not self.server.running:
+                await self.server.start()
         records: dict[str, TrackedMessage] = {}
         async with SQLiteStore(db) as store:
             for conversation in (room, "bob@localhost"):
@@ -964,11 +973,11 @@ class _Worker:
             return
         if fault.kind == "restart":
             if fault.hard:
-                await self.prosody.kill()
+                await self.server.kill()
             else:
-                await self.prosody.stop()
+                await self.server.stop()
             await asyncio.sleep(fault.duration)
-            await self.prosody.start()
+            await self.server.start()
             return
         if fault.kind == "stall":
             proxy.stall()
@@ -1000,7 +1009,7 @@ async def run_chaos(
     config: ChaosConfig, progress: Callable[[ScheduleResult], None] | None = None
 ) -> ChaosSummary:
     """Run ``config.schedules`` schedules with seeds ``seed, seed+1, ...``."""
-    ensure_prosody_installed()
+    ensure_server_installed(config.server)
     started = time.monotonic()
     own_dir = config.work_dir is None
     base = Path(tempfile.mkdtemp(prefix="sm-chaos-")) if own_dir else Path(config.work_dir or "")
@@ -1035,7 +1044,7 @@ async def run_chaos(
         if own_dir:
             shutil.rmtree(base, ignore_errors=True)
     results.sort(key=lambda r: r.seed)
-    return ChaosSummary(results, time.monotonic() - started)
+    return ChaosSummary(results, time.monotonic() - started, config.server)
 
 
 def _broken(schedule: Schedule, exc: Exception, seconds: float) -> ScheduleResult:
@@ -1076,15 +1085,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     parser = argparse.ArgumentParser(
         prog="scripts/chaos",
-        description="Randomized fault schedules against a local Prosody, invariants checked.",
+        description="Randomized fault schedules against a local server, invariants checked.",
     )
     parser.add_argument("--schedules", type=int, default=10, help="how many (default 10)")
     parser.add_argument(
         "--seed", type=int, default=None, help="seed of the first schedule (default: random)"
     )
-    parser.add_argument("--jobs", type=int, default=1, help="schedules at once, one Prosody each")
+    parser.add_argument("--jobs", type=int, default=1, help="schedules at once, one server each")
     parser.add_argument(
-        "--hibernation", type=int, default=2, help="Prosody's smacks_hibernation_time (s)"
+        "--server", choices=SERVER_KINDS, default="prosody", help="which (default prosody)"
+    )
+    parser.add_argument(
+        "--hibernation",
+        type=int,
+        default=2,
+        help="the server's resumption window (s): smacks_hibernation_time, resume_timeout",
     )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--quiet", action="store_true", help="no line per schedule")
@@ -1105,6 +1120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         hibernation_time=ns.hibernation,
         work_dir=ns.keep,
         debug=ns.debug,
+        server=ns.server,
     )
     logging.basicConfig(level=logging.ERROR, format="%(name)s %(levelname)s %(message)s")
     summary = asyncio.run(run_chaos(config, None if ns.quiet else _print_progress))

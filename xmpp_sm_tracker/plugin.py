@@ -28,6 +28,7 @@ from . import stanzas
 from .acking import AckDriver
 from .context import Context
 from .core.acks import AckClock, AckPolicy
+from .core.events import STANZA_ACKED
 from .core.ledger import Entry
 from .core.outbox import Outbox
 from .core.phases import (
@@ -428,11 +429,16 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
                 if retrying:
                     self.resender.on_record(payload)
             name = event.name
-            if xmpp.event_handled(name):
-                if isinstance(payload, StanzaBase):
-                    # slixmpp hands a handler's exception to payload.exception(), which
-                    # for a stanza *sends an error reply*: never for our own stanzas.
+            if isinstance(payload, StanzaBase):
+                # slixmpp hands a handler's exception to payload.exception(), which
+                # for a stanza *sends an error reply*: never for our own stanzas.
+                if name is STANZA_ACKED and xmpp.event_handled("stanza_acked"):
                     payload.exception = self._log_bus_handler_error
+                    xmpp.event("stanza_acked", payload)  # bare xep_0198's, for its apps
+                if xmpp.event_handled(name):
+                    payload.exception = self._log_bus_handler_error
+                    xmpp.event(name, payload)
+            elif xmpp.event_handled(name):
                 xmpp.event(name, payload)
             if pyee.has_listeners(name):
                 pyee.emit(name, payload)

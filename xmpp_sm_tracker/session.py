@@ -199,6 +199,7 @@ class SessionDriver:
         if max_text is not None and parse_counter(max_text) is None:
             log.warning("ignoring an unusable <enabled max=%r>", max_text)
         self.xmpp.end_session_on_disconnect = not self.core.session.can_resume
+        self.xmpp.event("sm_enabled", stanza)  # as bare xep_0198 does, for its apps
 
     def on_resumed(self, stanza: StanzaBase) -> None:
         if self.core.sm_phase is not SMPhase.RESUMING:
@@ -266,6 +267,7 @@ class SessionDriver:
             return
         self.xmpp.features.discard("stream_management")
         self._ctx.state_changed(urgent=True)
+        self.xmpp.event("sm_failed", stanza)  # as bare xep_0198 does, for its apps
 
     # ---------------------------------------------------------------- connection
 
@@ -297,7 +299,8 @@ class SessionDriver:
         self._cancel(self._negotiation_timer)
         self._negotiation_timer = None
 
-    def on_disconnected(self, _reason: Any) -> None:
+    def on_disconnected(self, reason: Any) -> None:
+        self.xmpp.event("sm_disabled", reason)  # as bare xep_0198 does, for its apps
         left = self._ctx.link.handle(LinkEvent.DISCONNECTED)
         self._acks.cancel()
         self._outbound.cancel_rejoin_wait()  # the wait starts again with the next session
@@ -329,8 +332,9 @@ class SessionDriver:
         self._ctx.state_changed(urgent=True)
         self.xmpp.event("session_end")
 
-    def on_session_end(self, _event: Any) -> None:
+    def on_session_end(self, event: Any) -> None:
         """The SM session is over for good: nothing unacked can be confirmed any more."""
+        self.xmpp.event("sm_disabled", event)  # as bare xep_0198 does, for its apps
         if self._ctx.link.phase in CLOSED_BY_APP:
             unsent = self.core.unsent_ids()
         else:
@@ -340,9 +344,12 @@ class SessionDriver:
         self._ctx.emit(self.core.session_ended(FailureReason.SESSION_ENDED, unsent=unsent))
         for message_id in unsent:
             self._outbound.withhold_parked(message_id)
-        # slixmpp purged its send queue with the session: the core need only remember
-        # the failed messages whose copy we still hold (parked, or held back).
-        self._outbound.session_ended()
+        # When slixmpp's send queue is empty (purged with the session, or drained),
+        # doomed copies that were in it are gone; a disconnect() with the link down
+        # leaves the queue as it was, and they may still surface. The core need only
+        # remember the failed messages whose copy we still hold.
+        if self.xmpp.waiting_queue.empty():
+            self._outbound.session_ended()
         self.core.copies_gone(keep=self._outbound.held_ids())
         self.xmpp.features.discard("stream_management")
         self._ctx.state_changed(urgent=True)

@@ -62,3 +62,27 @@ class WiredClient:
         await asyncio.gather(self.sender, return_exceptions=True)
         self.tracker._cancel_timers()
         self.tracker.resender.cancel()
+
+
+class Inbound:
+    """Everything a live client reads from the server, as text: the wire evidence of
+    what a server said (``<failed h>``, a stream error, ...). Attach before connecting
+    or at any time; it records from then on, across reconnections."""
+
+    def __init__(self, xmpp: slixmpp.ClientXMPP) -> None:
+        self.chunks: list[str] = []
+        read = xmpp.data_received
+
+        def data_received(data: bytes) -> None:
+            self.chunks.append(data.decode("utf-8", "replace"))
+            read(data)
+
+        xmpp.data_received = data_received
+
+    @property
+    def text(self) -> str:
+        return "".join(self.chunks)
+
+    def find(self, pattern: str) -> list[str]:
+        """Every match of a regular expression in what was read."""
+        return re.findall(pattern, self.text, re.S)

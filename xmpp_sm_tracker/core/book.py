@@ -36,7 +36,7 @@ class RecordBook(Generic[P]):
         #: Messages that failed (or settled while a copy still waited) since the last
         #: session ended: a copy of them that reaches the filter is dropped, but for one
         #: copy per explicit resend (``should_drop``, ``copies_gone``).
-        self.withheld: set[str] = set()
+        self._withheld: set[str] = set()
         #: Withheld messages resent explicitly: one copy of each may go out.
         self._passes: set[str] = set()
         #: In-flight records taken over from a previous process, not settled yet.
@@ -48,6 +48,11 @@ class RecordBook(Generic[P]):
         self.reflections = ReflectionIndex()
         #: With a policy, a retryable failure of the last attempt reads "retries-exhausted".
         self.retry_policy: RetryPolicy | None = None
+
+    @property
+    def withheld(self) -> frozenset[str]:
+        """Messages whose copies must not go out unasked (read-only)."""
+        return frozenset(self._withheld)
 
     @property
     def records(self) -> Mapping[str, TrackedMessage]:
@@ -105,7 +110,7 @@ class RecordBook(Generic[P]):
             # A failed message goes out again only through an explicit resend, and one
             # that settled while its copy still waits in the client's queue needs that
             # copy no more: any copy of it that reaches the filter is dropped.
-            self.withheld.add(message_id)
+            self._withheld.add(message_id)
         if self._passes and not moved.in_flight:
             self._passes.discard(message_id)  # the resend's attempt is over
         if self._settled(moved) and message_id not in self._late_ack_possible:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["SessionFacts"]
+__all__ = ["SessionFacts", "SessionView"]
 
 
 @dataclass(slots=True)
@@ -22,6 +22,36 @@ class SessionFacts:
     restored: bool = False
     #: The full JID the session was bound to (a resumed session keeps it).
     jid: str | None = None
+
+    @property
+    def can_resume(self) -> bool:
+        """True when a dropped connection may be resumed."""
+        return self.resumable and self.sm_id is not None
+
+    def view(self) -> SessionView:
+        """A read-only snapshot, for everything outside the core."""
+        return SessionView(
+            self.sm_id,
+            self.resumable,
+            self.location,
+            self.max,
+            self.handled,
+            self.restored,
+            self.jid,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SessionView:
+    """The managed session's facts as the core shows them: read-only."""
+
+    sm_id: str | None
+    resumable: bool
+    location: str | None
+    max: int | None
+    handled: int
+    restored: bool
+    jid: str | None
 
     @property
     def can_resume(self) -> bool:

@@ -11,7 +11,7 @@ from dataclasses import replace
 from typing import TypeVar
 
 from .events import MESSAGE_EVENT, Event, OutgoingMessage
-from .facts import SessionFacts
+from .facts import SessionFacts, SessionView
 from .ledger import Ledger
 from .phases import COUNTING_OUT, SM_TRANSITIONS, PhaseMachine, SMPhase
 from .proofs import PeerProofs
@@ -29,10 +29,16 @@ class Outgoing(PeerProofs[P]):
 
     def __init__(self, clock: Callable[[], float]) -> None:
         super().__init__(clock)
-        #: The managed session's facts (its id, resumability, inbound count, ...).
-        self.session = SessionFacts()
+        #: The managed session's facts (its id, resumability, inbound count, ...); read
+        #: them through :attr:`session`.
+        self._session = SessionFacts()
         self._sm = PhaseMachine(SM_TRANSITIONS, SMPhase.NONE)
         self.ledger: Ledger[P] = Ledger()
+
+    @property
+    def session(self) -> SessionView:
+        """The managed session's facts, a read-only snapshot."""
+        return self._session.view()
 
     def track(self, message: OutgoingMessage, *, link_up: bool) -> list[Event]:
         """A message with a body was handed to the client: ``message:sent`` at once.
@@ -49,7 +55,7 @@ class Outgoing(PeerProofs[P]):
         if record.type == "groupchat":
             self.reflections.add(record)
         events = [Event(MESSAGE_EVENT[_S.SENT], record)]
-        if not link_up and self.session.can_resume:
+        if not link_up and self._session.can_resume:
             hibernated = self._move(record.id, _S.HIBERNATED)
             if hibernated is not None:
                 events.append(hibernated)
@@ -81,8 +87,8 @@ class Outgoing(PeerProofs[P]):
         resend. So ``withheld`` holds at most what failed since the last session ended,
         instead of every id that ever failed unsent.
         """
-        self.withheld.intersection_update(keep)
-        self._passes.intersection_update(self.withheld)
+        self._withheld.intersection_update(keep)
+        self._passes.intersection_update(self._withheld)
 
     def should_drop(self, message_id: str | None) -> bool:
         """True for a failed (or otherwise settled) message that slixmpp still wants to
@@ -96,7 +102,7 @@ class Outgoing(PeerProofs[P]):
         """
         return (
             message_id is not None
-            and message_id in self.withheld
+            and message_id in self._withheld
             and message_id not in self._passes
         )
 
@@ -150,7 +156,7 @@ class Outgoing(PeerProofs[P]):
                 self._records[record.id] = record.moved(
                     record.state, record.updated_at, seq=entry.seq, xml=xml
                 )
-        if not link_up and self.session.can_resume:
+        if not link_up and self._session.can_resume:
             events.extend(self._fate([entry], _S.HIBERNATED))
         return events
 
@@ -179,7 +185,7 @@ class Outgoing(PeerProofs[P]):
         """
         if record.state is not _S.FAILED:
             raise ValueError(f"message {record.id} is {record.state.name}, only FAILED is resent")
-        if record.id in self.withheld:
+        if record.id in self._withheld:
             self._passes.add(record.id)  # one copy, whichever the client writes first
         for entry in self.ledger:
             if entry.message_id == record.id:
@@ -204,7 +210,7 @@ class Outgoing(PeerProofs[P]):
         moved = self._move(message_id, _S.FAILED, reason=reason)
         if moved is None:
             return []
-        self.withheld.add(message_id)
+        self._withheld.add(message_id)
         return [moved]
 
     def timed_out(self, message_id: str) -> list[Event]:
@@ -224,7 +230,7 @@ class Outgoing(PeerProofs[P]):
         if moved is None:
             return []
         if record.seq is None:
-            self.withheld.add(message_id)
+            self._withheld.add(message_id)
         return [moved]
 
     def unsent_ids(self) -> list[str]:

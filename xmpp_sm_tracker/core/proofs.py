@@ -85,15 +85,8 @@ class PeerProofs(RecordBook[P]):
         """Rooms an ended session was in, with our nick there (a read-only view): the
         current session is in none of them until the app joins again, and a message sent
         there before that would bounce. Emptied room by room as the app rejoins.
-
-        Assigning a mapping replaces the rooms waited for (a copy is kept); the view
-        itself cannot be changed.
         """
         return self.rooms.rejoining
-
-    @rejoining.setter
-    def rejoining(self, rooms: Mapping[str, str]) -> None:
-        self.rooms.expect_rejoins(rooms)
 
     def join_sent(self, room: str, nick: str) -> None:
         """Our join presence to ``room`` went out: if this session ends before the room

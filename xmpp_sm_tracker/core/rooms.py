@@ -192,11 +192,6 @@ class Rooms:
         """Messages no longer wait for the ended session's rooms."""
         self._rejoining.clear()
 
-    def expect_rejoins(self, rooms: Mapping[str, str]) -> None:
-        """Wait for exactly these rooms (room -> nick) to be joined again, as if an ended
-        session had been in them (for an app, or a test, that knows it was)."""
-        self._rejoining = dict(rooms)
-
     def export(self) -> dict[str, str]:
         """The rooms for a saved SM state (a copy)."""
         return dict(self._nicks)

@@ -58,7 +58,7 @@ class Tracker(Outgoing[P]):
     def inbound(self) -> None:
         """One inbound stanza was handled."""
         if self._sm.phase in COUNTING_IN:
-            self.session.handled = (self.session.handled + 1) % 2**32
+            self._session.handled = (self._session.handled + 1) % 2**32
 
     def sm_offered(self) -> None:
         """This connection offers ``<sm/>`` and we will not resume over it: a fresh
@@ -73,7 +73,7 @@ class Tracker(Outgoing[P]):
         """``<enable/>`` went out: count from zero. Leftovers cannot be confirmed any more."""
         self._sm.handle(SMEvent.ENABLE_SENT)
         left = self.ledger.reset()
-        session = self.session
+        session = self._session
         reason = self._lost(FailureReason.SESSION_ENDED)
         # The old stream is abandoned: until <enabled/> there is nothing to resume.
         session.sm_id = None
@@ -97,7 +97,7 @@ class Tracker(Outgoing[P]):
         Records adopted from a previous process cannot ride this new stream: they fail.
         """
         self._sm.handle(SMEvent.ENABLED)
-        session = self.session
+        session = self._session
         session.jid = jid
         session.restored = False
         session.sm_id = sm_id
@@ -132,9 +132,9 @@ class Tracker(Outgoing[P]):
             and record.seq == entry.seq
             and (record.in_flight or entry.message_id in self._late_ack_possible)
         }
-        result = self.ledger.resume(h, allow_ahead=self.session.restored)
+        result = self.ledger.resume(h, allow_ahead=self._session.restored)
         self._sm.handle(SMEvent.RESUMED)
-        self.session.restored = False
+        self._session.restored = False
         self.last_resume = result
         events = self._fate(result.acked, _S.ACKED)
         for entry in result.resend:
@@ -162,7 +162,7 @@ class Tracker(Outgoing[P]):
     def link_lost(self) -> list[Event]:
         """The connection dropped. If the session can be resumed, everything unacked
         (on the wire or still queued in the client) is hibernated."""
-        resumable = self.session.can_resume
+        resumable = self._session.can_resume
         self._sm.handle(SMEvent.LINK_LOST_RESUMABLE if resumable else SMEvent.LINK_LOST)
         if not resumable:
             return []
@@ -193,7 +193,7 @@ class Tracker(Outgoing[P]):
                     failure = FailureReason.RESUME_FAILED  # a previous process's stream
                 moved = self._move(message_id, _S.FAILED, reason=failure)
                 if moved is not None:
-                    self.withheld.add(message_id)
+                    self._withheld.add(message_id)
                     events.append(moved)
         events += self._settle_adopted()  # no stream of this session can carry them now
         self._forget_session()
@@ -222,7 +222,7 @@ class Tracker(Outgoing[P]):
         if len(payloads) != len(state.unacked):
             raise ValueError("restore: one payload per unacked entry is required")
         self._sm.handle(SMEvent.RESTORED)
-        self.session = SessionFacts(
+        self._session = SessionFacts(
             sm_id=state.stream_id,
             resumable=True,
             location=state.location,
@@ -256,7 +256,7 @@ class Tracker(Outgoing[P]):
         self, serialize: Callable[[Entry[P]], str], *, now: float
     ) -> dict[str, Any] | None:
         """The JSON-safe state ``sm.cache`` hands out; None when nothing can be resumed."""
-        session = self.session
+        session = self._session
         if not session.can_resume or session.jid is None:
             return None
         return {
@@ -299,11 +299,11 @@ class Tracker(Outgoing[P]):
     def _lost(self, reason: str) -> str:
         """The reason a stream's in-flight messages fail with when it ends: a stream
         restored from a saved state and never resumed failed its resumption."""
-        if self.session.restored and reason == FailureReason.SESSION_ENDED:
+        if self._session.restored and reason == FailureReason.SESSION_ENDED:
             return FailureReason.RESUME_FAILED
         return reason
 
     def _forget_session(self) -> None:
         self.rooms.session_ended()  # the app joins its rooms again
         self._stop_waiting_for_reflections()
-        self.session = SessionFacts()
+        self._session = SessionFacts()

@@ -257,8 +257,10 @@ class _Pipe:
         if t is None or dst.lost or t.is_closing():
             return
         upstream = src.is_client
-        if not upstream and self.proxy._rewrites:
-            data = self.proxy._rewritten(data)
+        if upstream and self.proxy._rewrites_up:
+            data = self.proxy._rewritten(data, self.proxy._rewrites_up)
+        elif not upstream and self.proxy._rewrites:
+            data = self.proxy._rewritten(data, self.proxy._rewrites)
         if self.budget is not None and self.budget_dir in (
             "both",
             "upstream" if upstream else "downstream",
@@ -326,6 +328,7 @@ class FaultProxy:
         self._refusing = False
         self._drop: tuple[int, Direction] | None = None
         self._rewrites: list[tuple[re.Pattern[bytes], bytes]] = []
+        self._rewrites_up: list[tuple[re.Pattern[bytes], bytes]] = []
         self.bytes_up = 0
         self.bytes_down = 0
         self.bytes_discarded = 0
@@ -488,6 +491,7 @@ class FaultProxy:
         self._refusing = False
         self._drop = None
         self._rewrites.clear()
+        self._rewrites_up.clear()
         for pipe in list(self._pipes):
             pipe.set_budget(None, "both")
             pipe.guard(pipe.heal)
@@ -526,7 +530,7 @@ class FaultProxy:
             written += hit
         return written
 
-    def rewrite(self, pattern: bytes, replacement: bytes) -> None:
+    def rewrite(self, pattern: bytes, replacement: bytes, *, upstream: bool = False) -> None:
         """Rewrite what the server sends: ``re.sub(pattern, replacement)`` on each chunk.
 
         For tests of a server that answers wrongly (an ``<enabled max>`` that is not a
@@ -534,12 +538,15 @@ class FaultProxy:
         server. It works per chunk read from the socket, so a match split across two
         reads is missed; servers write each top-level element at once, which is
         what it is for. Rules add up, apply to current and new connections, and are
-        dropped by :meth:`heal`.
+        dropped by :meth:`heal`. ``upstream=True`` rewrites what the client sends
+        instead (a ``<resume previd>`` for a stream the server never had).
         """
-        self._rewrites.append((re.compile(pattern), replacement))
+        rules = self._rewrites_up if upstream else self._rewrites
+        rules.append((re.compile(pattern), replacement))
 
-    def _rewritten(self, data: bytes) -> bytes:
-        for regex, replacement in self._rewrites:
+    @staticmethod
+    def _rewritten(data: bytes, rules: list[tuple[re.Pattern[bytes], bytes]]) -> bytes:
+        for regex, replacement in rules:
             data = regex.sub(replacement, data)
         return data
 
