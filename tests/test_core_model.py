@@ -31,15 +31,12 @@ The machine plays four parts and feeds the core exactly the facts the plugin wou
 
 Time is the model's clock, passed to the core; nothing reads the system time.
 
-Four glue changes the model found necessary are modelled as proposed (each pinned by an
-``xfail(strict=True)`` test in ``tests/test_core_model_regressions.py`` until the glue
+Three glue changes the model found necessary are modelled as proposed (each pinned by
+an ``xfail(strict=True)`` test in ``tests/test_core_model_regressions.py`` until the glue
 has it): ``plugin._dispatch`` dooms the held copies of every message that settles
 (``Outbound.withhold_parked``); ``Resender.resend`` re-reads each record once its
 archive check is over, resending only those still failed; ``Resender.on_record`` calls
-a scheduled retry off, and opens its gate, when the message is resent by hand before
-it; ``SessionDriver.on_session_end`` calls ``outbox.session_ended()`` only when
-slixmpp's send queue is empty (purged, or drained), not when ``disconnect()`` ends the
-session with the link down and the queue as it was.
+a scheduled retry off, and opens its gate, when the message is resent by hand before it.
 
 Invariants: the core raises nothing but the ``SMProtocolError`` subclasses the plugin
 handles; each message's events follow ``states.TRANSITIONS``; nothing is acked that the
@@ -413,7 +410,6 @@ class ProtocolModel(RuleBasedStateMachine):
     def on_session_end(self) -> None:
         """SessionDriver.on_session_end."""
         tracker, outbox = self.tracker, self.outbox
-        purged = not self.waiting  # proposed (see the module's docstring)
         if not outbox.empty:
             statistic("a session ends with copies held in the outbox")
         if self.closing:
@@ -429,7 +425,7 @@ class ProtocolModel(RuleBasedStateMachine):
         self.apply(tracker.session_ended(FailureReason.SESSION_ENDED, unsent=unsent))
         for message_id in unsent:
             outbox.doom(message_id)  # Outbound.withhold_parked
-        if purged:
+        if not self.waiting:  # purged with the session, or drained; not disconnect()'s
             outbox.session_ended()
         tracker.copies_gone(keep=outbox.held_ids())
 
