@@ -83,8 +83,7 @@ class Outbox(Generic[P]):
     def empty(self) -> bool:
         """Nothing held, nothing waiting, no resend under way."""
         held = self._waiting or self._doomed or self._doomed_queued or self._room_held
-        held = held or self._released
-        return not (held or self._gates) and not any(self._resend_held.values())
+        return not (held or self._released or self._gates) and not any(self._resend_held.values())
 
     def waiting_ids(self) -> frozenset[str]:
         """Tracked messages whose copy waits to go out (parked, held for a room or
