@@ -43,15 +43,7 @@ class Verdict(Enum):
 class Outbox(Generic[P]):
     """Outgoing stanzas held back, and the verdict for each one about to be written."""
 
-    __slots__ = (
-        "_doomed",
-        "_doomed_queued",
-        "_gates",
-        "_released",
-        "_resend_held",
-        "_room_held",
-        "_waiting",
-    )
+    __slots__ = ("_doomed", "_doomed_queued", "_gates", "_resend_held", "_room_held", "_waiting")
 
     def __init__(self) -> None:
         #: Tracked messages whose copies wait outside the wire: parked by the client
@@ -69,8 +61,6 @@ class Outbox(Generic[P]):
         self._gates: dict[str, int] = {}
         #: New messages held behind those resends, by conversation, oldest first.
         self._resend_held: dict[str, list[tuple[str, P]]] = {}
-        #: Those of them a room released (by identity): they go before the others.
-        self._released: set[int] = set()
 
     # ---------------------------------------------------------------- read-only views
 
@@ -83,7 +73,7 @@ class Outbox(Generic[P]):
     def empty(self) -> bool:
         """Nothing held, nothing waiting, no resend under way."""
         held = self._waiting or self._doomed or self._doomed_queued or self._room_held
-        return not (held or self._released or self._gates) and not any(self._resend_held.values())
+        return not (held or self._gates) and not any(self._resend_held.values())
 
     def waiting_ids(self) -> frozenset[str]:
         """Tracked messages whose copy waits to go out (parked, held for a room or
@@ -129,30 +119,19 @@ class Outbox(Generic[P]):
                 continue
             self._gates.pop(conversation, None)
             released += [payload for _, payload in self._resend_held.pop(conversation, [])]
-        if self._released:
-            self._released.difference_update(id(payload) for payload in released)
         return released
 
     def hold_behind_resend(self, conversation: str, message_id: str, payload: P) -> bool:
         """Keep a new message back while older ones to the same peer are resent.
 
-        A copy released by its room comes here from the waiting ones: it is held behind
-        the resend now, no longer waiting for the client, and ahead of the messages held
-        here (it was handed over before any of them, or is a resend's copy), after those
-        its room released before it. A doomed one is not held (its verdict drops it)."""
+        The gate is for messages handed over while it is closed: a copy its room held
+        (doomed or not) passed it when it was handed over, as did any copy still in the
+        client's queue, and goes to its verdict at once."""
         if not self._gates or conversation not in self._gates:
             return False  # the usual case, checked first: nothing is being resent
-        if self._doomed and _has(self._doomed, message_id, payload):
+        if _has(self._waiting, message_id, payload) or _has(self._doomed, message_id, payload):
             return False
-        held = self._resend_held.setdefault(conversation, [])
-        if self._waiting and _take(self._waiting, message_id, payload):
-            at = 0
-            while at < len(held) and id(held[at][1]) in self._released:
-                at += 1
-            held.insert(at, (message_id, payload))
-            self._released.add(id(payload))
-        else:
-            held.append((message_id, payload))
+        self._resend_held.setdefault(conversation, []).append((message_id, payload))
         return True
 
     # ---------------------------------------------------------------- parked by the client
@@ -173,9 +152,6 @@ class Outbox(Generic[P]):
                 kept = [pair for pair in held if pair[0] != message_id]
                 if len(kept) == len(held):
                     continue
-                for gone, payload in held:
-                    if gone == message_id:
-                        self._released.discard(id(payload))
                 if kept:
                     self._resend_held[conversation] = kept
                 else:
@@ -277,7 +253,6 @@ class Outbox(Generic[P]):
         held += [p for ps in self._resend_held.values() for _, p in ps]
         self._room_held.clear()
         self._resend_held.clear()
-        self._released.clear()
         self._gates.clear()
         self._waiting.clear()
         self._doomed.clear()
