@@ -16,12 +16,12 @@ The machine plays four parts and feeds the core exactly the facts the plugin wou
   back into slixmpp, HOLD_FOR_ROOM, WRITE, COUNT), ``on_stanza_not_sent``
   (``outbox.parked``), ``on_session_live`` (``outbox.session_started``, then the wait for
   room rejoins), ``release_room`` / ``_send_held`` / ``drop_room``, ``on_session_end``
-  (``session_ended`` with the unsent ids, ``outbox.doom`` for them,
+  (``session_ended`` with the unsent ids, whose failures doom their copies,
   ``outbox.session_ended``, ``core.copies_gone(keep=outbox.held_ids())``), the ack and
   resumption handlers, ``_late_signal``; the Resender's gates (``close_gates`` /
   ``open_gates`` around each resend, whose archive check may keep it under way while
   other things happen, and around each scheduled retry, as ``on_record`` does for every
-  snapshot), ``_attempt_expired`` (``outbox.doom``), ``_retry``, ``_send_again``,
+  snapshot), ``_attempt_expired``, ``_retry``, ``_send_again``,
   ``_found``;
 * the server: one stream per ``<enable/>`` (all forgotten when it restarts), counting
   what it received, answering
@@ -31,12 +31,12 @@ The machine plays four parts and feeds the core exactly the facts the plugin wou
 
 Time is the model's clock, passed to the core; nothing reads the system time.
 
-Three glue changes the model found necessary are modelled as proposed (each pinned by
-an ``xfail(strict=True)`` test in ``tests/test_core_model_regressions.py`` until the glue
-has it): ``plugin._dispatch`` dooms the held copies of every message that settles
-(``Outbound.withhold_parked``); ``Resender.resend`` re-reads each record once its
-archive check is over, resending only those still failed; ``Resender.on_record`` calls
-a scheduled retry off, and opens its gate, when the message is resent by hand before it.
+Glue changes the model found necessary are pinned by tests through the real plugin in
+``tests/test_core_model_regressions.py``: ``plugin._dispatch`` dooms the held copies of
+every message that settles (``Outbound.withhold_parked``); ``Resender.resend`` re-reads
+each record once its archive check is over, resending only those still failed;
+``Resender.on_record`` calls a scheduled retry off, and opens its gate, when the message
+is resent by hand before it.
 
 Invariants: the core raises nothing but the ``SMProtocolError`` subclasses the plugin
 handles; each message's events follow ``states.TRANSITIONS``; nothing is acked that the
@@ -282,8 +282,8 @@ class ProtocolModel(RuleBasedStateMachine):
             self.store[payload.id] = payload
             log.append(f"{ev.name}:{payload.reason}" if payload.reason else ev.name)
             if not payload.in_flight:
-                # Proposed for plugin._dispatch (see the module's docstring): a settled
-                # message's held copies never go out by themselves (withhold_parked).
+                # plugin._dispatch: a settled message's held copies never go out by
+                # themselves (Outbound.withhold_parked).
                 self.outbox.doom(payload.id)
             self.on_record(payload)
         self.clock.tick()
@@ -423,8 +423,6 @@ class ProtocolModel(RuleBasedStateMachine):
             alive = {c.message_id for c in copies if c.message_id in tracker.records}
             assert not alive.intersection(unsent), ("fails, yet goes out", alive, unsent)
         self.apply(tracker.session_ended(FailureReason.SESSION_ENDED, unsent=unsent))
-        for message_id in unsent:
-            outbox.doom(message_id)  # Outbound.withhold_parked
         if not self.waiting:  # purged with the session, or drained; not disconnect()'s
             outbox.session_ended()
         tracker.copies_gone(keep=outbox.held_ids())
@@ -494,9 +492,8 @@ class ProtocolModel(RuleBasedStateMachine):
     def on_record(self, record: TrackedMessage) -> None:
         """Resender.on_record (a retry policy is on): a retryable failure holds its
         conversation's new messages until its retry; anything settled lets them go."""
-        if record.state is S.RESENT and record.id in self.scheduled:
-            # Proposed (see the module's docstring): resent by hand before its retry, the
-            # retry is off (its timer replaced by the attempt timer), and so is its gate.
+        if record.in_flight and record.id in self.scheduled:
+            # Resent by hand before its retry: the retry is off, and so is its gate.
             self.settle_schedule(record.id)
         if record.in_flight:
             return  # its attempt timer (the model's attempt_times_out)
@@ -562,8 +559,8 @@ class ProtocolModel(RuleBasedStateMachine):
                 and record.id in self.server_got
             }
         for record in resend.records:
-            # Proposed for Resender.resend (see the module's docstring): the record as it
-            # stands now, and none that settled or was resent while the archive was asked.
+            # Resender.resend: the record as it stands now, and none that settled or was
+            # resent while the archive was asked.
             record = tracker.get(record.id) or self.store[record.id]
             if record.state is not S.FAILED:
                 statistic("a record moved on during its resend's archive check")
@@ -828,8 +825,7 @@ class ProtocolModel(RuleBasedStateMachine):
         self.clock.tick(POLICY.attempt_timeout or 30.0)
         events = self.tracker.timed_out(message_id)
         if events:
-            self.outbox.doom(message_id)  # withhold_queued_copy
-            self.apply(events)
+            self.apply(events)  # failed: its queued copy is doomed with it
 
     @precondition(lambda self: self.session_live and self.transport)
     @rule(room=st.sampled_from(ROOMS), answered=st.booleans())

@@ -2,10 +2,8 @@
 
 Each test is the shortest story that showed the failure, told with the facts the
 plugin feeds the core, in the order it feeds them. The last ones pin failures of the
-glue around the core (the Resender, the plugin's dispatch and session end): they are
-told through the real plugin and marked ``xfail(strict=True)`` until the glue has the
-fix the marker names (then the marker goes, and the model's docstring lists one
-proposed change less).
+glue around the core (the Resender, the plugin's dispatch and session end), told
+through the real plugin.
 """
 
 from __future__ import annotations
@@ -16,7 +14,6 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
-import pytest
 import pytest_asyncio
 from slixmpp.stanza import Message, Presence
 from slixmpp.xmlstream import ET
@@ -505,19 +502,11 @@ class _ArchiveHost:
     def write(self, message: Any) -> None:
         self.written.append(message)
 
-    def withhold_queued_copy(self, message_id: str) -> None:
-        self.outbox.doom(message_id)
-
     async def get(self, message_id: str) -> TrackedMessage | None:
         """plugin.get: from memory, else from the store."""
         return self.core.get(message_id) or self.store.get(message_id)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="resend.py Resender.resend: once the archive check is over, resend each record "
-    "as it stands then (host.get), and only one still failed, not the snapshot it was given",
-)
 async def test_a_message_acked_during_its_archive_check_is_not_resent() -> None:
     # Found by the protocol model once its resends wait for their archive check: a
     # message failed by its attempt timeout (its copy still on the wire) is resent; while
@@ -541,11 +530,6 @@ async def test_a_message_acked_during_its_archive_check_is_not_resent() -> None:
     assert [e.name for e in host.events] == ["message:failed", "stanza:acked", "message:acked"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="plugin._dispatch: every snapshot of a message that is no longer in flight "
-    "dooms its held copies (outbound.withhold_parked), not only a failure unsent",
-)
 async def test_a_held_copy_of_a_message_refused_meanwhile_is_doomed(
     wired: list[WiredClient],
 ) -> None:
@@ -577,11 +561,6 @@ async def test_a_held_copy_of_a_message_refused_meanwhile_is_doomed(
     assert not alice.tracker.outbox.is_waiting(mid)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="resend.py Resender.on_record: a message resent by hand before its scheduled retry "
-    "calls the retry off, and opens the gate the retry kept closed",
-)
 async def test_a_resent_copy_held_for_the_room_is_not_held_behind_its_own_retry(
     wired: list[WiredClient],
 ) -> None:

@@ -426,6 +426,10 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
                     payload = payload.moved(payload.state, payload.updated_at, xml=text)
                     event = Event(event.name, payload)
                     writer.put(payload)
+                if not payload.in_flight:
+                    # Settled (acked, failed, refused): a copy still held back must never
+                    # go out by itself (a resend sends a new one).
+                    outbound.withhold_parked(payload.id)
                 if retrying:
                     self.resender.on_record(payload)
             name = event.name
@@ -498,9 +502,6 @@ class _ResendHost:
 
     def write(self, message: Message) -> None:
         self._plugin._original_send(message)
-
-    def withhold_queued_copy(self, message_id: str) -> None:
-        self._plugin._outbound.withhold_parked(message_id)
 
     async def get(self, message_id: str) -> TrackedMessage | None:
         return await self._plugin.get(message_id)

@@ -45,7 +45,7 @@ UNANSWERED = frozenset(
 
 class ResendHost(Protocol):
     """All the resender needs from the plugin: the client, the core, the settings, and
-    three ways to act. Nothing else of the plugin is reachable from here."""
+    two ways to act. Nothing else of the plugin is reachable from here."""
 
     @property
     def xmpp(self) -> Any:
@@ -72,9 +72,6 @@ class ResendHost(Protocol):
 
     def write(self, message: Message) -> None:
         """Hand a message to slixmpp, past the resend gate (it was held, or is resent)."""
-
-    def withhold_queued_copy(self, message_id: str) -> None:
-        """A copy of a failed message still queued in slixmpp must never go out."""
 
     async def get(self, message_id: str) -> TrackedMessage | None:
         """The latest record of a message, from memory or the store."""
@@ -108,10 +105,18 @@ class Resender:
         self._close_gate(conversations)
         try:
             found = await self._reconcile(records)
-            return [
-                self._found(record) if record.id in found else self._send_again(record)
-                for record in records
-            ]
+            results = []
+            for record in records:
+                # The check took a while: the server may have acked the old copy, or
+                # the room reflected it, meanwhile. Only what is still failed goes again.
+                current = await self.host.get(record.id) or record
+                if current.state is not DeliveryState.FAILED:
+                    results.append(current)
+                elif current.id in found:
+                    results.append(self._found(current))
+                else:
+                    results.append(self._send_again(current))
+            return results
         finally:
             self._open_gate(conversations)
 
@@ -201,14 +206,22 @@ class Resender:
         policy = self.host.core.retry_policy
         if policy is None:
             return
-        if record.in_flight and policy.attempt_timeout is not None:
-            self._arm(record.id, policy.attempt_timeout, self._attempt_expired)
+        if record.in_flight:
+            if self._scheduled:
+                # Sent again before its retry was due (by hand): the retry is off, and
+                # the gate it kept closed opens (the resend keeps its own meanwhile).
+                conversation = self._scheduled.pop(record.id, None)
+                if conversation is not None:
+                    self.cancel_timer(record.id)
+                    self._open_gate([conversation])
+            if policy.attempt_timeout is not None:
+                self._arm(record.id, policy.attempt_timeout, self._attempt_expired)
         elif record.state is DeliveryState.FAILED and policy.should_retry(record):
             if record.id not in self._scheduled:
                 self._scheduled[record.id] = record.conversation
                 self._close_gate([record.conversation])
             self._arm(record.id, policy.delay_before(record), self._retry_due)
-        elif not record.in_flight:
+        else:
             self._disarm(record.id)
 
     def cancel_timer(self, message_id: str) -> None:
@@ -236,8 +249,7 @@ class Resender:
         self._timers.pop(message_id, None)
         events = self.host.core.timed_out(message_id)
         if events:
-            self.host.withhold_queued_copy(message_id)
-            self.host.apply(events)
+            self.host.apply(events)  # failed: a copy still queued is doomed with it
 
     def _retry_due(self, message_id: str) -> None:
         self._timers.pop(message_id, None)

@@ -342,8 +342,6 @@ class SessionDriver:
             # for the next session start is still going out.
             unsent = [i for i in self.core.unsent_ids() if i not in self._outbound.parked_ids()]
         self._ctx.emit(self.core.session_ended(FailureReason.SESSION_ENDED, unsent=unsent))
-        for message_id in unsent:
-            self._outbound.withhold_parked(message_id)
         # When slixmpp's send queue is empty (purged with the session, or drained),
         # doomed copies that were in it are gone; a disconnect() with the link down
         # leaves the queue as it was, and they may still surface. The core need only
