@@ -97,6 +97,9 @@ S = DeliveryState
 BARE = "alice@example.org"
 FULL = f"{BARE}/model"
 NICK = "alice"
+OWN = "alice@example.org"
+#: Parties who were sent none of our messages (no recipient, no room of ours).
+FORGERS = ("mallory@example.org/phone", "room3@muc.example.org/alice", "evil.example")
 CHATS = ("bob@example.org", "carol@example.org")
 ROOMS = ("room1@muc.example.org", "room2@muc.example.org")
 BOUNCES = {
@@ -650,7 +653,10 @@ class ProtocolModel(RuleBasedStateMachine):
         if record is None:
             return
         tracker.reinstate(record)
-        self.apply(signal(message_id))
+        events = signal(message_id)
+        if not events:
+            tracker.retire(message_id)  # nothing changed: it leaves memory again
+        self.apply(events)
 
     # ------------------------------------------------------------ start
 
@@ -1076,7 +1082,10 @@ class ProtocolModel(RuleBasedStateMachine):
         message_id = data.draw(st.sampled_from(self.tracked_received()), label="bounced")
         reason = FailureReason.bounce(error_type, BOUNCES[error_type])
         before = self.store[message_id]
-        self.late_signal(message_id, lambda mid: self.tracker.bounced(mid, reason))
+        sender = self.store[message_id].to  # the recipient (or the room) itself
+        self.late_signal(
+            message_id, lambda mid: self.tracker.bounced(mid, reason, sender=sender, own=OWN)
+        )
         after = self.store[message_id]
         if before.state is S.FAILED and not before.retryable:
             assert after == before, (message_id, self.log[message_id])  # it stands
@@ -1138,7 +1147,27 @@ class ProtocolModel(RuleBasedStateMachine):
     def receipt_or_marker(self, data: st.DataObject, marker: bool) -> None:
         message_id = data.draw(st.sampled_from(self.chats_received()), label="peer proof")
         signal = self.tracker.displayed if marker else self.tracker.delivered
+        sender = self.store[message_id].to.split("/")[0] + "/another-device"
+        self.late_signal(message_id, lambda mid: signal(mid, sender=sender))
+
+    @precondition(lambda self: self.loop_idle() and bool(self.store))
+    @rule(data=st.data(), kind=st.sampled_from(["receipt", "marker", "bounce"]))
+    def forged_proof(self, data: st.DataObject, kind: str) -> None:
+        """A receipt, marker or bounce for one of our messages from somebody it was not
+        sent to (another contact, another room): nothing changes, nothing is emitted."""
+        message_id = data.draw(st.sampled_from(sorted(self.store)), label="forged for")
+        tracker, before = self.tracker, self.store[message_id]
+        events_before = len(self.log.get(message_id, []))
+        forger = data.draw(st.sampled_from(FORGERS), label="forger")
+        if kind == "bounce":
+            signal = lambda mid: tracker.bounced(mid, "cancel:forbidden", sender=forger, own=OWN)  # noqa: E731
+        elif kind == "marker":
+            signal = lambda mid: tracker.displayed(mid, sender=forger)  # noqa: E731
+        else:
+            signal = lambda mid: tracker.delivered(mid, sender=forger)  # noqa: E731
         self.late_signal(message_id, signal)
+        assert self.store[message_id] == before, (message_id, kind, forger)
+        assert len(self.log.get(message_id, [])) == events_before, (message_id, kind, forger)
 
     # ------------------------------------------------------------ invariants
 

@@ -49,6 +49,10 @@ class Stanza:
     name: str
 
 
+BOB = "bob@example.org"  #: answers for chat messages (sent to one of his resources)
+OWN = "alice@example.org"
+
+
 def outgoing(mid: str, kind: str = "chat") -> OutgoingMessage:
     return OutgoingMessage(
         id=mid,
@@ -166,7 +170,7 @@ def test_a_message_resent_while_its_first_copy_is_unacked_follows_its_new_copy()
     # HIBERNATED (and <resumed/> ACKED -> RESENT).
     tracker = live()
     send(tracker, "g1", "groupchat", copy="first")
-    [failed] = tracker.bounced("g1", WAIT)
+    [failed] = tracker.bounced("g1", WAIT, sender="room@muc.example.org", own=OWN)
     assert isinstance(failed.payload, TrackedMessage)
     assert show(tracker.resend(failed.payload)) == [("message:resent", "g1", None)]
     tracker.counted(Stanza("second"), "g1", link_up=True)
@@ -198,13 +202,13 @@ def test_a_bounce_after_the_attempt_timeout_reaches_the_app_and_is_not_retried()
     [timed_out] = tracker.timed_out("m1")
     assert isinstance(timed_out.payload, TrackedMessage)
     assert policy.should_retry(timed_out.payload)
-    events = tracker.bounced("m1", REFUSED)
+    events = tracker.bounced("m1", REFUSED, sender=BOB, own=OWN)
     assert show(events) == [("message:failed", "m1", REFUSED)]
     refused = events[0].payload
     assert isinstance(refused, TrackedMessage)
     assert not refused.retryable and not policy.should_retry(refused)
     # a refusal is final: the late ack of the copy does not turn it into "acked"
-    assert tracker.bounced("m1", WAIT) == []
+    assert tracker.bounced("m1", WAIT, sender=BOB, own=OWN) == []
     assert show(tracker.ack(1)) == [("stanza:acked", "m1")]
     holds_nothing(tracker)
 
@@ -215,10 +219,14 @@ def test_a_bounce_for_a_failed_message_fetched_from_the_store_updates_its_reason
     [failed] = tracker.session_ended(unsent=["m1"])
     assert isinstance(failed.payload, TrackedMessage) and failed.payload.retryable
     tracker.reinstate(failed.payload)  # plugin._late_signal
-    assert show(tracker.bounced("m1", REFUSED)) == [("message:failed", "m1", REFUSED)]
+    assert show(tracker.bounced("m1", REFUSED, sender=BOB, own=OWN)) == [
+        ("message:failed", "m1", REFUSED)
+    ]
     tracker.reinstate(failed.payload.moved(S.FAILED, 2000.0, reason=REFUSED))
-    assert tracker.bounced("m1", REFUSED) == []  # the same refusal again: no news
-    assert tracker.bounced("m1", WAIT) == []  # nor another one after a refusal
+    assert (
+        tracker.bounced("m1", REFUSED, sender=BOB, own=OWN) == []
+    )  # the same refusal again: no news
+    assert tracker.bounced("m1", WAIT, sender=BOB, own=OWN) == []  # nor another one after a refusal
     tracker.copies_gone()
     holds_nothing(tracker)
 
@@ -331,8 +339,8 @@ def test_a_queued_copy_of_a_message_that_settled_meanwhile_is_withheld() -> None
     # delivered while its new copy still waited in the client's queue: that copy then
     # went out, unasked, as a plain stanza.
     for settle in (
-        lambda t: t.bounced("m1", REFUSED),
-        lambda t: t.delivered("m1"),
+        lambda t: t.bounced("m1", REFUSED, sender=BOB, own=OWN),
+        lambda t: t.delivered("m1", sender=BOB),
     ):
         tracker = live()
         tracker.track(outgoing("m1"), link_up=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from xmpp_sm_tracker.core.proofs import may_answer
 from xmpp_sm_tracker.core.records import FailureReason, TrackedMessage
 from xmpp_sm_tracker.core.states import DeliveryState
 from xmpp_sm_tracker.core.tracker import Tracker
@@ -10,6 +11,8 @@ from .test_core_tracker import Clock, Stanza, enable, outgoing, send, show
 
 S = DeliveryState
 ROOM = "room@muc.example"
+BOB = "bob@example.org/laptop"  # any resource of the recipient may answer
+ALICE = "alice@example.org"
 
 
 def tracker_with_room_messages(*mids: str) -> Tracker[Stanza]:
@@ -75,14 +78,14 @@ def test_receipt_then_marker_then_a_late_ack_never_go_backwards() -> None:
     tracker: Tracker[Stanza] = Tracker(clock=Clock())
     enable(tracker)
     send(tracker, "c1")
-    [delivered] = tracker.delivered("c1")
+    [delivered] = tracker.delivered("c1", sender=BOB)
     assert delivered.name == "message:delivered"
     assert "c1" not in tracker.records  # settled: the plugin fetches it back for late proofs
-    assert tracker.displayed("c1") == []
+    assert tracker.displayed("c1", sender=BOB) == []
     tracker.reinstate(delivered.payload)  # type: ignore[arg-type]
-    assert [e.name for e in tracker.displayed("c1")] == ["message:displayed"]
+    assert [e.name for e in tracker.displayed("c1", sender=BOB)] == ["message:displayed"]
     tracker.reinstate(delivered.payload)  # type: ignore[arg-type]
-    assert [e.name for e in tracker.delivered("c1")] == []  # DELIVERED keeps, no event
+    assert [e.name for e in tracker.delivered("c1", sender=BOB)] == []  # DELIVERED keeps, no event
     assert show(tracker.ack(1)) == [("stanza:acked", "c1")]
 
 
@@ -98,7 +101,7 @@ def test_a_bounce_fails_even_an_acked_message_with_its_condition() -> None:
     )
     tracker.reinstate(settled)  # ... and come back from the store for a late bounce
     reason = FailureReason.bounce("cancel", "service-unavailable", "gone")
-    events = tracker.bounced("c1", reason)
+    events = tracker.bounced("c1", reason, sender=BOB, own=ALICE)
     assert [(e.name, e.payload.reason) for e in events] == [  # type: ignore[attr-defined]
         ("message:failed", "cancel:service-unavailable (gone)")
     ]
@@ -107,7 +110,9 @@ def test_a_bounce_fails_even_an_acked_message_with_its_condition() -> None:
 
 def test_a_wait_bounce_is_retryable() -> None:
     tracker = tracker_with_room_messages("g1")
-    [event] = tracker.bounced("g1", FailureReason.bounce("wait", "resource-constraint"))
+    [event] = tracker.bounced(
+        "g1", FailureReason.bounce("wait", "resource-constraint"), sender=ROOM, own=ALICE
+    )
     assert event.payload.retryable  # type: ignore[attr-defined]
 
 
@@ -135,3 +140,34 @@ def _fields(message: object) -> dict[str, object]:
         "body": message.body,  # type: ignore[attr-defined]
         "xml": message.xml,  # type: ignore[attr-defined]
     }
+
+
+def test_only_the_recipient_or_a_server_on_the_way_may_answer_for_a_message() -> None:
+    to = "bob@example.org/phone"
+    assert may_answer(to, "bob@example.org/laptop")  # any of bob's resources
+    assert may_answer(to, "Bob@Example.org")  # JIDs compare without case
+    assert not may_answer(to, "carol@example.org/phone")
+    assert not may_answer(to, "example.org")  # a server sends bounces, not receipts
+    assert may_answer(to, "example.org", bounce=True)  # bob's server
+    assert may_answer(to, "", bounce=True, own="alice@home.example")  # ours, no from
+    assert may_answer(to, "home.example", bounce=True, own="alice@home.example")
+    assert not may_answer(to, "carol@example.org", bounce=True, own="alice@home.example")
+    assert not may_answer(to, "evil.example", bounce=True, own="alice@home.example")
+    # a room's occupants answer for the room
+    assert may_answer(f"{ROOM}/nick", f"{ROOM}/someone")
+    assert not may_answer(ROOM, "other@muc.example/someone")
+
+
+def test_a_proof_from_the_wrong_party_changes_nothing_and_is_counted() -> None:
+    tracker: Tracker[Stanza] = Tracker(clock=Clock())
+    enable(tracker)
+    send(tracker, "c1")
+    assert tracker.delivered("c1", sender="carol@example.org/x") == []
+    assert tracker.displayed("c1", sender="carol@example.org/x") == []
+    refused = FailureReason.bounce("cancel", "forbidden")
+    assert tracker.bounced("c1", refused, sender="evil.example", own=ALICE) == []
+    assert tracker.rejected_proofs == 3
+    record = tracker.get("c1")
+    assert record is not None and record.state is S.SENT
+    [failed] = tracker.bounced("c1", refused, sender="", own=ALICE)  # our server's
+    assert failed.name == "message:failed"

@@ -232,7 +232,9 @@ def test_an_older_record_coming_back_is_matched_first_by_body() -> None:
     tracker, clock = room_tracker()
     [old] = [e.payload for e in put(tracker, message("old", body="ok"))]
     assert isinstance(old, TrackedMessage)
-    [failed] = tracker.bounced("old", FailureReason.bounce("wait", "resource-constraint"))
+    [failed] = tracker.bounced(
+        "old", FailureReason.bounce("wait", "resource-constraint"), sender=ROOM, own=""
+    )
     assert "old" not in tracker.records and nothing_indexed(tracker)
     clock.tick()
     put(tracker, message("new", body="ok"))
@@ -292,7 +294,9 @@ def test_the_index_empties_as_everything_settles() -> None:
     tracker.ack(4)
     tracker.room_received("g0")  # reflected after its ack
     tracker.room_received("g5")  # reflected before its ack
-    tracker.bounced("g1", FailureReason.bounce("cancel", "forbidden"))  # acked, refused
+    tracker.bounced(  # acked, refused
+        "g1", FailureReason.bounce("cancel", "forbidden"), sender=ROOM, own=""
+    )
     tracker.left_room(OTHER, LEFT)
     tracker.link_lost()
     tracker.resume_sent()
@@ -460,7 +464,7 @@ class ReflectionMachine(RuleBasedStateMachine):
         signal = data.draw(st.sampled_from(["bounce", "reflection", "nothing"]))
         tracker.reinstate(record)
         if signal == "bounce":
-            self.apply(tracker.bounced(record.id, "cancel:forbidden"))
+            self.apply(tracker.bounced(record.id, "cancel:forbidden", sender=ROOM, own=""))
         elif signal == "reflection" and record.type == "groupchat":
             self.apply(tracker.room_received(record.id))
         else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 from slixmpp.stanza import Iq, Message, Presence
 from slixmpp.xmlstream import StanzaBase
@@ -71,7 +72,10 @@ class Inbound:
             bounce = stanzas.read_bounce(xml)
             if bounce is not None:
                 reason = FailureReason.bounce(bounce.error_type, bounce.condition, bounce.text)
-                self._late_signal(bounce.id, lambda mid: self.core.bounced(mid, reason))
+                own, sender = self.xmpp.boundjid.bare, bounce.sender
+                self._late_signal(
+                    bounce.id, lambda mid: self.core.bounced(mid, reason, sender=sender, own=own)
+                )
             return
         if kind == "groupchat":
             reflection = stanzas.read_reflection(xml)
@@ -86,7 +90,7 @@ class Inbound:
             return
         for proof in stanzas.read_peer_proofs(xml):
             signal = self.core.delivered if proof.kind == "delivered" else self.core.displayed
-            self._late_signal(proof.id, signal)
+            self._late_signal(proof.id, partial(signal, sender=proof.sender))
 
     def _read_reflection(self, reflection: stanzas.Reflection) -> None:
         room = reflection.room
@@ -145,10 +149,21 @@ class Inbound:
         if room in self._outbound.outbox.held_rooms():
             self._outbound.release_room(room)
 
+    def _checked(self, message_id: str, signal: Callable[[str], list[Event]]) -> list[Event]:
+        """The signal's events; a proof the core refused (wrong party) is logged."""
+        refused = self.core.rejected_proofs
+        events = signal(message_id)
+        if self.core.rejected_proofs != refused:
+            log.warning(
+                "ignored a receipt, marker or bounce for %s from a party that cannot give it",
+                message_id,
+            )
+        return events
+
     def _late_signal(self, message_id: str, signal: Callable[[str], list[Event]]) -> None:
         """Apply a peer's proof to a record, fetching it from the store if it was retired."""
         if self.core.get(message_id) is not None:
-            self._ctx.emit(signal(message_id))
+            self._ctx.emit(self._checked(message_id, signal))
             return
 
         async def from_store() -> None:
@@ -160,7 +175,10 @@ class Inbound:
             if record is None:
                 return  # not one of ours
             self.core.reinstate(record)
-            self._ctx.emit(signal(message_id))
+            events = self._checked(message_id, signal)
+            if not events:
+                self.core.retire(message_id)  # nothing changed: it leaves memory again
+            self._ctx.emit(events)
 
         task = asyncio.ensure_future(from_store())
         self._late_tasks.add(task)

@@ -15,10 +15,34 @@ from .records import FailureReason
 from .rooms import Rooms
 from .states import DeliveryState
 
-__all__ = ["PeerProofs"]
+__all__ = ["PeerProofs", "may_answer"]
 
 P = TypeVar("P")
 _S = DeliveryState
+
+
+def _bare(jid: str) -> str:
+    return jid.partition("/")[0].lower()
+
+
+def _domain(jid: str) -> str:
+    bare = _bare(jid)
+    return bare.rpartition("@")[2]
+
+
+def may_answer(to: str, sender: str, *, bounce: bool = False, own: str = "") -> bool:
+    """Whether ``sender`` can answer for a message sent ``to`` someone.
+
+    A receipt or a marker comes from the recipient (any of its resources; for a room,
+    the room's occupants, whose JIDs are the room's). A bounce may also come from
+    the recipient's server, or from ours: no ``from``, our own JID or domain. Anyone
+    else could only forge it (a peer cannot settle a message it was never sent).
+    """
+    if _bare(sender) == _bare(to):
+        return True
+    if not bounce:
+        return False
+    return sender == "" or sender.lower() in {_domain(to), _bare(own), _domain(own)}
 
 
 class PeerProofs(RecordBook[P]):
@@ -29,6 +53,8 @@ class PeerProofs(RecordBook[P]):
         #: Occupancy of the current session (our nick per room, pending joins), and the
         #: rooms an ended session was in, which the app has to join again.
         self.rooms = Rooms()
+        #: Receipts, markers and bounces ignored: from a party that cannot give them.
+        self.rejected_proofs = 0
 
     def find_reflected(
         self,
@@ -53,24 +79,41 @@ class PeerProofs(RecordBook[P]):
         moved = self._move(message_id, _S.ROOM_RECEIVED)
         return [moved] if moved is not None else []
 
-    def delivered(self, message_id: str) -> list[Event]:
-        """An XEP-0184 receipt came back from the recipient."""
+    def delivered(self, message_id: str, *, sender: str) -> list[Event]:
+        """An XEP-0184 receipt came back from ``sender`` (only the recipient counts)."""
+        if not self._answered_by(message_id, sender):
+            return []
         moved = self._move(message_id, _S.DELIVERED)
         return [moved] if moved is not None else []
 
-    def displayed(self, message_id: str) -> list[Event]:
-        """An XEP-0333 displayed marker came back from the recipient."""
+    def displayed(self, message_id: str, *, sender: str) -> list[Event]:
+        """An XEP-0333 displayed marker came back from ``sender`` (only the recipient
+        counts)."""
+        if not self._answered_by(message_id, sender):
+            return []
         moved = self._move(message_id, _S.DISPLAYED)
         return [moved] if moved is not None else []
 
-    def bounced(self, message_id: str, reason: str) -> list[Event]:
-        """An error bounce: the server, the recipient or the room refused the message.
+    def _answered_by(self, message_id: str, sender: str, own: str | None = None) -> bool:
+        record = self.get(message_id)
+        if record is None:
+            return False
+        if may_answer(record.to, sender, bounce=own is not None, own=own or ""):
+            return True
+        self.rejected_proofs += 1
+        return False
+
+    def bounced(self, message_id: str, reason: str, *, sender: str, own: str) -> list[Event]:
+        """An error bounce from ``sender``: the server (ours, ``own`` is our JID, or the
+        recipient's), the recipient or the room refused the message.
 
         It fails even after ``acked`` (the server had it, somebody refused it), and a
         message that already failed without an answer (an attempt timeout, a failed
         resumption: a retryable reason) fails again with the refusal as its reason, so
         that it is not retried. A late ack of the refused copy does not undo it.
         """
+        if not self._answered_by(message_id, sender, own):
+            return []
         self._late_ack_possible.discard(message_id)
         moved = self._move(message_id, _S.FAILED, reason=reason)
         return [moved] if moved is not None else []
