@@ -11,6 +11,7 @@ from .core.records import FailureReason, TrackedMessage
 from .core.retry import RetryPolicy
 from .core.smstate import SMStateError
 from .core.states import DeliveryState, IllegalTransition
+from .handles import MessageFailed, MessageHandle, TrackerClosed
 from .plugin import SMTracker
 from .stores.base import SMState, StoreError, TrackerStore
 from .stores.memory import MemoryStore
@@ -31,6 +32,8 @@ __all__ = [
     "IllegalTransition",
     "LinkPhase",
     "MemoryStore",
+    "MessageFailed",
+    "MessageHandle",
     "RetryPolicy",
     "SMPhase",
     "SMProtocolError",
@@ -40,6 +43,7 @@ __all__ = [
     "SQLiteStore",
     "StoreError",
     "TrackedMessage",
+    "TrackerClosed",
     "TrackerStore",
     "__version__",
     "sm_tracker",

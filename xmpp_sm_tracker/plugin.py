@@ -43,6 +43,7 @@ from .core.retry import RetryPolicy
 from .core.smstate import SMStateError, parse_state
 from .core.states import DeliveryState
 from .core.tracker import Event, Tracker
+from .handles import HandleRegistry, MessageHandle
 from .inbound import Inbound
 from .outbound import Outbound
 from .resend import Resender
@@ -179,6 +180,8 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         #: Every stanza's verdict as it is written, and what is held back (sans-I/O).
         self.outbox: Outbox[StanzaBase] = Outbox()
         self.resender = Resender(_ResendHost(self))
+        #: The handles the app holds (send_message, handle()), fed every snapshot.
+        self._handles = HandleRegistry()
         self._outbound = Outbound(
             ctx, self._acks, self.outbox, self.resender, lambda record: self._writer.put(record)
         )
@@ -236,6 +239,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             xmpp.remove_handler(name)
         self._cancel_timers()
         self.resender.cancel()
+        self._handles.close()
         restore_xep_0198(xmpp)
         # What waited for a rejoin or a resend is no longer ours to hold: slixmpp sends
         # it (untracked from now on) rather than nobody.
@@ -324,12 +328,15 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
 
     async def send_message(
         self, mto: str, mbody: str, mtype: str = "chat", **kwargs: Any
-    ) -> TrackedMessage:
-        """The durable send: the record is in the store before the stanza leaves."""
+    ) -> MessageHandle:
+        """The durable send: the record is in the store before the stanza leaves.
+
+        Returns the message's handle: ``await handle.settled()`` for the outcome."""
         message = self.xmpp.make_message(mto=mto, mbody=mbody, mtype=mtype, **kwargs)
         record = self._outbound.track(message)
         if record is None:
             raise ValueError("this message is not tracked (no body, <no-store/> or predicate)")
+        handle = self._handle_of(record)  # from the start: no snapshot goes unseen
         try:
             await self.flush()
         except StoreError:
@@ -338,10 +345,21 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             raise
         current = self.core.get(record.id)
         if current is None or not current.in_flight:
-            return current or record  # the session ended meanwhile: it failed, unsent
+            return handle  # the session ended meanwhile: it failed, unsent
         if not self._outbound.hold_behind_resend(current, message):  # behind older resends
             self._original_send(message)
-        return current
+        return handle
+
+    async def handle(self, message_id: str) -> MessageHandle:
+        """The handle of any tracked message (sent by this process or one before it)."""
+        record = await self.get(message_id)
+        if record is None:
+            raise KeyError(f"no tracked message with id {message_id!r}")
+        return self._handle_of(record)
+
+    def _handle_of(self, record: TrackedMessage) -> MessageHandle:
+        latest = self.core.get(record.id) or record
+        return self._handles.handle(latest, self.resender.retry_pending(record.id))
 
     async def resend(self, message_id: str) -> TrackedMessage:
         """Send a failed message again: same id and origin-id (receivers drop a duplicate),
@@ -412,6 +430,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         per message otherwise cost more than the tracking itself).
         """
         xmpp, pyee, writer, outbound = self.xmpp, self.events, self._writer, self._outbound
+        handles = self._handles
         retrying = self.core.retry_policy is not None
         for event in events:
             payload = event.payload
@@ -432,6 +451,8 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
                     outbound.withhold_parked(payload.id)
                 if retrying:
                     self.resender.on_record(payload)
+                if handles:
+                    handles.observe(payload, retrying and self.resender.retry_pending(payload.id))
             name = event.name
             if isinstance(payload, StanzaBase):
                 # slixmpp hands a handler's exception to payload.exception(), which

@@ -224,6 +224,10 @@ class Resender:
         else:
             self._disarm(record.id)
 
+    def retry_pending(self, message_id: str) -> bool:
+        """True while an automatic retry of the (failed) message is scheduled."""
+        return message_id in self._scheduled
+
     def cancel_timer(self, message_id: str) -> None:
         """Stop the message's attempt timeout or retry timer (a message held before
         the wire starts its attempt when it is written)."""
