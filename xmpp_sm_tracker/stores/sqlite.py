@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import sqlite3
+import warnings
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ import aiosqlite
 
 from ..core.records import TrackedMessage
 from .base import SMState
-from .sqlite_file import DatabaseFile, rollback
+from .sqlite_file import DatabaseFile, forget_connection, rollback
 from .sqlite_schema import (
     IS_FAILED,
     IS_IN_FLIGHT,
@@ -368,4 +369,19 @@ class SQLiteStore:
                 self._closed = True
                 db, self._db = self._db, None
                 if db is not None:
+                    forget_connection(db)
                     await db.close()
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`aclose` ran (by the app, or by the tracker it was attached to
+        when that ended)."""
+        return self._closed
+
+    def __del__(self) -> None:
+        if self._db is not None and not self._closed:
+            warnings.warn(
+                f"{self!r} was never closed: use 'async with' or aclose()",
+                ResourceWarning,
+                stacklevel=2,
+            )

@@ -9,9 +9,13 @@ one transaction and switched to WAL.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sqlite3
 import stat
+import sys
+import threading
+import weakref
 from pathlib import Path
 
 import aiosqlite
@@ -19,7 +23,48 @@ import aiosqlite
 from .base import StoreError
 from .sqlite_schema import MIGRATIONS, TABLES
 
-__all__ = ["DatabaseFile", "rollback"]
+__all__ = ["DatabaseFile", "forget_connection", "rollback"]
+
+log = logging.getLogger(__name__)
+
+#: Connections open now, with the file each one is for (see _stop_at_exit).
+_open: weakref.WeakKeyDictionary[aiosqlite.Connection, Path] = weakref.WeakKeyDictionary()
+_guard_lock = threading.Lock()
+_guard: threading.Thread | None = None
+
+
+def _stop_at_exit() -> None:
+    """Runs in a daemon thread: once the main thread is done, stop the worker thread
+    of every connection still open, so that the interpreter can exit.
+
+    aiosqlite's worker is not a daemon thread: a store nobody closed (a bot killed
+    with Ctrl-C, a snippet without ``async with``) would keep the process alive for
+    good, since Python joins such threads before it runs any finalizer. What a
+    store had batched and not yet written is lost, as with a crash; the file stays
+    consistent (each write is its own transaction).
+    """
+    threading.main_thread().join()
+    for db, path in list(_open.items()):
+        print(
+            f"xmpp_sm_tracker: SQLite store {path} was never closed (use 'async with' or "
+            "aclose()); closing it at exit",
+            file=sys.stderr,
+        )
+        db.stop()
+
+
+def _watch(db: aiosqlite.Connection, path: Path) -> None:
+    global _guard
+    _open[db] = path
+    with _guard_lock:
+        if _guard is None:
+            _guard = threading.Thread(target=_stop_at_exit, name="sqlite-store-exit", daemon=True)
+            _guard.start()
+
+
+def forget_connection(db: aiosqlite.Connection) -> None:
+    """The connection is closed: nothing to stop at exit."""
+    _open.pop(db, None)
 
 
 async def rollback(db: aiosqlite.Connection) -> None:
@@ -60,6 +105,7 @@ class DatabaseFile:
         except BaseException:
             await db.close()
             raise
+        _watch(db, self.path)
         return db
 
     def _create_private_file(self) -> None:
