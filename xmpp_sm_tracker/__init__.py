@@ -13,6 +13,7 @@ from .core.smstate import SMStateError
 from .core.states import DeliveryState, IllegalTransition
 from .handles import MessageFailed, MessageHandle, TrackerClosed
 from .plugin import SMTracker
+from .stats import TrackerStats
 from .stores.base import SMState, StoreError, TrackerStore
 from .stores.memory import MemoryStore
 from .stores.sqlite import SQLiteStore
@@ -44,6 +45,7 @@ __all__ = [
     "StoreError",
     "TrackedMessage",
     "TrackerClosed",
+    "TrackerStats",
     "TrackerStore",
     "__version__",
     "sm_tracker",

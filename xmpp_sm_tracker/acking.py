@@ -110,7 +110,9 @@ class AckDriver:
         if h is None:
             log.warning("ignoring an <a/> without a valid h: %r", stanza.xml.get("h"))
             return
-        self.clock.ack_received(ctx.now)
+        rtt = self.clock.ack_received(ctx.now)
+        if rtt is not None:
+            ctx.stats.rtts.append(rtt)
         try:
             events = ctx.core.ack(h)
         except HBackwards as exc:

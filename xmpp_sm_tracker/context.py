@@ -16,6 +16,7 @@ from slixmpp.xmlstream import StanzaBase
 
 from .core.phases import SESSION_UP, LinkEvent, LinkPhase, PhaseMachine
 from .core.tracker import Event, Tracker
+from .stats import StatsCounters
 
 __all__ = ["Context"]
 
@@ -38,6 +39,8 @@ class Context:
     state_changed: Callable[..., None]
     #: slixmpp's own ``send`` (the tracking wrapper sits in front of it).
     send: Callable[..., None]
+    #: Running counts for ``tracker.stats()``.
+    stats: StatsCounters
 
     @property
     def session_live(self) -> bool:

@@ -9,27 +9,25 @@ loaded for its stanza classes; its handlers come back on ``plugin_end``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
-from xml.etree import ElementTree as ET
 
 from pyee.asyncio import AsyncIOEventEmitter
 from slixmpp.plugins.base import BasePlugin
 from slixmpp.plugins.base import register_plugin as _register_slixmpp_plugin
 from slixmpp.plugins.xep_0198 import stanza as sm_stanza
-from slixmpp.stanza import Iq, Message, Presence
-from slixmpp.xmlstream import StanzaBase, tostring
+from slixmpp.stanza import Message
+from slixmpp.xmlstream import StanzaBase
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import MatchXPath
 
-from . import stanzas
 from .acking import AckDriver
 from .context import Context
 from .core.acks import AckClock, AckPolicy
 from .core.events import STANZA_ACKED
-from .core.ledger import Entry
 from .core.outbox import Outbox
 from .core.phases import (
     LINK_TRANSITIONS,
@@ -40,7 +38,6 @@ from .core.phases import (
 )
 from .core.records import FailureReason, TrackedMessage
 from .core.retry import RetryPolicy
-from .core.smstate import SMStateError, parse_state
 from .core.states import DeliveryState
 from .core.tracker import Event, Tracker
 from .handles import HandleRegistry, MessageHandle
@@ -50,6 +47,8 @@ from .resend import Resender
 from .session import SessionDriver, displace_xep_0198, restore_xep_0198
 from .smhooks import SMStateHooks
 from .stanzas import FAILED_TAG
+from .statebridge import StateBridge
+from .stats import StatsCounters, TrackerStats
 from .stores.base import StoreError, TrackerStore
 from .stores.memory import MemoryStore
 from .writer import StoreWriter
@@ -158,14 +157,16 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         self.store: TrackerStore = MemoryStore()
         self._writer = StoreWriter(self.store)
         #: ``sm.load(state)`` before connect, ``sm.cache(fn)`` to persist the SM state.
+        bridge = StateBridge(xmpp, self.core)
         self.sm = SMStateHooks(
-            export=self._export_state, load=self._load_state, min_interval=self.cache_interval
+            export=bridge.export, load=bridge.load, min_interval=self.cache_interval
         )
         self._xep = xmpp.plugin["xep_0198"]
 
         #: The connection's phase; the SM session's is the core's (``core.sm_phase``).
         self._link = PhaseMachine(LINK_TRANSITIONS, LinkPhase.OFFLINE)
         self._original_send = xmpp.send
+        self._stats = StatsCounters()
         ctx = Context(
             xmpp=xmpp,
             core=self.core,
@@ -174,6 +175,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             emit=self._dispatch,
             state_changed=self.sm.changed,
             send=self._original_send,
+            stats=self._stats,
         )
         self._ctx = ctx
         self._acks = AckDriver(ctx, ack_clock, lambda exc: self._session.protocol_error(exc))
@@ -182,6 +184,8 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         self.resender = Resender(_ResendHost(self))
         #: The handles the app holds (send_message, handle()), fed every snapshot.
         self._handles = HandleRegistry()
+        #: Closes the store once the plugin ended (await it to know it is closed).
+        self.closing_store: asyncio.Task[None] | None = None
         self._outbound = Outbound(
             ctx, self._acks, self.outbox, self.resender, lambda record: self._writer.put(record)
         )
@@ -244,6 +248,27 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         # What waited for a rejoin or a resend is no longer ours to hold: slixmpp sends
         # it (untracked from now on) rather than nobody.
         self._outbound.uninstall()
+        self._close_store_later()
+
+    def _close_store_later(self) -> None:
+        """The tracker ends: write what it queued, then close its store (an attached
+        store is the tracker's from attach() on; closing twice is harmless)."""
+        writer, store = self._writer, self.store
+
+        async def close() -> None:
+            try:
+                await writer.aclose()
+            except StoreError as exc:
+                log.warning("could not write the last record changes at plugin end: %s", exc)
+            finally:
+                await store.aclose()
+
+        try:
+            task = asyncio.get_running_loop().create_task(close())
+        except RuntimeError:  # no loop running (the app is shutting down): leave it
+            log.warning("plugin ended outside the event loop: %r is left open", store)
+            return
+        self.closing_store = task
 
     # ---------------------------------------------------------------- public API
 
@@ -350,6 +375,21 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             self._original_send(message)
         return handle
 
+    def stats(self) -> TrackerStats:
+        """Counts since start, what is in flight now, ack round trips, reconnects."""
+        core, counters, now = self.core, self._stats, time.time()
+        in_flight = [r for r in core.records.values() if r.in_flight]
+        oldest = min((r.created_at for r in in_flight), default=None)
+        return TrackerStats(
+            reached=dict(counters.reached),
+            in_flight=len(in_flight),
+            oldest_in_flight_age=None if oldest is None else max(0.0, now - oldest),
+            ack_rtt=counters.rtt_percentiles(),
+            reconnects=max(0, counters.connections - 1),
+            resumptions=core.resumptions,
+            resumptions_failed=core.resumptions_failed,
+        )
+
     async def handle(self, message_id: str) -> MessageHandle:
         """The handle of any tracked message (sent by this process or one before it)."""
         record = await self.get(message_id)
@@ -381,46 +421,6 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         self.config["retry_policy"] = policy
         self.core.retry_policy = policy
 
-    # ---------------------------------------------------------------- SM state
-
-    def _export_state(self) -> dict[str, Any] | None:
-        return self.core.export_state(self._serialize_entry, now=time.time())
-
-    @staticmethod
-    def _serialize_entry(entry: Entry[StanzaBase]) -> str:
-        if entry.serialized is None:
-            entry.serialized = tostring(entry.payload.xml, top_level=True)
-        return entry.serialized
-
-    def _load_state(self, state: object) -> None:
-        """Check a saved state completely, then install it; on error stay fresh."""
-        if self.xmpp.transport is not None or self.core.counting_out:
-            raise SMStateError("sm.load() must be called before connect()")
-        try:
-            restored = parse_state(state, bare_jid=self.xmpp.boundjid.bare)
-            payloads = [self._stanza_from_xml(entry.xml) for entry in restored.unacked]
-        except SMStateError as exc:
-            log.warning("not resuming from the saved SM state: %s", exc)
-            raise
-        self.core.restore(restored, payloads)
-        log.info(
-            "loaded SM state of stream %s: %d unacked stanzas to resume",
-            restored.stream_id,
-            len(payloads),
-        )
-
-    def _stanza_from_xml(self, xml: str) -> StanzaBase:
-        try:
-            element = ET.fromstring(xml)
-        except ET.ParseError as exc:
-            raise SMStateError(f"SM state: an unacked stanza is not valid XML ({exc})") from exc
-        kind = stanzas.stanza_kind(element)
-        stanza_class = {"message": Message, "presence": Presence, "iq": Iq}.get(kind)
-        if stanza_class is None:
-            raise SMStateError(f"SM state: <{kind}> is not a stanza that can be resent")
-        stanza: StanzaBase = stanza_class(self.xmpp, xml=element)
-        return stanza
-
     # ---------------------------------------------------------------- events out
 
     def _dispatch(self, events: Iterable[Event]) -> None:
@@ -430,11 +430,12 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         per message otherwise cost more than the tracking itself).
         """
         xmpp, pyee, writer, outbound = self.xmpp, self.events, self._writer, self._outbound
-        handles = self._handles
+        handles, reached = self._handles, self._stats.reached
         retrying = self.core.retry_policy is not None
         for event in events:
             payload = event.payload
             if isinstance(payload, TrackedMessage):
+                reached[payload.state.value] += 1
                 if payload.xml:
                     writer.put(payload)
                 elif payload.state is not DeliveryState.SENT and outbound.is_unwritten(payload.id):

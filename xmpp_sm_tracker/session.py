@@ -272,6 +272,7 @@ class SessionDriver:
     # ---------------------------------------------------------------- connection
 
     def on_connected(self, _event: Any) -> None:
+        self._ctx.stats.connections += 1
         self._ctx.link.handle(LinkEvent.CONNECTED)
         self._acks.clock.reset()
         self._cancel(self._negotiation_timer)

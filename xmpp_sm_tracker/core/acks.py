@@ -11,6 +11,7 @@ next message is written into it. Times are plain floats from the caller's clock.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 __all__ = ["AckClock", "AckPolicy"]
@@ -38,6 +39,7 @@ class AckClock:
     """Sans-I/O scheduling of ``<r/>`` requests and of the ack timeout."""
 
     __slots__ = (
+        "_asked_at",
         "_first_unasked_at",
         "_last_heard",
         "_outstanding",
@@ -53,6 +55,8 @@ class AckClock:
         self._outstanding = 0
         self._waiting_since: float | None = None
         self._last_heard: float | None = None
+        #: When each unanswered ``<r/>`` went out, oldest first (the server answers in order).
+        self._asked_at: deque[float] = deque(maxlen=64)
 
     def reset(self) -> None:
         """Forget everything (a new connection)."""
@@ -61,6 +65,7 @@ class AckClock:
         self._outstanding = 0
         self._waiting_since = None
         self._last_heard = None
+        self._asked_at.clear()
 
     def heard(self, now: float) -> None:
         """The server sent something (a stanza, an ``<a/>``): the link is alive."""
@@ -78,14 +83,17 @@ class AckClock:
         self._unasked = 0
         self._first_unasked_at = None
         self._outstanding += 1
+        self._asked_at.append(now)
         if self._waiting_since is None:
             self._waiting_since = now
 
-    def ack_received(self, now: float) -> None:
-        """An ``<a/>`` came in: the link is alive, one request is answered."""
+    def ack_received(self, now: float) -> float | None:
+        """An ``<a/>`` came in: the link is alive, one request is answered. Returns
+        the round trip since that ``<r/>`` went out (None for an unasked ``<a/>``)."""
         self._last_heard = now
         self._outstanding = max(0, self._outstanding - 1)
         self._waiting_since = now if self._outstanding else None
+        return now - self._asked_at.popleft() if self._asked_at else None
 
     def request_due(self, now: float) -> bool:
         """True when stanzas have waited ``delay`` seconds without an ``<r/>``."""

@@ -39,6 +39,9 @@ class Tracker(Outgoing[P]):
         super().__init__(clock)
         #: What the last ``<resumed h>`` meant (for logging gaps in a restored state).
         self.last_resume: ResumeResult[P] | None = None
+        #: Resumptions since start: accepted by the server, refused by it.
+        self.resumptions = 0
+        self.resumptions_failed = 0
 
     @property
     def sm_phase(self) -> SMPhase:
@@ -134,6 +137,7 @@ class Tracker(Outgoing[P]):
         }
         result = self.ledger.resume(h, allow_ahead=self._session.restored)
         self._sm.handle(SMEvent.RESUMED)
+        self.resumptions += 1
         self._session.restored = False
         self.last_resume = result
         events = self._fate(result.acked, _S.ACKED)
@@ -152,6 +156,7 @@ class Tracker(Outgoing[P]):
 
         The connection still offers stream management: a fresh session may follow."""
         self._sm.handle(SMEvent.RESUME_FAILED)
+        self.resumptions_failed += 1
         acked, failed = self.ledger.fail(h)
         events = self._fate(acked, _S.ACKED)
         events += self._fate(failed, _S.FAILED, reason=FailureReason.RESUME_FAILED)

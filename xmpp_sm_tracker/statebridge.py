@@ -1,0 +1,68 @@
+"""The SM state between the core and slixmpp: stanzas to text for ``sm.cache``, and a
+saved state checked completely and back to stanzas for ``sm.load``."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+from xml.etree import ElementTree as ET
+
+from slixmpp.stanza import Iq, Message, Presence
+from slixmpp.xmlstream import StanzaBase, tostring
+
+from . import stanzas
+from .core.ledger import Entry
+from .core.smstate import SMStateError, parse_state
+from .core.tracker import Tracker
+
+__all__ = ["StateBridge"]
+
+log = logging.getLogger(__name__)
+
+
+class StateBridge:
+    """``export`` and ``load`` for :class:`~.smhooks.SMStateHooks`."""
+
+    def __init__(self, xmpp: Any, core: Tracker[StanzaBase]) -> None:
+        self.xmpp = xmpp
+        self.core = core
+
+    def export(self) -> dict[str, Any] | None:
+        return self.core.export_state(_serialize_entry, now=time.time())
+
+    def load(self, state: object) -> None:
+        """Check a saved state completely, then install it; on error stay fresh."""
+        if self.xmpp.transport is not None or self.core.counting_out:
+            raise SMStateError("sm.load() must be called before connect()")
+        try:
+            restored = parse_state(state, bare_jid=self.xmpp.boundjid.bare)
+            payloads = [self._stanza_from_xml(entry.xml) for entry in restored.unacked]
+        except SMStateError as exc:
+            log.warning("not resuming from the saved SM state: %s", exc)
+            raise
+        self.core.restore(restored, payloads)
+        log.info(
+            "loaded SM state of stream %s: %d unacked stanzas to resume",
+            restored.stream_id,
+            len(payloads),
+        )
+
+    def _stanza_from_xml(self, xml: str) -> StanzaBase:
+        try:
+            element = ET.fromstring(xml)
+        except ET.ParseError as exc:
+            raise SMStateError(f"SM state: an unacked stanza is not valid XML ({exc})") from exc
+        kind = stanzas.stanza_kind(element)
+        stanza_class = {"message": Message, "presence": Presence, "iq": Iq}.get(kind)
+        if stanza_class is None:
+            raise SMStateError(f"SM state: <{kind}> is not a stanza that can be resent")
+        stanza: StanzaBase = stanza_class(self.xmpp, xml=element)
+        return stanza
+
+
+def _serialize_entry(entry: Entry[StanzaBase]) -> str:
+    """A stanza's text, made once (the entry keeps it)."""
+    if entry.serialized is None:
+        entry.serialized = tostring(entry.payload.xml, top_level=True)
+    return entry.serialized
