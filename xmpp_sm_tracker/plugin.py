@@ -248,27 +248,8 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         # What waited for a rejoin or a resend is no longer ours to hold: slixmpp sends
         # it (untracked from now on) rather than nobody.
         self._outbound.uninstall()
-        self._close_store_later()
-
-    def _close_store_later(self) -> None:
-        """The tracker ends: write what it queued, then close its store (an attached
-        store is the tracker's from attach() on; closing twice is harmless)."""
-        writer, store = self._writer, self.store
-
-        async def close() -> None:
-            try:
-                await writer.aclose()
-            except StoreError as exc:
-                log.warning("could not write the last record changes at plugin end: %s", exc)
-            finally:
-                await store.aclose()
-
-        try:
-            task = asyncio.get_running_loop().create_task(close())
-        except RuntimeError:  # no loop running (the app is shutting down): leave it
-            log.warning("plugin ended outside the event loop: %r is left open", store)
-            return
-        self.closing_store = task
+        # An attached store is the tracker's from attach() on: it goes with it.
+        self.closing_store = self._writer.close_with_store(self.store)
 
     # ---------------------------------------------------------------- public API
 

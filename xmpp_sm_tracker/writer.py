@@ -111,3 +111,21 @@ class StoreWriter:
         finally:
             if self._task is not None:
                 await asyncio.gather(self._task, return_exceptions=True)
+
+    def close_with_store(self, store: TrackerStore) -> asyncio.Task[None] | None:
+        """The tracker ends: write what is queued, then close ``store`` (closing twice
+        is harmless). Returns the task doing it; None without a running loop."""
+
+        async def close() -> None:
+            try:
+                await self.aclose()
+            except StoreError as exc:
+                log.warning("could not write the last record changes at plugin end: %s", exc)
+            finally:
+                await store.aclose()
+
+        try:
+            return asyncio.get_running_loop().create_task(close())
+        except RuntimeError:  # no loop running (the app is shutting down): leave it
+            log.warning("plugin ended outside the event loop: %r is left open", store)
+            return None
