@@ -29,35 +29,36 @@ async def run(db: str, port: int, password: str, run_for: float | None) -> None:
     xmpp.plugin["feature_mechanisms"].unencrypted_plain = True
     tracker = xmpp.plugin["sm_tracker"]
 
-    store = SQLiteStore(db)
-    await tracker.attach(store)  # adopts what a previous run left in flight
-    try:
-        tracker.sm.load(await store.load_sm_state())
-    except SMStateError as exc:
-        print("starting a fresh session:", exc)
-    tracker.sm.cache(store.save_sm_state)
+    async with SQLiteStore(db) as store:  # closed however the run ends
+        await tracker.attach(store)  # adopts what a previous run left in flight
+        try:
+            tracker.sm.load(await store.load_sm_state())
+        except SMStateError as exc:
+            print("starting a fresh session:", exc)
+        tracker.sm.cache(store.save_sm_state)
 
-    async def on_message(message: Any) -> None:
-        if message["type"] in ("chat", "normal") and message["body"]:
-            await tracker.send_message(str(message["from"]), f"echo: {message['body']}")
+        async def on_message(message: Any) -> None:
+            if message["type"] in ("chat", "normal") and message["body"]:
+                await tracker.send_message(str(message["from"]), f"echo: {message['body']}")
 
-    async def on_start(_: Any) -> None:
-        xmpp.send_presence()
-        failed = await tracker.resend_failed()
-        print(f"online; {len(failed)} failed replies sent again", flush=True)
+        async def on_start(_: Any) -> None:
+            xmpp.send_presence()
+            failed = await tracker.resend_failed()
+            print(f"online; {len(failed)} failed replies sent again", flush=True)
 
-    xmpp.add_event_handler("message", on_message)
-    xmpp.add_event_handler("session_start", on_start)
-    xmpp.add_event_handler("session_resumed", lambda _: print("resumed the old stream", flush=True))
-    xmpp.add_event_handler("message:acked", lambda m: print("✓", m.body, flush=True))
-    xmpp.add_event_handler("message:failed", lambda m: print("✗", m.body, m.reason, flush=True))
-    xmpp.connect("127.0.0.1", port)
-    try:
-        await asyncio.sleep(run_for if run_for is not None else float("inf"))
-    finally:
-        await xmpp.disconnect()
-        await tracker.flush()
-        await store.aclose()
+        xmpp.add_event_handler("message", on_message)
+        xmpp.add_event_handler("session_start", on_start)
+        xmpp.add_event_handler(
+            "session_resumed", lambda _: print("resumed the old stream", flush=True)
+        )
+        xmpp.add_event_handler("message:acked", lambda m: print("✓", m.body, flush=True))
+        xmpp.add_event_handler("message:failed", lambda m: print("✗", m.body, m.reason, flush=True))
+        xmpp.connect("127.0.0.1", port)
+        try:
+            await asyncio.sleep(run_for if run_for is not None else float("inf"))
+        finally:
+            await xmpp.disconnect()
+            await tracker.flush()
 
 
 def main() -> None:
