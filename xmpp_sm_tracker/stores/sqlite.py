@@ -379,7 +379,7 @@ class SQLiteStore:
         return self._closed
 
     def __del__(self) -> None:
-        if self._db is not None and not self._closed:
+        if getattr(self, "_db", None) is not None and not self._closed:  # __init__ may raise
             warnings.warn(
                 f"{self!r} was never closed: use 'async with' or aclose()",
                 ResourceWarning,
