@@ -1,10 +1,13 @@
-"""The shape rules of the package, checked on its source (DESIGN.md, "Architecture").
+"""The shape rules of the package and its dev tools, checked on the source (DESIGN.md,
+"Architecture").
 
 - ``core/`` is sans-I/O: it imports the standard library and itself, nothing else,
   and reads no clock (time is passed in).
 - No module imports another module's private names, or reaches into another
   object's private attributes; slixmpp internals the plugin has to touch are
   listed below, each with the reason.
+- The library and its test kit never import the dev tools (``devtools/``: benchmark,
+  chaos runs, demo, the examples' server), which stay out of the wheel.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parent.parent / "xmpp_sm_tracker"
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "xmpp_sm_tracker"
 CORE = PACKAGE / "core"
+DEVTOOLS = ROOT / "devtools"
 
 #: Private names of slixmpp that the plugin must use, with why. Nothing of ours.
 SLIXMPP_PRIVATE = {
@@ -29,6 +34,14 @@ STDLIB_PRIVATE = {"_exit"}
 
 def _modules(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+#: Every module held to the rules below: the library, its test kit and the dev tools.
+ALL_MODULES = _modules(PACKAGE) + _modules(DEVTOOLS)
+
+
+def _rel(path: Path) -> str:
+    return path.relative_to(ROOT).as_posix()
 
 
 def _tree(path: Path) -> ast.Module:
@@ -63,7 +76,7 @@ def test_core_reads_no_clock(path: Path) -> None:
         assert clock not in source, f"{path.name} reads the clock ({clock}): pass time in"
 
 
-@pytest.mark.parametrize("path", _modules(PACKAGE), ids=lambda p: str(p.relative_to(PACKAGE)))
+@pytest.mark.parametrize("path", ALL_MODULES, ids=_rel)
 def test_no_module_imports_private_names(path: Path) -> None:
     for node in ast.walk(_tree(path)):
         if isinstance(node, ast.ImportFrom):
@@ -91,7 +104,7 @@ def _defined_here(tree: ast.Module) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("path", _modules(PACKAGE), ids=lambda p: str(p.relative_to(PACKAGE)))
+@pytest.mark.parametrize("path", ALL_MODULES, ids=_rel)
 def test_no_module_reaches_into_private_attributes(path: Path) -> None:
     offenders = []
     tree = _tree(path)
@@ -108,18 +121,44 @@ def test_no_module_reaches_into_private_attributes(path: Path) -> None:
     assert not offenders, f"{path.name} touches private names: {offenders}"
 
 
-#: Modules over the size limit, with why. Both leave the import package with issue 17
-#: (benchmarks and chaos runs live outside it, called by scripts/).
-OVERSIZED = {"bench.py", "chaos.py"}
+#: Modules over the size limit, with why: dev tools outside the wheel (issue 17), each
+#: one long script of measurements or fault schedules that scripts/ runs.
+OVERSIZED = {"devtools/bench.py", "devtools/chaos.py"}
 
 
-@pytest.mark.parametrize("path", _modules(PACKAGE), ids=lambda p: str(p.relative_to(PACKAGE)))
+@pytest.mark.parametrize("path", ALL_MODULES, ids=_rel)
 def test_modules_and_classes_stay_small(path: Path) -> None:
     lines = path.read_text(encoding="utf-8").count("\n")
-    if path.name not in OVERSIZED:
+    if _rel(path) not in OVERSIZED:
         assert lines <= 600, f"{path.name} has {lines} lines (at most 600)"
     for node in ast.walk(_tree(path)):
         if isinstance(node, ast.ClassDef) and node.end_lineno is not None:
             size = node.end_lineno - node.lineno + 1
-            if path.name not in OVERSIZED:
+            if _rel(path) not in OVERSIZED:
                 assert size <= 400, f"{path.name}: class {node.name} has {size} lines"
+
+
+def _imported_roots(tree: ast.Module) -> set[str]:
+    roots: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            roots.add(node.module.split(".", 1)[0])
+        elif isinstance(node, ast.Import):
+            roots |= {alias.name.split(".", 1)[0] for alias in node.names}
+    return roots
+
+
+@pytest.mark.parametrize("path", _modules(PACKAGE), ids=_rel)
+def test_the_package_never_imports_the_dev_tools(path: Path) -> None:
+    assert "devtools" not in _imported_roots(_tree(path)), f"{_rel(path)} imports devtools"
+
+
+#: The only modules of the package that may import pytest (the ``testing`` extra).
+NEEDS_PYTEST = {"xmpp_sm_tracker/testing/pytest_plugin.py"}
+
+
+@pytest.mark.parametrize("path", _modules(PACKAGE), ids=_rel)
+def test_only_the_pytest_plugin_imports_pytest(path: Path) -> None:
+    roots = _imported_roots(_tree(path)) & {"pytest", "pytest_asyncio", "hypothesis"}
+    if _rel(path) not in NEEDS_PYTEST:
+        assert not roots, f"{_rel(path)} imports {roots}: only the pytest plugin may"

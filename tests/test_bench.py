@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from xmpp_sm_tracker import bench
-from xmpp_sm_tracker.bench import PARTS, SQLITE_NA, BenchConfig, run_bench
+from devtools import bench
+from devtools.bench import PARTS, SQLITE_NA, BenchConfig, run_bench
 
 METRICS = {
     "throughput.bare",

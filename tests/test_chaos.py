@@ -21,8 +21,7 @@ import pytest
 from slixmpp.stanza import Message
 from slixmpp.xmlstream import ET
 
-from xmpp_sm_tracker import DeliveryState, MemoryStore, TrackedMessage
-from xmpp_sm_tracker.chaos import (
+from devtools.chaos import (
     FAULT_KINDS,
     ChaosConfig,
     ChaosSummary,
@@ -34,6 +33,7 @@ from xmpp_sm_tracker.chaos import (
     check_invariants,
     run_chaos,
 )
+from xmpp_sm_tracker import DeliveryState, MemoryStore, TrackedMessage
 from xmpp_sm_tracker.testing import FaultProxy, LocalXMPPServer
 from xmpp_sm_tracker.testing.client import connect_client, make_client, tracker_of, wait_for
 
@@ -288,7 +288,7 @@ def test_scripts_chaos_replays_one_seed_and_prints_json() -> None:
 
 def test_the_chaos_module_runs_as_a_script_with_help() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "xmpp_sm_tracker.chaos", "--help"],
+        [sys.executable, "-m", "devtools.chaos", "--help"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from xmpp_sm_tracker.demo import run_demo
+from devtools.demo import run_demo
 
 
 async def test_demo_story_ends_with_every_message_acked_once(

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from xmpp_sm_tracker.serve import ACCOUNTS, PASSWORD
+from devtools.serve import ACCOUNTS, PASSWORD
 from xmpp_sm_tracker.testing import LocalXMPPServer
 from xmpp_sm_tracker.testing.client import Received, connect_client, make_client, wait_for
 from xmpp_sm_tracker.testing.servers import ensure_server_installed, make_server

@@ -15,7 +15,7 @@ import signal
 import tempfile
 from pathlib import Path
 
-from .testing import FaultProxy, ProsodyServer, ensure_prosody_installed
+from xmpp_sm_tracker.testing import FaultProxy, ProsodyServer, ensure_prosody_installed
 
 __all__ = ["ACCOUNTS", "DEFAULT_PORT", "PASSWORD", "main", "serve"]
 

@@ -1,6 +1,7 @@
 """The whole journey of messages through a flaky link, on a local Prosody it starts.
 
-Run with ``./scripts/demo`` (or ``python -m xmpp_sm_tracker.demo``). It prints a
+Run with ``./scripts/demo`` (or ``python -m devtools.demo`` from the
+repository root). It prints a
 timeline of every tracker event alice sees while a fault proxy cuts, stalls and
 blackholes her link and the server restarts under her, then what bob received.
 """
@@ -15,9 +16,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from .core.records import TrackedMessage
-from .testing import FaultProxy, ProsodyServer, ensure_prosody_installed
-from .testing.client import connect_client, make_client, tracker_of, wait_for
+from xmpp_sm_tracker.core.records import TrackedMessage
+from xmpp_sm_tracker.testing import FaultProxy, ProsodyServer, ensure_prosody_installed
+from xmpp_sm_tracker.testing.client import connect_client, make_client, tracker_of, wait_for
 
 __all__ = ["main", "run_demo"]
 

@@ -1,6 +1,7 @@
 """What tracking costs next to bare slixmpp, measured on a local Prosody this starts.
 
-Run with ``./scripts/bench`` (or ``python -m xmpp_sm_tracker.bench``); ``--quick`` is a
+Run with ``./scripts/bench`` (or ``python -m devtools.bench`` from the
+repository root); ``--quick`` is a
 smoke run, ``--json FILE`` keeps every sample. In one run it measures, each repeated
 and reported as the median:
 
@@ -49,12 +50,15 @@ import slixmpp
 from slixmpp.stanza import Message
 from slixmpp.xmlstream import ET
 
-from .core.records import TrackedMessage
-from .core.states import DeliveryState
-from .testing import FaultProxy, ProsodyServer, ensure_prosody_installed
-from .testing.client import connect_client, make_client, tracker_of, wait_for
-from .testing.prosody import installed_prosody_version
-from .writer import StoreWriter
+import xmpp_sm_tracker
+from xmpp_sm_tracker.core.records import TrackedMessage
+from xmpp_sm_tracker.core.states import DeliveryState
+from xmpp_sm_tracker.testing import FaultProxy, ProsodyServer, ensure_prosody_installed
+from xmpp_sm_tracker.testing.client import connect_client, make_client, tracker_of, wait_for
+from xmpp_sm_tracker.testing.prosody import installed_prosody_version
+from xmpp_sm_tracker.writer import StoreWriter
+
+from . import child_env
 
 __all__ = [
     "PARTS",
@@ -278,7 +282,7 @@ def _machine_line(machine: dict[str, Any]) -> str:
 
 
 _RECEIVER_BOOT = (
-    "import sys; from xmpp_sm_tracker.bench import receiver_main; "
+    "import sys; from devtools.bench import receiver_main; "
     "raise SystemExit(receiver_main(sys.argv[1:]))"
 )
 
@@ -340,6 +344,7 @@ class _Receiver:
             PASSWORD,
             address[0],
             str(address[1]),
+            env=child_env(),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )
@@ -896,9 +901,12 @@ def _rotate(variants: Sequence[Variant], i: int) -> list[Variant]:
 
 _Func = tuple[str, int, str]
 
+#: The library's own files (the profile shows where its time goes, not the bench's).
+_LIBRARY = str(Path(xmpp_sm_tracker.__file__).parent) + os.sep
+
 
 def _ours(func: _Func) -> bool:
-    return "xmpp_sm_tracker" in func[0] and not func[0].endswith("bench.py")
+    return func[0].startswith(_LIBRARY)
 
 
 def _func_name(func: _Func) -> str:

@@ -1,7 +1,7 @@
 """Randomized fault schedules on a real server, with the delivery invariants checked.
 
 Run with ``./scripts/chaos --schedules N --seed S`` (or ``python -m
-xmpp_sm_tracker.chaos``). For every seeded schedule, alice -- a separate process
+devtools.chaos`` from the repository root). For every seeded schedule, alice -- a separate process
 using an :class:`~xmpp_sm_tracker.SQLiteStore`, so that she can be SIGKILLed and
 restarted from her file -- sends a stream of messages to bob and to a room while
 the harness cuts, stalls, blackholes and refuses her link, restarts the server under
@@ -72,15 +72,17 @@ from typing import Any, Literal, TextIO, get_args
 
 import slixmpp
 
-from .core.records import FailureReason, TrackedMessage
-from .core.smstate import SMStateError
-from .core.states import DeliveryState
-from .plugin import SMTracker
-from .stores.base import StoreError
-from .stores.sqlite import SQLiteStore
-from .testing import FaultProxy
-from .testing.client import connect_client, make_client, tracker_of, wait_for
-from .testing.servers import SERVER_KINDS, ensure_server_installed, make_server
+from xmpp_sm_tracker.core.records import FailureReason, TrackedMessage
+from xmpp_sm_tracker.core.smstate import SMStateError
+from xmpp_sm_tracker.core.states import DeliveryState
+from xmpp_sm_tracker.plugin import SMTracker
+from xmpp_sm_tracker.stores.base import StoreError
+from xmpp_sm_tracker.stores.sqlite import SQLiteStore
+from xmpp_sm_tracker.testing import FaultProxy
+from xmpp_sm_tracker.testing.client import connect_client, make_client, tracker_of, wait_for
+from xmpp_sm_tracker.testing.servers import SERVER_KINDS, ensure_server_installed, make_server
+
+from . import child_env
 
 __all__ = [
     "FAULT_KINDS",
@@ -630,13 +632,13 @@ async def _start_sender(config: dict[str, Any], log_path: Path) -> _Sender:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "xmpp_sm_tracker.chaos",
+        "devtools.chaos",
         "_sender",
         json.dumps(config),
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=stderr,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env=child_env(PYTHONUNBUFFERED="1"),
     )
     return _Sender(proc, stderr)
 
