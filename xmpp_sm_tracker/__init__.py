@@ -21,6 +21,7 @@ from .stores.sqlite import SQLiteStore
 #: slixmpp's ``register_plugin(name, module=...)`` looks up ``getattr(module, name)``.
 sm_tracker = SMTracker
 
+#: The package's version: the one source (pyproject.toml reads it for the wheel).
 __version__ = "0.1.0"
 
 __all__ = [

@@ -1,6 +1,7 @@
 """A pytest plugin for testing your own app against real servers and a flaky link.
 
-Enable it in your ``conftest.py``::
+It needs pytest and pytest-asyncio: ``pip install xmpp_sm_tracker[testing]``. Enable it
+in your ``conftest.py``::
 
     pytest_plugins = ["xmpp_sm_tracker.testing.pytest_plugin"]
 
@@ -33,9 +34,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
-import pytest_asyncio
 import slixmpp
+
+try:
+    import pytest
+    import pytest_asyncio
+except ModuleNotFoundError as exc:  # pragma: no cover - only without the extra
+    raise ModuleNotFoundError(
+        f"xmpp_sm_tracker's pytest plugin needs {exc.name}: pip install 'xmpp_sm_tracker[testing]'",
+        name=exc.name,
+    ) from exc
 
 from .client import PASSWORD, USERS, ClientPool
 from .proxy import FaultProxy
