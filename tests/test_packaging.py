@@ -11,6 +11,7 @@ from __future__ import annotations
 import email
 import email.message
 import importlib.metadata
+import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.version import Version
 
 import xmpp_sm_tracker
 
@@ -137,3 +140,23 @@ def test_the_library_and_the_test_kit_import_without_pytest() -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "pip install 'xmpp_sm_tracker[testing]'" in done.stdout
+
+
+def test_the_highest_pins_of_scripts_test_are_allowed() -> None:
+    """``scripts/test --deps highest`` tests versions that pyproject.toml allows (and the
+    newest it allows: a range widened without a new pin would go untested)."""
+    script = (ROOT / "scripts" / "test").read_text(encoding="utf-8")
+    match = re.search(r"^HIGHEST_PINS=\((.*)\)$", script, re.MULTILINE)
+    assert match, "scripts/test has no HIGHEST_PINS=(...)"
+    pins = dict(pin.split("==") for pin in match.group(1).split())
+    ranges = {
+        (req := Requirement(text)).name: req.specifier
+        for text in PYPROJECT["project"]["dependencies"]
+    }
+    assert set(pins) == {"pyee", "aiosqlite"}
+    for name, version in pins.items():
+        assert Version(version) in ranges[name], (name, version, ranges[name])
+        [upper] = [s for s in ranges[name] if s.operator == "<"]
+        # The pin is in the range's last release series: pyee 16.x for <17, 0.22.x for <0.23.
+        bound = Version(upper.version).release
+        assert Version(version).release[: len(bound)] >= (*bound[:-1], bound[-1] - 1)
