@@ -1,6 +1,8 @@
-"""Test/demo/benchmark harness: isolated Prosody and ejabberd servers and a fault proxy.
+"""The test kit: isolated Prosody and ejabberd servers and a fault proxy.
 
-Nothing here imports slixmpp, so the harness can drive any XMPP client.
+Nothing here imports slixmpp, so the harness can drive any XMPP client, nor pytest: only
+``pytest_plugin`` needs the ``testing`` extra. The repository's ``devtools/`` (demo,
+benchmark, chaos runs) use it too.
 """
 
 from xmpp_sm_tracker.testing.ejabberd import (

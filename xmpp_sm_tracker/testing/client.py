@@ -1,4 +1,5 @@
-"""Ready-made slixmpp clients for tests, the demo and benchmarks on a local Prosody."""
+"""Ready-made slixmpp clients on a local server: for tests, and for ``devtools/`` (the
+demo, benchmark and chaos runs)."""
 
 from __future__ import annotations
 
