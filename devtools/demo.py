@@ -130,6 +130,7 @@ async def run_demo(base_dir: Path) -> int:
         await wait_for(lambda: sum(received.values()) >= 7, timeout=10)
 
         failed = await tracker.failed()
+        stats = tracker.stats()
         alice.disconnect()
         bob.disconnect()
         await asyncio.sleep(0.3)
@@ -142,6 +143,12 @@ async def run_demo(base_dir: Path) -> int:
     print(
         f"\n{settled} of {len(timeline.states)} messages acked, {len(failed)} still failed, "
         f"{len(duplicates)} received twice"
+    )
+    rtt = ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in stats.ack_rtt.items())
+    print(
+        f"tracker.stats(): reached {dict(stats.reached)}; in flight {stats.in_flight}; "
+        f"reconnects {stats.reconnects}, resumptions {stats.resumptions} "
+        f"(refused {stats.resumptions_failed}); ack round trip {rtt or 'none'}"
     )
     return 0 if settled == len(timeline.states) and not failed and not duplicates else 1
 

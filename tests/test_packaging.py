@@ -45,7 +45,7 @@ class Built:
 def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     src = tmp_path_factory.mktemp("src")
     junk = shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc", "*.sqlite*")
-    for name in ("pyproject.toml", "README.md", "CHANGELOG.md"):
+    for name in ("pyproject.toml", "README.md", "CHANGELOG.md", "LICENSE"):
         shutil.copy2(ROOT / name, src / name)
     for name in ("xmpp_sm_tracker", "devtools", "tests", "examples"):
         shutil.copytree(ROOT / name, src / name, ignore=junk)
@@ -78,6 +78,8 @@ def test_the_wheel_has_the_spdx_license_and_the_version(built: Built) -> None:
     meta = built.metadata
     assert meta["License-Expression"] == "MIT"
     assert meta["License"] is None  # the deprecated free-text field
+    assert meta["License-File"] == "LICENSE"  # MIT wants its notice shipped
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in built.names)
     assert meta["Version"] == xmpp_sm_tracker.__version__
     assert built.wheel.name.startswith(f"xmpp_sm_tracker-{xmpp_sm_tracker.__version__}-")
 
