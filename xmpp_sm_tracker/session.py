@@ -116,6 +116,12 @@ class SessionDriver:
         xmpp, core = self.xmpp, self.core
         if "stream_management" in xmpp.features:
             return False
+        refusal = _not_trusted_for_sm(xmpp)
+        if refusal:
+            # XEP-0198 §5: TLS and authentication come first. Whoever offers <sm/>
+            # earlier would get our resumption id and could forge <resumed h>.
+            log.warning("not negotiating stream management: %s", refusal)
+            return False
         if "bind" not in xmpp.features:
             resumable = core.sm_phase is SMPhase.SUSPENDED and core.session.can_resume
             if resumable and self._config["allow_resume"]:
@@ -463,6 +469,20 @@ _XEP_0198_HANDLERS = (
 )
 _XEP_0198_FILTERS = (("in", "_handle_incoming"), ("out_sync", "_handle_outgoing"))
 _XEP_0198_EVENTS = (("disconnected", "disconnected"), ("session_end", "session_end"))
+
+
+def _not_trusted_for_sm(xmpp: Any) -> str:
+    """Why this stream may not carry ``<enable/>`` or ``<resume/>`` yet ("" if it may)."""
+    if not getattr(xmpp, "authenticated", False):
+        return "the server offered <sm/> before authentication"
+    transport = xmpp.transport
+    encrypted = transport is not None and transport.get_extra_info("ssl_object") is not None
+    if not encrypted and not xmpp.enable_plaintext:
+        return (
+            "the stream is not encrypted (allow that with slixmpp's "
+            "xmpp.enable_plaintext = True)"
+        )
+    return ""
 
 
 def displace_xep_0198(xmpp: Any) -> None:

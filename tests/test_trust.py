@@ -1,0 +1,104 @@
+"""Issue 20: believe only what can be proven (the stream's side).
+
+Each test plays a server, a network or a peer that misbehaves in one way, through
+the fault proxy or a real server, and checks that the tracker believes nothing it
+could not prove and loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import pytest
+
+from xmpp_sm_tracker import DeliveryState
+from xmpp_sm_tracker.testing import FaultProxy, LocalXMPPServer
+from xmpp_sm_tracker.testing.client import ClientPool, Party, make_client, tracker_of, wait_for
+
+FAST = {"reconnect_delay": 0.1, "reconnect_max_delay": 1.0, "ack_delay": 0.05}
+SILENT = {**FAST, "ack_every": 10**6, "ack_delay": 3600.0}
+
+
+def record_sends(xmpp: Any) -> list[str]:
+    """Everything the client writes from now on, as text."""
+    sent: list[str] = []
+    write = xmpp.send_raw
+
+    def send_raw(data: str | bytes) -> None:
+        sent.append(data.decode() if isinstance(data, bytes) else data)
+        write(data)
+
+    xmpp.send_raw = send_raw
+    return sent
+
+
+async def test_no_resume_goes_out_before_authentication(
+    server: LocalXMPPServer,
+    proxy: FaultProxy,
+    clients: ClientPool,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A server (or anyone on the path) that offers <sm/> before SASL would get the
+    # resumption id, and could answer <resumed h> for messages it never delivered.
+    await clients("bob", server.address, tracked=False)
+    alice = await clients("alice", proxy.address, **SILENT)
+    proxy.stall()
+    ids = [alice.send("bob@localhost", f"held {i}") for i in range(2)]
+    await wait_for(lambda: alice.on_wire(ids))
+    proxy.cut()
+    await wait_for(lambda: alice.log.count("message:hibernated") == 2)
+    sent = record_sends(alice.xmpp)
+    proxy.heal()
+    # The next connection's first features offer <sm/> in place of SASL.
+    proxy.rewrite(
+        rb"<mechanisms xmlns=['\"]urn:ietf:params:xml:ns:xmpp-sasl['\"]>.*?</mechanisms>",
+        b"<sm xmlns='urn:xmpp:sm:3'/>",
+    )
+    with caplog.at_level(logging.WARNING, logger="xmpp_sm_tracker.session"):
+        await wait_for(lambda: "before authentication" in caplog.text, timeout=10)
+    await asyncio.sleep(0.3)
+    assert not any("<resume" in data or "<enable" in data for data in sent), sent
+    records = [alice.tracker.core.get(i) for i in ids]
+    assert [r.state for r in records if r is not None] == [DeliveryState.HIBERNATED] * 2
+    # An honest server later: the stream resumes and both are acked, once.
+    proxy.heal()
+    proxy.cut()
+    alice.tracker.ack_every = 1
+    await wait_for(lambda: alice.log.count("message:acked") == 2, timeout=15)
+    assert alice.log.ids("message:failed") == []
+
+
+async def test_no_stream_management_on_an_unencrypted_stream_unless_the_app_allows_it(
+    server: LocalXMPPServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # slixmpp goes on without TLS when STARTTLS is not offered; our local servers offer
+    # none. Only slixmpp's own switch (enable_plaintext) allows SM on such a stream.
+    xmpp = make_client("alice@localhost/plain", "pass", tracker_config=FAST)
+    xmpp.enable_plaintext = False
+    xmpp.enable_starttls = True  # tried, not offered: the stream stays plain
+    sent = record_sends(xmpp)
+    started = asyncio.Event()
+    xmpp.add_event_handler("session_start", lambda _: started.set())
+    try:
+        with caplog.at_level(logging.WARNING, logger="xmpp_sm_tracker.session"):
+            xmpp.connect(*server.address)
+            await asyncio.wait_for(started.wait(), 15)
+            await asyncio.sleep(0.3)
+        assert xmpp.authenticated
+        assert "not encrypted" in caplog.text
+        assert not tracker_of(xmpp).managed
+        assert not any("<enable" in data or "<resume" in data for data in sent), sent
+    finally:
+        tracker_of(xmpp).auto_reconnect = False
+        xmpp.disconnect(wait=0.5)
+        await asyncio.sleep(0.1)
+
+
+async def test_with_plaintext_allowed_the_local_server_session_is_managed(
+    server: LocalXMPPServer, clients: ClientPool
+) -> None:
+    # The control for the test above: the test kit's clients allow plaintext.
+    alice: Party = await clients("alice", server.address, **FAST)
+    assert alice.xmpp.enable_plaintext and alice.tracker.managed
