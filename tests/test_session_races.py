@@ -4,16 +4,14 @@ turn is what matters here, and a live server cannot pin that."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 
-import pytest
 import pytest_asyncio
 import slixmpp
 from slixmpp.plugins.xep_0198 import stanza as sm_stanza
 from slixmpp.xmlstream import ET
 
-from xmpp_sm_tracker import DeliveryState, SMPhase
+from xmpp_sm_tracker import DeliveryState
 
 from .helpers.wire import RecordingTransport, WiredClient
 
@@ -92,37 +90,3 @@ async def test_a_stanza_reaching_the_wire_while_resuming_waits_for_resumed(
     for message in (first, late):
         record = alice.tracker.core.get(message["id"])
         assert record is None or record.state is DeliveryState.ACKED
-
-
-@pytest.mark.parametrize(
-    "answer",
-    [
-        f"<resumed xmlns='{SM_NS}' previd='sm-1' h='0'/>",
-        f"<enabled xmlns='{SM_NS}' id='sm-forged' resume='true'/>",
-        f"<failed xmlns='{SM_NS}' h='0'/>",
-    ],
-    ids=["resumed", "enabled", "failed"],
-)
-async def test_an_answer_nobody_asked_for_changes_nothing(
-    alice: Client, answer: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    # Unsolicited <resumed h=0> three times rewrote the unacked messages three times;
-    # an answer counts only in the phase that asked for it (SMPhase.RESUMING/ENABLING).
-    message = alice.message("unacked")
-    message.send()
-    await alice.turns()
-    tracker = alice.tracker
-    before = (tracker.sm_phase, tracker.core.session.sm_id, len(tracker.core.ledger))
-    events: list[str] = []
-    for name in ("message:acked", "message:resent", "message:failed", "message:hibernated"):
-        tracker.events.on(name, lambda record, name=name: events.append(name))
-    with caplog.at_level(logging.WARNING):
-        for _ in range(3):
-            alice.server_says(answer)
-    await alice.turns()
-    assert events == []
-    assert (tracker.sm_phase, tracker.core.session.sm_id, len(tracker.core.ledger)) == before
-    assert tracker.sm_phase is SMPhase.ON
-    assert "nobody asked for" in caplog.text
-    record = tracker.core.get(message["id"])
-    assert record is not None and record.state is DeliveryState.SENT

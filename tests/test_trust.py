@@ -102,3 +102,43 @@ async def test_with_plaintext_allowed_the_local_server_session_is_managed(
     # The control for the test above: the test kit's clients allow plaintext.
     alice: Party = await clients("alice", server.address, **FAST)
     assert alice.xmpp.enable_plaintext and alice.tracker.managed
+
+
+SM_NS = "urn:xmpp:sm:3"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        f"<resumed xmlns='{SM_NS}' previd='PREVID' h='1'/>",
+        f"<enabled xmlns='{SM_NS}' id='sm-forged' resume='true'/>",
+        f"<failed xmlns='{SM_NS}' h='1'/>",
+    ],
+    ids=["resumed", "enabled", "failed"],
+)
+async def test_an_sm_answer_nobody_asked_for_closes_the_stream_and_nothing_is_believed(
+    server: LocalXMPPServer,
+    proxy: FaultProxy,
+    clients: ClientPool,
+    answer: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Unsolicited <resumed h=0> three times rewrote the unacked messages three times.
+    # An answer counts only in the phase that asked for it; otherwise the server's SM
+    # state cannot be trusted: a stream error, nothing acked by its h, a fresh session.
+    bob = await clients("bob", server.address, tracked=False)
+    alice = await clients("alice", proxy.address, **SILENT)
+    first_stream = alice.tracker.core.session.sm_id
+    message_id = alice.send("bob@localhost", "unacked")
+    await wait_for(lambda: "unacked" in bob.received.bodies)
+    sent = record_sends(alice.xmpp)
+    with caplog.at_level(logging.ERROR, logger="xmpp_sm_tracker.session"):
+        proxy.inject(answer.replace("PREVID", str(first_stream)).encode())
+        await wait_for(lambda: alice.log.count("message:failed") == 1, timeout=10)
+    assert "nobody asked for" in caplog.text
+    assert any("<stream:error>" in data and "unsolicited" in data for data in sent), sent
+    assert alice.log.count("message:acked") == 0  # the forged h acked nothing
+    [failed] = await alice.tracker.failed()
+    assert failed.id == message_id and failed.reason == "protocol-error"
+    await wait_for(lambda: alice.tracker.managed, timeout=10)
+    assert alice.tracker.core.session.sm_id not in (None, first_stream)  # started afresh

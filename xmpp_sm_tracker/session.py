@@ -100,6 +100,19 @@ class SessionDriver:
             self.xmpp.send_raw(stanzas.handled_count_too_high(exc.h, exc.seq))
         self.drop_session()
 
+    def _unsolicited(self, what: str) -> None:
+        """An SM answer to nothing we asked: the server's SM state cannot be trusted.
+        Nothing it says is believed (nothing acked, nothing failed by its ``h``): the
+        stream is closed with an error and what was unacked fails, to be sent again."""
+        log.error(
+            "the server sent %s nobody asked for (%s): closing the stream",
+            what,
+            self.core.sm_phase.name,
+        )
+        if self.xmpp.transport is not None:
+            self.xmpp.send_raw(stanzas.stream_error("undefined-condition", f"unsolicited {what}"))
+        self.drop_session()
+
     def drop_session(self) -> None:
         """The server's SM state cannot be trusted: fail what is unacked, never resume
         this stream, and drop the connection (a fresh session follows)."""
@@ -183,7 +196,7 @@ class SessionDriver:
 
     def on_enabled(self, stanza: StanzaBase) -> None:
         if self.core.sm_phase is not SMPhase.ENABLING:
-            log.warning("ignoring an <enabled/> nobody asked for (%s)", self.core.sm_phase.name)
+            self._unsolicited("<enabled/>")
             return
         xml = stanza.xml
         self.xmpp.features.add("stream_management")
@@ -209,7 +222,7 @@ class SessionDriver:
 
     def on_resumed(self, stanza: StanzaBase) -> None:
         if self.core.sm_phase is not SMPhase.RESUMING:
-            log.warning("ignoring a <resumed/> nobody asked for (%s)", self.core.sm_phase.name)
+            self._unsolicited("<resumed/>")
             return
         xml = stanza.xml
         session = self.core.session
@@ -269,7 +282,7 @@ class SessionDriver:
             log.warning("the server refused to enable stream management")
             self._ctx.emit(self.core.enable_failed())
         else:
-            log.warning("ignoring a <failed/> nobody asked for (%s)", phase.name)
+            self._unsolicited("<failed/>")
             return
         self.xmpp.features.discard("stream_management")
         self._ctx.state_changed(urgent=True)
@@ -479,8 +492,7 @@ def _not_trusted_for_sm(xmpp: Any) -> str:
     encrypted = transport is not None and transport.get_extra_info("ssl_object") is not None
     if not encrypted and not xmpp.enable_plaintext:
         return (
-            "the stream is not encrypted (allow that with slixmpp's "
-            "xmpp.enable_plaintext = True)"
+            "the stream is not encrypted (allow that with slixmpp's xmpp.enable_plaintext = True)"
         )
     return ""
 

@@ -12,6 +12,7 @@ import re
 from datetime import UTC, datetime
 from typing import Final, NamedTuple
 from xml.etree import ElementTree as ET
+from xml.sax.saxutils import escape
 
 from slixmpp.xmlstream import tostring
 
@@ -51,6 +52,7 @@ __all__ = [
     "read_room_presence",
     "read_sent_carbon",
     "stanza_kind",
+    "stream_error",
     "trackable_body",
     "with_delay",
 ]
@@ -205,6 +207,15 @@ def stanza_kind(xml: ET.Element) -> str:
 def ack(handled: int) -> str:
     """Our ``<a h>``."""
     return f"<a xmlns='{SM_NS}' h='{handled}'/>"
+
+
+def stream_error(condition: str, text: str) -> str:
+    """A ``<stream:error>`` with a condition of RFC 6120 §4.9.3 and our reason."""
+    return (
+        f"<stream:error><{condition} xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>"
+        f"<text xmlns='urn:ietf:params:xml:ns:xmpp-streams'>{escape(text)}</text>"
+        "</stream:error>"
+    )
 
 
 def handled_count_too_high(h: int, seq: int) -> str:
