@@ -692,7 +692,7 @@ async def test_a_location_that_does_not_answer_falls_back_to_the_address_we_were
         probe.bind(("127.0.0.1", 0))
         dead = probe.getsockname()[1]
     proxy.rewrite(_ENABLED, f"<enabled location='127.0.0.1:{dead}' ".encode())
-    alice = await clients("alice", proxy.address, **SILENT)
+    alice = await clients("alice", proxy.address, location_allow=["127.0.0.1"], **SILENT)
     assert alice.tracker.core.session.location == f"127.0.0.1:{dead}"
     proxy.heal()
     ids = [alice.send("bob@localhost", f"elsewhere {i}") for i in range(3)]
@@ -1291,6 +1291,8 @@ async def test_inject_and_rewrite_speak_for_one_end_of_the_link() -> None:
         ("room_rejoin_wait", float("nan")),
         ("ack_keepalive", 0),
         ("ack_keepalive", -5.0),
+        ("location_allow", "127.0.0.1"),  # a string, not a list: each letter a host
+        ("location_allow", [None]),
     ],
 )
 def test_a_bad_setting_is_refused_when_the_plugin_is_registered(key: str, value: object) -> None:

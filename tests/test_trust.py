@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from xmpp_sm_tracker import DeliveryState
+from xmpp_sm_tracker.core.reconnect import location_trusted
 from xmpp_sm_tracker.testing import FaultProxy, LocalXMPPServer
 from xmpp_sm_tracker.testing.client import ClientPool, Party, make_client, tracker_of, wait_for
 
@@ -65,7 +66,6 @@ async def test_no_resume_goes_out_before_authentication(
     # An honest server later: the stream resumes and both are acked, once.
     proxy.heal()
     proxy.cut()
-    alice.tracker.ack_every = 1
     await wait_for(lambda: alice.log.count("message:acked") == 2, timeout=15)
     assert alice.log.ids("message:failed") == []
 
@@ -142,3 +142,56 @@ async def test_an_sm_answer_nobody_asked_for_closes_the_stream_and_nothing_is_be
     assert failed.id == message_id and failed.reason == "protocol-error"
     await wait_for(lambda: alice.tracker.managed, timeout=10)
     assert alice.tracker.core.session.sm_id not in (None, first_stream)  # started afresh
+
+
+_ENABLED = rb"<enabled "
+
+
+async def test_a_location_outside_the_accounts_domain_is_not_followed(
+    server: LocalXMPPServer,
+    proxy: FaultProxy,
+    clients: ClientPool,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Was: <enabled location> was followed to any host and port, IP literals and
+    # loopback included, and saved and followed again after a restart.
+    async with FaultProxy(server.host, server.c2s_port) as elsewhere:
+        await clients("bob", server.address, tracked=False)
+        proxy.rewrite(_ENABLED, f"<enabled location='127.0.0.1:{elsewhere.port}' ".encode())
+        with caplog.at_level(logging.WARNING, logger="xmpp_sm_tracker.session"):
+            alice = await clients("alice", proxy.address, **SILENT)
+        assert "not following <enabled location" in caplog.text
+        assert alice.tracker.core.session.location is None  # never saved either
+        proxy.heal()
+        message_id = alice.send("bob@localhost", "stay here")
+        await wait_for(lambda: alice.on_wire([message_id]))
+        proxy.cut()
+        await wait_for(lambda: alice.log.count("message:acked") == 1, timeout=10)
+        assert elsewhere.connections == 0 and proxy.connections == 2
+
+
+async def test_a_location_the_app_allows_is_followed(
+    server: LocalXMPPServer, proxy: FaultProxy, clients: ClientPool
+) -> None:
+    async with FaultProxy(server.host, server.c2s_port) as elsewhere:
+        await clients("bob", server.address, tracked=False)
+        proxy.rewrite(_ENABLED, f"<enabled location='127.0.0.1:{elsewhere.port}' ".encode())
+        alice = await clients("alice", proxy.address, location_allow=["127.0.0.1"], **SILENT)
+        assert alice.tracker.core.session.location == f"127.0.0.1:{elsewhere.port}"
+        proxy.heal()
+        message_id = alice.send("bob@localhost", "go there")
+        await wait_for(lambda: alice.on_wire([message_id]))
+        proxy.cut()
+        await wait_for(lambda: alice.log.count("message:acked") == 1, timeout=10)
+        assert elsewhere.connections == 1
+
+
+def test_only_the_accounts_domain_its_subdomains_and_allowed_hosts_are_trusted() -> None:
+    assert location_trusted("example.org", "example.org")
+    assert location_trusted("node1.xmpp.Example.org.", "example.org")
+    assert not location_trusted("evil-example.org", "example.org")
+    assert not location_trusted("example.org.evil.net", "example.org")
+    assert not location_trusted("127.0.0.1", "example.org")
+    assert not location_trusted("::1", "example.org")
+    assert location_trusted("10.0.0.7", "example.org", ["10.0.0.7"])
+    assert not location_trusted("anything", "")  # no domain known: only the allow-list

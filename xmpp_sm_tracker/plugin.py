@@ -127,6 +127,9 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         "reconcile_limit": 1000,
         #: Give up the archive check (and resend) after this many seconds.
         "reconcile_timeout": 10.0,
+        #: Hosts an ``<enabled location>`` may send us to besides the account's domain
+        #: and its subdomains (e.g. an IP literal of a cluster node).
+        "location_allow": (),
     }
 
     # ---------------------------------------------------------------- lifecycle
@@ -151,6 +154,9 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         wait = self.room_rejoin_wait
         if isinstance(wait, bool) or not isinstance(wait, int | float) or not wait >= 0:
             raise ValueError(f"room_rejoin_wait must be a number of seconds >= 0, not {wait!r}")
+        allow = self.location_allow
+        if isinstance(allow, str | bytes) or not all(isinstance(h, str) for h in allow):
+            raise ValueError(f"location_allow must be a list of host names, not {allow!r}")
         #: pyee emitter with the same events, names, payloads and order as the slixmpp bus.
         self.events = TrackerEvents()
         self.events.add_listener("error", self._log_listener_error)

@@ -26,7 +26,7 @@ from .acking import AckDriver
 from .context import Context
 from .core.ledger import SMProtocolError
 from .core.phases import CLOSED_BY_APP, LinkEvent, LinkPhase, SMPhase
-from .core.reconnect import Address, backoff_delay, choose_address
+from .core.reconnect import Address, backoff_delay, choose_address, location_trusted
 from .core.records import FailureReason
 from .stanzas import FAILED_TAG, parse_counter, parse_location
 
@@ -203,10 +203,19 @@ class SessionDriver:
         resumable = xml.get("resume", "false").lower() in ("true", "1")
         location = xml.get("location")
         self._location_dead = None  # a new session: its location gets a chance
+        usable = parse_location(location)
+        if usable is not None and not self._trusted(usable):
+            log.warning(
+                "not following <enabled location=%r>: not %s or a subdomain of it, nor in "
+                "location_allow",
+                location,
+                self.xmpp.boundjid.domain,
+            )
+            usable = None
         events = self.core.enabled(
             xml.get("id"),
             resumable=resumable and self._config["allow_resume"],
-            location=location if parse_location(location) else None,
+            location=location if usable else None,
             max=parse_counter(xml.get("max")),
             jid=self.xmpp.boundjid.full,
         )
@@ -411,6 +420,9 @@ class SessionDriver:
         if xmpp.custom_address != self._location_tried:
             self._app_address = xmpp.custom_address  # the app's (None: DNS)
         location = parse_location(self.core.session.location)
+        if location is not None and not self._trusted(location):
+            log.warning("not following the saved location %r", self.core.session.location)
+            location = None  # (saved by an older version, or the allow-list changed)
         address = choose_address(location, self._location_dead, self._app_address)
         self._location_tried = address if address == location else None
         log.info("reconnecting to %s", address or xmpp.boundjid.domain)
@@ -418,6 +430,10 @@ class SessionDriver:
             xmpp.connect(*address)
         else:
             xmpp.connect()
+
+    def _trusted(self, location: Address) -> bool:
+        host = location[0]
+        return location_trusted(host, self.xmpp.boundjid.domain, self._config["location_allow"])
 
     def on_connection_failed(self, _error: Any) -> None:
         """The server's preferred location did not answer: back to the app's address."""

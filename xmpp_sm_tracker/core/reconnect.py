@@ -8,7 +8,9 @@ answers there. These answer the two questions the plugin asks before it calls
 
 from __future__ import annotations
 
-__all__ = ["Address", "backoff_delay", "choose_address"]
+from collections.abc import Iterable
+
+__all__ = ["Address", "backoff_delay", "choose_address", "location_trusted"]
 
 #: (host, port)
 Address = tuple[str, int]
@@ -20,6 +22,17 @@ def backoff_delay(attempt: int, base: float, maximum: float) -> float:
     if attempt < 0:
         raise ValueError(f"attempt must be >= 0, not {attempt}")
     return float(min(maximum, base * (2 ** min(attempt, 16))))
+
+
+def location_trusted(host: str, domain: str, allowed: Iterable[str] = ()) -> bool:
+    """Whether to follow ``<enabled location>`` to ``host``: the account's ``domain``
+    or a subdomain of it, or a host the app allowed. Anything else (an IP literal,
+    loopback, another domain) would let the server, or whoever forged its answer,
+    send our next connection, resumption id included, wherever it likes."""
+    host, domain = host.lower().rstrip("."), domain.lower().rstrip(".")
+    if host in {h.lower().rstrip(".") for h in allowed}:
+        return True
+    return bool(domain) and (host == domain or host.endswith("." + domain))
 
 
 def choose_address(
