@@ -137,26 +137,8 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
     def plugin_init(self) -> None:
         xmpp = self.xmpp
         self.core: Tracker[StanzaBase] = Tracker(clock=time.time)
-        try:
-            policy = AckPolicy(
-                every=self.ack_every,
-                delay=self.ack_delay,
-                timeout=self.ack_timeout,
-                keepalive=self.ack_keepalive,
-            )
-        except (TypeError, ValueError) as exc:
-            message = str(exc)  # named as the user wrote them: ack_every, ack_delay, ...
-            for field in ("every", "delay", "timeout", "keepalive"):
-                message = message.replace(f"'{field}'", f"ack_{field}")
-            raise ValueError(f"sm_tracker config: {message}") from exc
         #: When to ask for acks and when silence means a dead link (sans-I/O).
-        self.ack_clock = ack_clock = AckClock(policy)
-        wait = self.room_rejoin_wait
-        if isinstance(wait, bool) or not isinstance(wait, int | float) or not wait >= 0:
-            raise ValueError(f"room_rejoin_wait must be a number of seconds >= 0, not {wait!r}")
-        allow = self.location_allow
-        if isinstance(allow, str | bytes) or not all(isinstance(h, str) for h in allow):
-            raise ValueError(f"location_allow must be a list of host names, not {allow!r}")
+        self.ack_clock = ack_clock = AckClock(_checked_settings(self.config))
         #: pyee emitter with the same events, names, payloads and order as the slixmpp bus.
         self.events = TrackerEvents()
         self.events.add_listener("error", self._log_listener_error)
@@ -514,6 +496,29 @@ class _ResendHost:
 
     async def get(self, message_id: str) -> TrackedMessage | None:
         return await self._plugin.get(message_id)
+
+
+def _checked_settings(config: dict[str, Any]) -> AckPolicy:
+    """Refuse bad settings when the plugin is registered; the ack policy they give."""
+    try:
+        policy = AckPolicy(
+            every=config["ack_every"],
+            delay=config["ack_delay"],
+            timeout=config["ack_timeout"],
+            keepalive=config["ack_keepalive"],
+        )
+    except (TypeError, ValueError) as exc:
+        message = str(exc)  # named as the user wrote them: ack_every, ack_delay, ...
+        for field in ("every", "delay", "timeout", "keepalive"):
+            message = message.replace(f"'{field}'", f"ack_{field}")
+        raise ValueError(f"sm_tracker config: {message}") from exc
+    wait = config["room_rejoin_wait"]
+    if isinstance(wait, bool) or not isinstance(wait, int | float) or not wait >= 0:
+        raise ValueError(f"room_rejoin_wait must be a number of seconds >= 0, not {wait!r}")
+    allow = config["location_allow"]
+    if isinstance(allow, str | bytes) or not all(isinstance(h, str) for h in allow):
+        raise ValueError(f"location_allow must be a list of host names, not {allow!r}")
+    return policy
 
 
 # ``xmpp.register_plugin("sm_tracker")`` works once this module is imported.

@@ -26,9 +26,10 @@ from .acking import AckDriver
 from .context import Context
 from .core.ledger import SMProtocolError
 from .core.phases import CLOSED_BY_APP, LinkEvent, LinkPhase, SMPhase
-from .core.reconnect import Address, backoff_delay, choose_address, location_trusted
+from .core.reconnect import backoff_delay
 from .core.records import FailureReason
-from .stanzas import FAILED_TAG, parse_counter, parse_location
+from .locations import Locations
+from .stanzas import FAILED_TAG, parse_counter
 
 __all__ = ["OutboundView", "SessionDriver", "displace_xep_0198", "restore_xep_0198"]
 
@@ -73,11 +74,7 @@ class SessionDriver:
         self._reconnect_timer: asyncio.TimerHandle | None = None
         self._negotiation_timer: asyncio.TimerHandle | None = None
         self._reconnect_attempt = 0
-        #: Where the app connected us (None: DNS), the ``<enabled location>`` we went
-        #: to instead, and one that did not answer (not tried again for that session).
-        self._app_address: Address | None = None
-        self._location_tried: Address | None = None
-        self._location_dead: Address | None = None
+        self._locations = Locations(ctx.xmpp, ctx.config)
         # slixmpp's disconnect() does not end an SM session cleanly, and its reconnect()
         # closes the stream (which ends the session on the server): both are wrapped.
         self._original_disconnect: Callable[..., asyncio.Future[Any]] = ctx.xmpp.disconnect
@@ -201,28 +198,15 @@ class SessionDriver:
         xml = stanza.xml
         self.xmpp.features.add("stream_management")
         resumable = xml.get("resume", "false").lower() in ("true", "1")
-        location = xml.get("location")
-        self._location_dead = None  # a new session: its location gets a chance
-        usable = parse_location(location)
-        if usable is not None and not self._trusted(usable):
-            log.warning(
-                "not following <enabled location=%r>: not %s or a subdomain of it, nor in "
-                "location_allow",
-                location,
-                self.xmpp.boundjid.domain,
-            )
-            usable = None
         events = self.core.enabled(
             xml.get("id"),
             resumable=resumable and self._config["allow_resume"],
-            location=location if usable else None,
+            location=self._locations.accept(xml.get("location")),
             max=parse_counter(xml.get("max")),
             jid=self.xmpp.boundjid.full,
         )
         self._ctx.emit(events)
         self._ctx.state_changed(urgent=True)
-        if location and parse_location(location) is None:
-            log.warning("ignoring an unusable <enabled location=%r>", location)
         max_text = xml.get("max")
         if max_text is not None and parse_counter(max_text) is None:
             log.warning("ignoring an unusable <enabled max=%r>", max_text)
@@ -417,35 +401,18 @@ class SessionDriver:
             or xmpp.is_connecting()
         ):
             return
-        if xmpp.custom_address != self._location_tried:
-            self._app_address = xmpp.custom_address  # the app's (None: DNS)
-        location = parse_location(self.core.session.location)
-        if location is not None and not self._trusted(location):
-            log.warning("not following the saved location %r", self.core.session.location)
-            location = None  # (saved by an older version, or the allow-list changed)
-        address = choose_address(location, self._location_dead, self._app_address)
-        self._location_tried = address if address == location else None
+        address = self._locations.next_address(self.core.session.location)
         log.info("reconnecting to %s", address or xmpp.boundjid.domain)
         if address:
             xmpp.connect(*address)
         else:
             xmpp.connect()
 
-    def _trusted(self, location: Address) -> bool:
-        host = location[0]
-        return location_trusted(host, self.xmpp.boundjid.domain, self._config["location_allow"])
-
     def on_connection_failed(self, _error: Any) -> None:
         """The server's preferred location did not answer: back to the app's address."""
-        tried, xmpp = self._location_tried, self.xmpp
-        if tried is None or xmpp.custom_address != tried:
+        xmpp = self.xmpp
+        if not self._locations.tried_failed():
             return
-        log.warning(
-            "the server's resumption location %s:%s does not answer: back to %s",
-            *tried,
-            self._app_address or xmpp.boundjid.domain,
-        )
-        self._location_dead = tried
         xmpp.cancel_connection_attempt()
         self._cancel(self._reconnect_timer)
         self._reconnect_timer = xmpp.loop.call_later(0, self._reconnect)
