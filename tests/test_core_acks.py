@@ -7,6 +7,7 @@ import math
 import pytest
 
 from xmpp_sm_tracker.core.acks import AckClock, AckPolicy
+from xmpp_sm_tracker.core.tracker import Tracker
 
 
 def test_default_policy() -> None:
@@ -207,3 +208,39 @@ def test_keepalive_off_by_default_and_reset_forgets_what_was_heard() -> None:
 def test_keepalive_must_be_positive(keepalive: float) -> None:
     with pytest.raises(ValueError, match="keepalive"):
         AckPolicy(keepalive=keepalive)
+
+
+def test_an_ack_that_tells_nothing_is_no_proof_of_life() -> None:
+    # Issue 20: a server answering every <r/> with the same h while stanzas wait kept
+    # the link "alive" for ever, unacked messages piling up.
+    clock = AckClock(AckPolicy(every=1, timeout=15.0))
+    clock.request_sent(0.0)
+    clock.ack_received(1.0, news=False)
+    assert not clock.link_dead(14.9)
+    clock.request_sent(5.0)
+    clock.ack_received(6.0, news=False)
+    assert clock.link_dead(15.0)  # 15 s since the first unanswered wait, not since 6.0
+    fresh = AckClock(AckPolicy(every=1, timeout=15.0))
+    fresh.request_sent(0.0)
+    fresh.ack_received(1.0)  # news: the wait is over
+    assert not fresh.link_dead(100.0)
+    clock.request_sent(16.0)
+    clock.ack_received(16.5)  # h moved: alive, nothing outstanding
+    assert not clock.link_dead(100.0)
+
+
+def test_the_core_says_whether_an_ack_is_news() -> None:
+    tracker: Tracker[str] = Tracker(clock=lambda: 0.0)
+    tracker.sm_offered()
+    tracker.enable_queued()
+    tracker.enable_sent()
+    tracker.enabled("s", resumable=True, location=None, max=None)
+    assert tracker.ack_is_news(0)  # nothing waits: any answer is fine
+    for n in range(3):
+        tracker.counted(f"stanza {n}", None, link_up=True)
+    assert not tracker.ack_is_news(0)  # h did not move
+    assert tracker.ack_is_news(2)
+    assert not tracker.ack_is_news(7)  # beyond what was sent: ack() will raise
+    tracker.ack(2)
+    assert not tracker.ack_is_news(2)
+    assert tracker.ack_is_news(3)

@@ -195,3 +195,27 @@ def test_only_the_accounts_domain_its_subdomains_and_allowed_hosts_are_trusted()
     assert not location_trusted("::1", "example.org")
     assert location_trusted("10.0.0.7", "example.org", ["10.0.0.7"])
     assert not location_trusted("anything", "")  # no domain known: only the allow-list
+
+
+async def test_acks_that_never_move_h_are_no_proof_of_life(
+    server: LocalXMPPServer,
+    proxy: FaultProxy,
+    clients: ClientPool,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Was: a server answering every <r/> with the same h kept the link "alive" for
+    # ever while unacked messages piled up. Now the ack timeout runs on: the link is
+    # dropped, the stream resumed, and <resumed h> settles them.
+    bob = await clients("bob", server.address, tracked=False)
+    alice = await clients("alice", proxy.address, ack_timeout=1.5, ack_keepalive=None, **FAST)
+    await wait_for(lambda: len(alice.tracker.core.ledger) == 0)  # all acked so far
+    stuck = alice.tracker.core.ledger.last_ack
+    proxy.rewrite(rb"(<a [^>]*h=['\"])\d+", rb"\g<1>" + str(stuck).encode())
+    with caplog.at_level(logging.WARNING, logger="xmpp_sm_tracker.acking"):
+        ids = [alice.send("bob@localhost", f"stuck {i}") for i in range(3)]
+        await wait_for(lambda: len(bob.received.bodies) == 3)  # the server has them
+        await wait_for(lambda: "presumed dead" in caplog.text, timeout=10)
+    await wait_for(lambda: alice.log.count("message:acked") == 3, timeout=15)
+    assert alice.log.ids("message:acked") == ids
+    assert proxy.connections >= 2
+    assert bob.received.bodies == [f"stuck {i}" for i in range(3)]

@@ -110,7 +110,8 @@ class AckDriver:
         if h is None:
             log.warning("ignoring an <a/> without a valid h: %r", stanza.xml.get("h"))
             return
-        rtt = self.clock.ack_received(ctx.now)
+        news = ctx.core.ack_is_news(h)
+        rtt = self.clock.ack_received(ctx.now, news=news)
         if rtt is not None:
             ctx.stats.rtts.append(rtt)
         try:

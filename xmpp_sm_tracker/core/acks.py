@@ -87,12 +87,18 @@ class AckClock:
         if self._waiting_since is None:
             self._waiting_since = now
 
-    def ack_received(self, now: float) -> float | None:
-        """An ``<a/>`` came in: the link is alive, one request is answered. Returns
-        the round trip since that ``<r/>`` went out (None for an unasked ``<a/>``)."""
+    def ack_received(self, now: float, *, news: bool = True) -> float | None:
+        """An ``<a/>`` came in: one request is answered. Returns the round trip since
+        that ``<r/>`` went out (None for an unasked ``<a/>``).
+
+        An ``<a/>`` that is no ``news`` (``h`` did not move while stanzas wait) is no
+        proof of life: the wait for one that moves goes on, and times out."""
         self._last_heard = now
         self._outstanding = max(0, self._outstanding - 1)
-        self._waiting_since = now if self._outstanding else None
+        if news:
+            self._waiting_since = now if self._outstanding else None
+        elif self._waiting_since is None:
+            self._waiting_since = now
         return now - self._asked_at.popleft() if self._asked_at else None
 
     def request_due(self, now: float) -> bool:

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import TypeVar
 
+from .counters import distance
 from .events import MESSAGE_EVENT, Event, OutgoingMessage
 from .facts import SessionFacts, SessionView
 from .ledger import Ledger
@@ -199,6 +200,13 @@ class Outgoing(PeerProofs[P]):
             self.reflections.add(record)
         moved = self._move(record.id, _S.RESENT, seq=None)
         return [moved] if moved is not None else []
+
+    def ack_is_news(self, h: int) -> bool:
+        """Whether ``<a h>`` tells something: it acknowledges more, or nothing waits.
+        A server that answers every ``<r/>`` without moving ``h`` while stanzas wait
+        is not a live link (the ack clock keeps waiting, and times it out)."""
+        ledger = self.ledger
+        return not len(ledger) or 0 < distance(ledger.last_ack, h) <= ledger.in_flight
 
     def ack(self, h: int) -> list[Event]:
         """``<a h>`` came in. Raises :class:`SMProtocolError` on a bad ``h``."""
