@@ -776,6 +776,32 @@ def test_export_state_round_trips_the_counters() -> None:
     assert tracker.export_state(lambda e: "", now=5.0) is None
 
 
+def test_the_saved_state_keeps_only_what_a_next_process_may_resend() -> None:
+    # Issue 20: an <iq> among the unacked stanzas of a saved state is refused on load
+    # (a forged roster-remove would be resent verbatim), so our own export leaves iqs
+    # out: a dead process's iq has nobody waiting for its answer.
+    tracker = new_tracker()
+    send_enable(tracker)
+    tracker.enabled("sm-9", resumable=True, location=None, max=None, jid="a@b/c")
+    send(tracker, "m1")
+    tracker.counted(Stanza("iq"), None, link_up=True)
+    tracker.counted(Stanza("presence"), None, link_up=True)
+    texts = {"m1": "<message id='m1'/>", None: "<iq type='get' id='x'/>"}
+
+    def serialize(entry: Entry[Stanza]) -> str:
+        if entry.payload.name == "presence":
+            return "<presence/>"
+        return texts[entry.message_id]
+
+    state = tracker.export_state(serialize, now=5.0)
+    assert state is not None and state["seq"] == 3
+    assert [(e["seq"], e["xml"]) for e in state["unacked"]] == [
+        (1, "<message id='m1'/>"),
+        (3, "<presence/>"),
+    ]
+    assert parse_state(state, bare_jid="a@b").unacked[1].seq == 3  # and it loads
+
+
 def test_rooms_live_and_die_with_the_session() -> None:
     # Occupancy belongs to the session: a resumed stream is still in its rooms (the
     # server never saw it leave), a session that ends has left them all.

@@ -259,6 +259,21 @@ def _corrupt(state: SMState, how: str) -> object:
         state["jid"] = "localhost"
     elif how == "room-nick-not-a-string":
         state["rooms"] = {"room@conference.localhost": 5}
+    elif how == "deeply-nested-xml":
+        unacked[1]["xml"] = "<message>" + "<x>" * 5000 + "</x>" * 5000 + "</message>"
+    elif how == "jid-slixmpp-refuses":
+        state["jid"] = "alice@localhost/" + "r" * 2000 + "@"  # resource part too long
+    elif how == "saved-at-overflow":
+        state["saved_at"] = 10**400
+    elif how == "iq-among-unacked":
+        unacked[1]["xml"] = (
+            "<iq xmlns='jabber:client' type='set' id='r1'><query xmlns='jabber:iq:roster'>"
+            "<item jid='bob@localhost' subscription='remove'/></query></iq>"
+        )
+    elif how == "huge-stream-id":
+        state["stream_id"] = "x" * 50_000_000
+    elif how == "a-million-rooms":
+        state["rooms"] = {f"r{i}@conference.localhost": "me" for i in range(1_000_000)}
     elif how == "no-version":
         del state["version"]
     elif how == "next-version":
@@ -282,6 +297,12 @@ def _corrupt(state: SMState, how: str) -> object:
         "empty-stream-id",
         "jid-not-a-jid",
         "room-nick-not-a-string",
+        "deeply-nested-xml",
+        "jid-slixmpp-refuses",
+        "saved-at-overflow",
+        "iq-among-unacked",
+        "huge-stream-id",
+        "a-million-rooms",
         "no-version",
         "next-version",
     ],

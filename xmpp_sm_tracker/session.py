@@ -241,8 +241,9 @@ class SessionDriver:
         result = self.core.last_resume
         if result is not None and (result.missing or result.ahead):
             log.warning(
-                "the saved SM state was incomplete: %d unacked stanzas could not be resent, "
-                "%d handled stanzas were unknown to it",
+                "the saved SM state did not hold %d unacked stanzas (iqs of the previous "
+                "process are never resent: nobody waits for their answer), and %d handled "
+                "stanzas were unknown to it",
                 result.missing,
                 result.ahead,
             )

@@ -8,6 +8,7 @@ import time
 from typing import Any
 from xml.etree import ElementTree as ET
 
+from slixmpp.jid import JID, InvalidJID
 from slixmpp.stanza import Iq, Message, Presence
 from slixmpp.xmlstream import StanzaBase, tostring
 
@@ -37,6 +38,7 @@ class StateBridge:
             raise SMStateError("sm.load() must be called before connect()")
         try:
             restored = parse_state(state, bare_jid=self.xmpp.boundjid.bare)
+            _check_jids(restored.jid, *restored.rooms)
             payloads = [self._stanza_from_xml(entry.xml) for entry in restored.unacked]
         except SMStateError as exc:
             log.warning("not resuming from the saved SM state: %s", exc)
@@ -59,6 +61,15 @@ class StateBridge:
             raise SMStateError(f"SM state: <{kind}> is not a stanza that can be resent")
         stanza: StanzaBase = stanza_class(self.xmpp, xml=element)
         return stanza
+
+
+def _check_jids(*jids: str) -> None:
+    """JIDs slixmpp would refuse later, half-way through a resumption, refused now."""
+    for jid in jids:
+        try:
+            JID(jid)
+        except InvalidJID as exc:
+            raise SMStateError(f"SM state: {jid!r} is not a valid JID ({exc})") from exc
 
 
 def _serialize_entry(entry: Entry[StanzaBase]) -> str:

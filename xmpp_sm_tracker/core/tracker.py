@@ -25,6 +25,8 @@ __all__ = ["Event", "OutgoingMessage", "SessionFacts", "Tracker"]
 
 P = TypeVar("P")
 _S = DeliveryState
+#: The saved state keeps only stanzas a next process may resend (see smstate.RESTORABLE).
+_RESTORABLE_PREFIXES = ("<message", "<presence")
 
 
 class Tracker(Outgoing[P]):
@@ -273,9 +275,12 @@ class Tracker(Outgoing[P]):
             "handled": session.handled,
             "seq": self.ledger.seq,
             "last_ack": self.ledger.last_ack,
+            # Only what a next process may resend: messages and presences (an iq's
+            # answer would reach nobody; on resumption it counts as not resent).
             "unacked": [
-                {"seq": entry.seq, "xml": serialize(entry), "id": entry.message_id}
+                {"seq": entry.seq, "xml": xml, "id": entry.message_id}
                 for entry in self.ledger
+                if (xml := serialize(entry)).startswith(_RESTORABLE_PREFIXES)
             ],
             "rooms": self.rooms.export(),
             "saved_at": now,
