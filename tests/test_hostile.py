@@ -357,7 +357,7 @@ async def test_a_truncated_sm_state_in_the_database_is_a_clear_error_and_records
 
 
 async def test_a_state_forged_for_another_accounts_stream_cannot_resume_it(
-    server: LocalXMPPServer, clients: Factory
+    server: LocalXMPPServer, clients: Factory, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The client refuses a state whose JID is another account's (test_live_restart);
     here the JID is rewritten to ours, so only the server stands between us and
@@ -379,7 +379,10 @@ async def test_a_state_forged_for_another_accounts_stream_cannot_resume_it(
         stolen["jid"] = "alice@localhost/thief"
 
         alice = await clients("alice", None)
-        alice.tracker.sm.load(stolen)  # passes the client-side check: the JID says alice
+        with caplog.at_level(logging.INFO):
+            alice.tracker.sm.load(stolen)  # passes the client-side check: the JID says alice
+        assert "loaded a saved SM state" in caplog.text
+        assert stolen["stream_id"] not in caplog.text  # a key to the stream: never logged
         await connect_client(alice.xmpp, server.address)
         assert alice.xmpp.boundjid.bare == "alice@localhost"
         assert alice.tracker.core.session.sm_id != stolen["stream_id"]
@@ -770,6 +773,7 @@ async def test_resumed_for_another_stream_drops_the_session_and_loses_nothing(
     await wait_for(lambda: alice.count("message:failed") == 3, timeout=10)
     assert {alice.last[i].reason for i in ids} == {"protocol-error"}
     assert "does not match our stream" in caplog.text
+    assert str(first_stream) not in caplog.text  # a resumption id is a key to the stream
     proxy.heal()
     await wait_for(lambda: alice.tracker.session_live and alice.tracker.managed, timeout=10)
     session = alice.tracker.core.session
@@ -1198,6 +1202,7 @@ async def test_no_password_and_no_body_in_logs_at_info_and_above(
     await erin.tracker.attach(flaky)
     await connect_client(erin.xmpp, proxy.address)
     erin.ask_for_acks()
+    stream_ids = {erin.tracker.core.session.sm_id}
 
     erin.send("bob@localhost", "secret body 0")
     await wait_for(lambda: erin.count("message:acked") == 1)
@@ -1217,6 +1222,7 @@ async def test_no_password_and_no_body_in_logs_at_info_and_above(
     proxy.cut()
     await wait_for(lambda: erin.count("message:failed") == 1, timeout=10)
     await wait_for(lambda: erin.tracker.session_live, timeout=10)
+    stream_ids.add(erin.tracker.core.session.sm_id)
     await erin.tracker.resend_failed()
     erin.send(room_jid(server), "secret body 3", "groupchat")  # bounces
     flaky.failing = True
@@ -1236,7 +1242,9 @@ async def test_no_password_and_no_body_in_logs_at_info_and_above(
     await wait_for(lambda: "secret body 2" in bob.bodies)
 
     plain = base64.b64encode(f"\0erin\0{password}".encode()).decode()
-    secrets = [password, plain, "secret body"]
+    # A resumption id is a key to the stream: none at INFO or above either (issue 20).
+    assert None not in stream_ids and len(stream_ids) == 2
+    secrets = [password, plain, "secret body", *(str(i) for i in stream_ids)]
     formatter = logging.Formatter("%(name)s %(levelname)s %(message)s")
     loud = [r for r in caplog.records if r.levelno >= logging.INFO]
     assert loud, "nothing was logged at INFO or above: the check would be empty"
@@ -1246,6 +1254,9 @@ async def test_no_password_and_no_body_in_logs_at_info_and_above(
         if any(secret in formatter.format(r) for secret in secrets)
     ]
     assert leaks == []
+    # and our own loggers write no body at any level (slixmpp's DEBUG log has them all)
+    ours = [r for r in caplog.records if r.name.startswith("xmpp_sm_tracker")]
+    assert ours and not [r for r in ours if "secret body" in formatter.format(r)]
     # the secrets were there to leak: slixmpp logs the stream at DEBUG
     debug = "\n".join(r.getMessage() for r in caplog.records if r.levelno < logging.INFO)
     assert "secret body" in debug and plain in debug

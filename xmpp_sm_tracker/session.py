@@ -222,11 +222,11 @@ class SessionDriver:
         previd = xml.get("previd")
         h = parse_counter(xml.get("h"))
         if previd != session.sm_id or h is None:
+            # (not the ids themselves: a resumption id in a log is a key to the stream)
             log.error(
-                "<resumed previd=%r h=%r> does not match our stream %r: dropping the session",
-                previd,
+                "<resumed> for another stream (or h=%r): does not match our stream; "
+                "dropping the session",
                 xml.get("h"),
-                session.sm_id,
             )
             self.drop_session()
             return

@@ -44,11 +44,8 @@ class StateBridge:
             log.warning("not resuming from the saved SM state: %s", exc)
             raise
         self.core.restore(restored, payloads)
-        log.info(
-            "loaded SM state of stream %s: %d unacked stanzas to resume",
-            restored.stream_id,
-            len(payloads),
-        )
+        # Not the stream id: whoever reads the log could resume the stream with it.
+        log.info("loaded a saved SM state: %d unacked stanzas to resume", len(payloads))
 
     def _stanza_from_xml(self, xml: str) -> StanzaBase:
         try:
