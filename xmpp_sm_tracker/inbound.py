@@ -8,7 +8,6 @@ decides what each one does to a record, and to our rooms.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -22,6 +21,7 @@ from .context import Context
 from .core.records import FailureReason, TrackedMessage
 from .core.rooms import Joined, Left, NickChanged, own_presence
 from .core.tracker import Event, OutgoingMessage
+from .lateproofs import LateProofs
 from .outbound import Outbound
 
 __all__ = ["Inbound"]
@@ -44,9 +44,7 @@ class Inbound:
         self.core = ctx.core
         self._acks = acks
         self._outbound = outbound
-        #: A record the tracker no longer holds, from the store (after a flush).
-        self._fetch = fetch
-        self._late_tasks: set[asyncio.Future[None]] = set()
+        self._late = LateProofs(fetch)
 
     def on_incoming(self, stanza: StanzaBase) -> StanzaBase:
         """in filter: count handled stanzas, and read the proofs peers send back."""
@@ -166,20 +164,15 @@ class Inbound:
             self._ctx.emit(self._checked(message_id, signal))
             return
 
-        async def from_store() -> None:
-            try:
-                record = await self._fetch(message_id)
-            except Exception:
-                log.exception("could not load message %s for a late delivery proof", message_id)
-                return
-            if record is None:
-                return  # not one of ours
+        def apply(record: TrackedMessage) -> None:
             self.core.reinstate(record)
             events = self._checked(message_id, signal)
             if not events:
                 self.core.retire(message_id)  # nothing changed: it leaves memory again
             self._ctx.emit(events)
 
-        task = asyncio.ensure_future(from_store())
-        self._late_tasks.add(task)
-        task.add_done_callback(self._late_tasks.discard)
+        self._late.look_up(message_id, apply)
+
+    def close(self) -> None:
+        """The plugin ends: late lookups still waiting are dropped."""
+        self._late.close()

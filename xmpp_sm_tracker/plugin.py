@@ -236,6 +236,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         # What waited for a rejoin or a resend is no longer ours to hold: slixmpp sends
         # it (untracked from now on) rather than nobody.
         self._outbound.uninstall()
+        self._inbound.close()
         # An attached store is the tracker's from attach() on: it goes with it.
         self.closing_store = self._writer.close_with_store(self.store)
 
