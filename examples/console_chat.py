@@ -21,6 +21,7 @@ from typing import Any
 import slixmpp
 
 import xmpp_sm_tracker  # noqa: F401  (registers the "sm_tracker" plugin)
+from xmpp_sm_tracker import tracker_of
 
 TICKS = {
     "sent": "…",
@@ -46,8 +47,12 @@ def make_client(user: str, password: str) -> slixmpp.ClientXMPP:
 
 async def chat(user: str, peer: str, port: int, password: str) -> None:
     xmpp = make_client(user, password)
-    tracker = xmpp.plugin["sm_tracker"]
+    tracker = tracker_of(xmpp)  # typed (xmpp.plugin[...] knows slixmpp's plugins only)
     started = asyncio.Event()
+
+    def on_start(_: Any) -> None:
+        xmpp.send_presence()
+        started.set()
 
     def show(record: Any) -> None:
         reason = f" ({record.reason})" if record.reason else ""
@@ -55,7 +60,7 @@ async def chat(user: str, peer: str, port: int, password: str) -> None:
 
     for state in TICKS:
         xmpp.add_event_handler(f"message:{state}", show)
-    xmpp.add_event_handler("session_start", lambda _: (xmpp.send_presence(), started.set()))
+    xmpp.add_event_handler("session_start", on_start)
     xmpp.add_event_handler(
         "message",
         lambda m: (
@@ -80,7 +85,7 @@ async def chat(user: str, peer: str, port: int, password: str) -> None:
         elif text == "/resend":
             await tracker.resend_failed()
         elif text:
-            xmpp.send_message(mto=f"{peer}@localhost", mbody=text, mtype="chat")
+            xmpp.send_message(mto=slixmpp.JID(f"{peer}@localhost"), mbody=text, mtype="chat")
     await asyncio.sleep(0.5)  # let the last ticks arrive
     await xmpp.disconnect()
 

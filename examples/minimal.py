@@ -10,6 +10,7 @@ import sys
 import slixmpp
 
 import xmpp_sm_tracker  # noqa: F401  (registers the "sm_tracker" plugin)
+from xmpp_sm_tracker import TrackedMessage
 
 
 async def main(port: int) -> None:
@@ -21,11 +22,21 @@ async def main(port: int) -> None:
     xmpp.plugin["feature_mechanisms"].unencrypted_plain = True
 
     settled = asyncio.Event()
+
+    def acked(record: TrackedMessage) -> None:
+        print("✓ server has it")
+        settled.set()
+
+    def failed(record: TrackedMessage) -> None:
+        print("✗", record.reason)
+        settled.set()
+
     xmpp.add_event_handler("message:sent", lambda m: print("→ sent", repr(m.body)))
-    xmpp.add_event_handler("message:acked", lambda m: (print("✓ server has it"), settled.set()))
-    xmpp.add_event_handler("message:failed", lambda m: (print("✗", m.reason), settled.set()))
+    xmpp.add_event_handler("message:acked", acked)
+    xmpp.add_event_handler("message:failed", failed)
     xmpp.add_event_handler(
-        "session_start", lambda _: xmpp.send_message(mto="bob@localhost", mbody="hello bob")
+        "session_start",
+        lambda _: xmpp.send_message(mto=slixmpp.JID("bob@localhost"), mbody="hello bob"),
     )
     xmpp.connect("127.0.0.1", port)
     await asyncio.wait_for(settled.wait(), 20)

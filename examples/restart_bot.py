@@ -17,7 +17,7 @@ from typing import Any
 
 import slixmpp
 
-from xmpp_sm_tracker import SMStateError, SQLiteStore
+from xmpp_sm_tracker import SMStateError, SQLiteStore, tracker_of
 
 
 async def run(db: str, port: int, password: str, run_for: float | None) -> None:
@@ -27,7 +27,7 @@ async def run(db: str, port: int, password: str, run_for: float | None) -> None:
     xmpp.register_plugin("xep_0198")
     xmpp.register_plugin("sm_tracker", module="xmpp_sm_tracker")
     xmpp.plugin["feature_mechanisms"].unencrypted_plain = True
-    tracker = xmpp.plugin["sm_tracker"]
+    tracker = tracker_of(xmpp)  # typed (xmpp.plugin[...] knows slixmpp's plugins only)
 
     async with SQLiteStore(db) as store:  # closed however the run ends
         await tracker.attach(store)  # adopts what a previous run left in flight

@@ -12,7 +12,6 @@ import email
 import email.message
 import importlib.metadata
 import re
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -25,6 +24,8 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 import xmpp_sm_tracker
+
+from .helpers.wheel import build_wheel
 
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
@@ -43,23 +44,7 @@ class Built:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
-    src = tmp_path_factory.mktemp("src")
-    junk = shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc", "*.sqlite*")
-    for name in ("pyproject.toml", "README.md", "CHANGELOG.md", "LICENSE"):
-        shutil.copy2(ROOT / name, src / name)
-    for name in ("xmpp_sm_tracker", "devtools", "tests", "examples"):
-        shutil.copytree(ROOT / name, src / name, ignore=junk)
-    dist = tmp_path_factory.mktemp("dist")
-    pip_wheel = ["pip", "wheel", "--no-deps", "--no-build-isolation", "-v", "-w", str(dist)]
-    done = subprocess.run(
-        [sys.executable, "-m", *pip_wheel, str(src)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, output[-4000:]
-    (wheel,) = dist.glob("xmpp_sm_tracker-*.whl")
+    wheel, output = build_wheel(tmp_path_factory.mktemp("wheel"))
     return Built(wheel, output)
 
 

@@ -12,7 +12,7 @@ from .core.retry import RetryPolicy
 from .core.smstate import SMStateError
 from .core.states import DeliveryState, IllegalTransition
 from .handles import MessageFailed, MessageHandle, TrackerClosed
-from .plugin import SMTracker
+from .plugin import SMTracker, tracker_of
 from .stats import TrackerStats
 from .stores.base import SMState, StoreError, TrackerStore
 from .stores.memory import MemoryStore
@@ -50,4 +50,5 @@ __all__ = [
     "TrackerStore",
     "__version__",
     "sm_tracker",
+    "tracker_of",
 ]

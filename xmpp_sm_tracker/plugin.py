@@ -53,7 +53,7 @@ from .stores.base import StoreError, TrackerStore
 from .stores.memory import MemoryStore
 from .writer import StoreWriter
 
-__all__ = ["SMTracker"]
+__all__ = ["SMTracker", "tracker_of"]
 
 log = logging.getLogger(__name__)
 
@@ -497,6 +497,18 @@ class _ResendHost:
 
     async def get(self, message_id: str) -> TrackedMessage | None:
         return await self._plugin.get(message_id)
+
+
+def tracker_of(xmpp: Any) -> SMTracker:
+    """The ``sm_tracker`` plugin of ``xmpp``, typed (slixmpp's typed ``xmpp.plugin`` knows
+    only its own plugins, so ``xmpp.plugin["sm_tracker"]`` fails under mypy strict)."""
+    if "sm_tracker" not in xmpp.plugin:
+        raise LookupError(
+            "sm_tracker is not registered on this client: "
+            "xmpp.register_plugin('sm_tracker', module='xmpp_sm_tracker') first"
+        )
+    tracker: SMTracker = xmpp.plugin["sm_tracker"]
+    return tracker
 
 
 def _checked_settings(config: dict[str, Any]) -> AckPolicy:

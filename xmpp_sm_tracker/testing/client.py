@@ -11,7 +11,7 @@ from typing import Any
 
 import slixmpp
 
-from ..plugin import SMTracker
+from ..plugin import SMTracker, tracker_of
 
 __all__ = [
     "PASSWORD",
@@ -67,12 +67,6 @@ async def connect_client(
     await asyncio.wait_for(started, timeout)
     if "sm_tracker" in xmpp.plugin:
         await wait_for(lambda: tracker_of(xmpp).managed, timeout)
-
-
-def tracker_of(xmpp: slixmpp.ClientXMPP) -> SMTracker:
-    """The client's sm_tracker plugin."""
-    plugin: SMTracker = xmpp.plugin["sm_tracker"]
-    return plugin
 
 
 async def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.02) -> None:
