@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -1334,3 +1335,52 @@ def test_only_the_copy_tied_to_its_record_carries_the_record_text(
     assert (second.message_id, second.serialized) == (None, None)
     tracker.ack(2)
     assert tracker.ledger.newest is None
+
+
+def _sizes(big: set[str]) -> Callable[[Entry[Stanza]], int]:
+    return lambda entry: 400_000 if entry.payload.name in big else 200
+
+
+def test_a_stanza_too_big_fails_for_good_and_is_never_resent() -> None:
+    # Issue 20: the server closed the stream on one stanza; with its last <a h> right
+    # before the error the culprit is the first stanza past h.
+    tracker = new_tracker()
+    send_enable(tracker)
+    tracker.enabled("sm-1", resumable=True, location=None, max=None, jid="a@b/c")
+    send_all(tracker, "m1", "m2", "m3")
+    tracker.ack(1)
+    [failed] = tracker.stanza_too_big(_sizes({"m2"}), right_after_ack=True)
+    assert (failed.payload.id, failed.payload.reason) == ("m2", "stanza-too-big")
+    assert not failed.payload.retryable
+    tracker.link_lost()
+    tracker.resume_sent()
+    _, resend = tracker.resumed(1)
+    assert [(e.payload.name, e.seq) for e in resend] == [("m3", 2)]  # the server's next
+    assert tracker.last_resume is not None and tracker.last_resume.missing == 0
+    assert [e.name for e in tracker.ack(2)] == ["stanza:acked", "message:acked"]
+    assert tracker.get("m3") is None  # settled
+
+
+def test_without_a_last_ack_the_largest_unacked_stanza_is_the_culprit() -> None:
+    tracker = new_tracker()
+    send_enable(tracker)
+    tracker.enabled("sm-1", resumable=True, location=None, max=None, jid="a@b/c")
+    send_all(tracker, "m1", "m2", "m3")
+    [failed] = tracker.stanza_too_big(_sizes({"m3"}), right_after_ack=False)
+    assert failed.payload.id == "m3"
+    # a last ack whose next stanza is small does not blame it: the largest is taken
+    tracker2 = new_tracker()
+    send_enable(tracker2)
+    tracker2.enabled("sm-1", resumable=True, location=None, max=None, jid="a@b/c")
+    send_all(tracker2, "m1", "m2")
+    [failed2] = tracker2.stanza_too_big(_sizes({"m2"}), right_after_ack=True)
+    assert failed2.payload.id == "m2"
+
+
+def test_nothing_under_the_10000_bytes_every_server_accepts_is_blamed() -> None:
+    tracker = new_tracker()
+    send_enable(tracker)
+    tracker.enabled("sm-1", resumable=True, location=None, max=None, jid="a@b/c")
+    send_all(tracker, "m1", "m2")
+    assert tracker.stanza_too_big(_sizes(set()), right_after_ack=True) == []
+    assert len(tracker.ledger) == 2  # nothing withdrawn

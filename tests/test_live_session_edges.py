@@ -15,7 +15,7 @@ import re
 
 import pytest
 
-from xmpp_sm_tracker import DeliveryState
+from xmpp_sm_tracker import DeliveryState, RetryPolicy
 from xmpp_sm_tracker.testing import FaultProxy, LocalXMPPServer
 from xmpp_sm_tracker.testing.client import ClientPool, wait_for
 
@@ -140,10 +140,12 @@ async def test_an_oversized_stanza_ends_the_stream_and_what_came_before_is_not_l
 
     before_error, _, error = wire.text.partition("<stream:error>")
     assert "<policy-violation" in error
+    # The server closed the stream on it: failed for good, never resent (issue 20).
     assert (alice.records[big].state, alice.records[big].reason) == (
         DeliveryState.FAILED,
-        "resume-failed",
+        "stanza-too-big",
     )
+    assert not alice.records[big].retryable
     if server.kind == "prosody":
         # Prosody acknowledges what it handled right before the stream error:
         # <a h='…'/><stream:error><policy-violation/>…: the three are acked.
@@ -162,3 +164,37 @@ async def test_an_oversized_stanza_ends_the_stream_and_what_came_before_is_not_l
             assert (record.state, record.reason) == (DeliveryState.ACKED, "found-in-archive")
     await asyncio.sleep(0.3)
     assert bob.received.bodies == [f"before the big one {i}" for i in range(3)]
+
+
+async def test_one_oversized_message_does_not_take_the_innocent_ones_down(
+    server: LocalXMPPServer, proxy: FaultProxy, clients: ClientPool
+) -> None:
+    # Issue 20, tried live: 3 messages, one of 400 KiB, 3 more, back to back, with a
+    # retry policy. Was: the big one and the three after it failed alike (retryable)
+    # and were resent in the old order on each fresh session, so the big one closed
+    # the stream again before the others were read: three stream errors, and the
+    # innocent three ended retries-exhausted, never delivered.
+    bob = await clients("bob", server.address, tracked=False)
+    alice = await clients(
+        "alice", proxy.address, retry_policy=RetryPolicy(delay=0.2, max_attempts=3), **FAST
+    )
+    wire = Inbound(alice.xmpp)
+    before = [alice.send("bob@localhost", f"before {i}") for i in range(3)]
+    big = alice.send("bob@localhost", "x" * 400 * 1024)
+    after = [alice.send("bob@localhost", f"after {i}") for i in range(3)]
+    await wait_for(
+        lambda: all(alice.records[i].state is DeliveryState.ACKED for i in before + after),
+        timeout=30,
+    )
+    await wait_for(lambda: len(bob.received.bodies) >= 6, timeout=10)
+    await asyncio.sleep(0.5)  # a retry of the big one would show now
+    record = alice.records[big]
+    assert (record.state, record.reason) == (DeliveryState.FAILED, "stanza-too-big")
+    assert wire.text.count("<stream:error>") == 1  # closed once, never again
+    assert sorted(bob.received.bodies) == sorted(
+        [f"before {i}" for i in range(3)] + [f"after {i}" for i in range(3)]
+    )
+    assert all(n == 1 for n in bob.received.counts.values())  # each once
+    assert [r.id for r in await alice.tracker.resend_failed()] == []  # never resent
+    with pytest.raises(ValueError, match="stanza-too-big"):
+        await alice.tracker.resend(big)

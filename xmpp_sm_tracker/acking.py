@@ -38,6 +38,8 @@ class AckDriver:
         self._on_protocol_error = on_protocol_error
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        #: When the last ``<a/>`` came in (a stream error right after it: its last word).
+        self.last_ack_at = float("-inf")
 
     # ---------------------------------------------------------------- asking
 
@@ -110,6 +112,7 @@ class AckDriver:
         if h is None:
             log.warning("ignoring an <a/> without a valid h: %r", stanza.xml.get("h"))
             return
+        self.last_ack_at = ctx.now
         news = ctx.core.ack_is_news(h)
         rtt = self.clock.ack_received(ctx.now, news=news)
         if rtt is not None:

@@ -377,8 +377,14 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         record = await self.get(message_id)
         if record is None:
             raise KeyError(f"no tracked message with id {message_id!r}")
-        if record.state is not DeliveryState.FAILED:
-            raise ValueError(f"message {message_id} is {record.state.name}; only FAILED is resent")
+        if (
+            record.state is not DeliveryState.FAILED
+            or record.reason == FailureReason.STANZA_TOO_BIG
+        ):
+            raise ValueError(
+                f"message {message_id} is {record.state.name} ({record.reason}): "
+                "only a FAILED message the server can take is resent"
+            )
         [result] = await self.resender.resend([record])
         return result
 

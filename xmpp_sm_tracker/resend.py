@@ -100,7 +100,12 @@ class Resender:
     # ---------------------------------------------------------------- resending
 
     async def resend(self, records: list[TrackedMessage]) -> list[TrackedMessage]:
-        """Send failed records again in their order, after the archive check."""
+        """Send failed records again in their order, after the archive check (never one
+        the server closed the stream on for its size: it would do so again)."""
+        too_big = [r for r in records if r.reason == FailureReason.STANZA_TOO_BIG]
+        if too_big:
+            log.warning("not resending %d messages too big for the server", len(too_big))
+            records = [r for r in records if r.reason != FailureReason.STANZA_TOO_BIG]
         conversations = {record.conversation for record in records}
         self._close_gate(conversations)
         try:

@@ -27,7 +27,7 @@ from .context import Context
 from .core.ledger import SMProtocolError
 from .core.phases import CLOSED_BY_APP, LinkEvent, LinkPhase, SMPhase
 from .core.reconnect import backoff_delay
-from .core.records import FailureReason
+from .core.records import FailureReason, TrackedMessage
 from .locations import Locations
 from .stanzas import FAILED_TAG, parse_counter
 
@@ -338,6 +338,8 @@ class SessionDriver:
         and the next connection starts a fresh session.
         """
         if self.core.sm_phase is not SMPhase.RESUMING:
+            if error is not None and stanzas.says_stanza_too_big(error.xml):
+                _fail_the_stanza_too_big(self._ctx, self._acks.last_ack_at)
             return  # any other stream error: the link drops, resumption is tried
         condition = error["condition"] if error is not None else None
         log.warning("stream error %r answered <resume/>: dropping the SM state", condition)
@@ -479,6 +481,22 @@ def _not_trusted_for_sm(xmpp: Any) -> str:
             "the stream is not encrypted (allow that with slixmpp's xmpp.enable_plaintext = True)"
         )
     return ""
+
+
+def _fail_the_stanza_too_big(ctx: Context, last_ack_at: float) -> None:
+    """The server closed the stream on a stanza larger than it accepts: that one fails
+    ``stanza-too-big`` and is never resent; the others resume (or fail and are resent)
+    without it, instead of meeting the same error again and again. An ``<a h>`` just
+    before the error was the server's last word: the culprit comes right after it."""
+    right_after_ack = ctx.now - last_ack_at < 0.1
+    events = ctx.core.stanza_too_big(stanzas.stanza_size, right_after_ack=right_after_ack)
+    failed = [e.payload.id for e in events if isinstance(e.payload, TrackedMessage)]
+    log.warning(
+        "the server closed the stream on a stanza too big for it: %s",
+        f"message {failed[0]} failed" if failed else "not a tracked message",
+    )
+    ctx.emit(events)
+    ctx.state_changed(urgent=True)
 
 
 def displace_xep_0198(xmpp: Any) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from typing import Final, NamedTuple
+from typing import Any, Final, NamedTuple
 from xml.etree import ElementTree as ET
 from xml.sax.saxutils import escape
 
@@ -51,7 +51,9 @@ __all__ = [
     "read_reflection",
     "read_room_presence",
     "read_sent_carbon",
+    "says_stanza_too_big",
     "stanza_kind",
+    "stanza_size",
     "stream_error",
     "trackable_body",
     "with_delay",
@@ -69,6 +71,7 @@ MUC_NS = "http://jabber.org/protocol/muc"
 MUC_USER_NS = "http://jabber.org/protocol/muc#user"
 STANZAS_NS = "urn:ietf:params:xml:ns:xmpp-stanzas"
 DELAY_NS = "urn:xmpp:delay"
+_STREAMS_NS = "urn:ietf:params:xml:ns:xmpp-streams"
 
 FAILED_TAG = f"{{{SM_NS}}}failed"
 #: ``<r/>`` as text: queued as is, so no stanza is built every ``ack_every`` messages.
@@ -209,11 +212,30 @@ def ack(handled: int) -> str:
     return f"<a xmlns='{SM_NS}' h='{handled}'/>"
 
 
+def says_stanza_too_big(error: ET.Element) -> bool:
+    """A ``<stream:error>`` closing the stream on a stanza larger than the server
+    accepts: ``<policy-violation/>`` with XEP-0205's ``<stanza-too-big/>`` (Prosody)
+    or a text that says so (ejabberd: "XML stanza is too big")."""
+    if error.find(f"{{{_STREAMS_NS}}}policy-violation") is None:
+        return False
+    if error.find("{urn:xmpp:errors}stanza-too-big") is not None:
+        return True
+    text = error.findtext(f"{{{_STREAMS_NS}}}text") or ""
+    return "too big" in text.lower() or "too large" in text.lower()
+
+
+def stanza_size(entry: Any) -> int:
+    """Bytes of a counted stanza as written (a ledger entry's text, made once)."""
+    if entry.serialized is None:
+        entry.serialized = tostring(entry.payload.xml, top_level=True)
+    return len(entry.serialized.encode())
+
+
 def stream_error(condition: str, text: str) -> str:
     """A ``<stream:error>`` with a condition of RFC 6120 §4.9.3 and our reason."""
     return (
-        f"<stream:error><{condition} xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>"
-        f"<text xmlns='urn:ietf:params:xml:ns:xmpp-streams'>{escape(text)}</text>"
+        f"<stream:error><{condition} xmlns='{_STREAMS_NS}'/>"
+        f"<text xmlns='{_STREAMS_NS}'>{escape(text)}</text>"
         "</stream:error>"
     )
 

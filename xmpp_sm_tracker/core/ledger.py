@@ -72,7 +72,7 @@ class ResumeResult(Generic[P]):
 class Ledger(Generic[P]):
     """Unacked stanzas of one managed stream, in the order they were sent."""
 
-    __slots__ = ("_unacked", "last_ack", "seq")
+    __slots__ = ("_unacked", "_withdrawn", "last_ack", "seq")
 
     def __init__(self, seq: int = 0, last_ack: int = 0) -> None:
         #: Number of the last stanza we counted (XEP-0198's outbound counter).
@@ -80,6 +80,8 @@ class Ledger(Generic[P]):
         #: The last ``h`` the server gave us.
         self.last_ack = last_ack
         self._unacked: deque[Entry[P]] = deque()
+        #: Entries taken out on purpose since the last ack (never to be resent).
+        self._withdrawn = 0
 
     def __len__(self) -> int:
         return len(self._unacked)
@@ -110,6 +112,13 @@ class Ledger(Generic[P]):
         entry = Entry(self.seq, payload, message_id)
         self._unacked.append(entry)
         return entry
+
+    def withdraw(self, entry: Entry[P]) -> None:
+        """Take out a stanza the server refused to read (it closed the stream on it):
+        a resumption must not resend it. The counter keeps its place: the server's
+        ``h`` stops before it, and ``resume`` renumbers what follows."""
+        self._unacked.remove(entry)
+        self._withdrawn += 1
 
     def restore(self, entry: Entry[P]) -> None:
         """Put back an entry from a saved state (must come in sequence order)."""
@@ -157,7 +166,8 @@ class Ledger(Generic[P]):
             ahead = distance(self.seq, h)
             self.seq = h
         acked = self.ack(h)
-        missing = self.in_flight - len(self._unacked)
+        missing = self.in_flight - len(self._unacked) - self._withdrawn
+        self._withdrawn = 0
         resend = list(self._unacked)
         for offset, entry in enumerate(resend, start=1):
             entry.seq = seq_add(h, offset)
@@ -181,5 +191,6 @@ class Ledger(Generic[P]):
         """Remove and return every unacked entry."""
         left = list(self._unacked)
         self._unacked.clear()
+        self._withdrawn = 0
         self.last_ack = self.seq
         return left

@@ -13,7 +13,7 @@ from typing import TypeVar
 from .counters import distance
 from .events import MESSAGE_EVENT, Event, OutgoingMessage
 from .facts import SessionFacts, SessionView
-from .ledger import Ledger
+from .ledger import Entry, Ledger
 from .phases import COUNTING_OUT, SM_TRANSITIONS, PhaseMachine, SMPhase
 from .proofs import PeerProofs
 from .records import FailureReason, TrackedMessage, build_record
@@ -23,6 +23,8 @@ __all__ = ["Outgoing"]
 
 P = TypeVar("P")
 _S = DeliveryState
+#: RFC 6120 §13.12: every server accepts stanzas of at least this many bytes.
+MIN_STANZA_LIMIT = 10_000
 
 
 class Outgoing(PeerProofs[P]):
@@ -220,6 +222,37 @@ class Outgoing(PeerProofs[P]):
             return []
         self._withheld.add(message_id)
         return [moved]
+
+    def stanza_too_big(
+        self, size: Callable[[Entry[P]], int], *, right_after_ack: bool
+    ) -> list[Event]:
+        """The server closed the stream: a stanza we wrote was larger than it accepts.
+
+        The culprit is withdrawn from the ledger (a resumption would resend it and meet
+        the same error), and its message fails ``stanza-too-big``, not retryable; the
+        rest stays unacked, to be resumed or resent without it. With an ``<a h>`` right
+        before the error, the culprit is the first stanza past ``h``; otherwise the
+        largest one unacked: something no larger closed the stream, so it is too big
+        as well (were it not the one, the next error finds the next). Nothing under
+        RFC 6120's 10 000 bytes every server must accept is ever blamed.
+        """
+        entries = list(self.ledger)
+        if not entries:
+            return []
+        culprit = entries[0] if right_after_ack else max(entries, key=size)
+        if size(culprit) < MIN_STANZA_LIMIT and right_after_ack:
+            culprit = max(entries, key=size)
+        if size(culprit) < MIN_STANZA_LIMIT:
+            return []
+        self.ledger.withdraw(culprit)
+        message_id = culprit.message_id
+        record = self._records.get(message_id) if message_id is not None else None
+        if message_id is None or record is None or record.seq != culprit.seq:
+            return []
+        moved = self._move(message_id, _S.FAILED, reason=FailureReason.STANZA_TOO_BIG)
+        if moved is None:
+            return []
+        return [moved]  # (failed: withheld, no copy of it goes out by itself)
 
     def timed_out(self, message_id: str) -> list[Event]:
         """An attempt stayed unacked past the retry policy's timeout.

@@ -44,6 +44,9 @@ class FailureReason:
     ACK_TIMEOUT = "ack-timeout"
     #: A retry policy gave up after its last attempt.
     RETRIES_EXHAUSTED = "retries-exhausted"
+    #: The server closed the stream on it: larger than it accepts. Never retried nor
+    #: resent by resend_failed(): it would close the stream again.
+    STANZA_TOO_BIG = "stanza-too-big"
     #: Not a failure: after a failed resumption the server's archive showed it has it.
     FOUND_IN_ARCHIVE = "found-in-archive"
 
