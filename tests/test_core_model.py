@@ -109,6 +109,8 @@ BOUNCES = {
     "wait": "resource-constraint",
 }
 STANZA_EVENTS = {"stanza:acked", "stanza:hibernated", "stanza:resent", "stanza:failed"}
+#: max_unacked, small: the window fills in most runs (the plugin's default is 5 000).
+WINDOW = 4
 POLICY = RetryPolicy(max_attempts=3, delay=1.0, backoff=2.0, max_delay=10.0, attempt_timeout=30.0)
 
 
@@ -339,6 +341,7 @@ class ProtocolModel(RuleBasedStateMachine):
         self.waiting.extend(self.queued)
         self.queued.clear()
         self.outbox.session_started()
+        self.release_window()
         self.wait_for_rejoins()
 
     # ------------------------------------------------------------ the plugin: outgoing
@@ -351,7 +354,23 @@ class ProtocolModel(RuleBasedStateMachine):
             if self.outbox.hold_behind_resend(record.conversation, record.id, copy):
                 statistic("a new message waits behind a resend")
                 return
+        self.past_the_gate(copy, record.id if record is not None else None)
+
+    def past_the_gate(self, copy: Copy, message_id: str | None) -> None:
+        """Outbound.past_the_gate: to slixmpp, unless the unacked window is full (the
+        ledger plus slixmpp's send queue at max_unacked) or others wait for it."""
+        in_flight = len(self.tracker.ledger) + len(self.waiting)
+        if self.outbox.hold_for_window(message_id, copy, in_flight=in_flight, limit=WINDOW):
+            statistic("a new stanza waits for the unacked window")
+            return
         self.hand_over(copy)
+
+    def release_window(self) -> None:
+        """Outbound.release_window: after each <a/> and at each session start."""
+        in_flight = len(self.tracker.ledger) + len(self.waiting)
+        for copy in self.outbox.release_window(max(0, WINDOW - in_flight)):
+            statistic("the window opens for a held stanza")
+            self.hand_over(copy)
 
     def judge(self, copy: Copy) -> bool:
         """Outbound._judge: the outbox's verdict, carried out. True: written now."""
@@ -422,6 +441,7 @@ class ProtocolModel(RuleBasedStateMachine):
             # only what the purge took fails unsent: a copy still parked or held goes out
             doomed = identities(_all(outbox._doomed))
             held = [p for _, p in _pairs(outbox._room_held) + _pairs(outbox._resend_held)]
+            held += [p for _, p in outbox._window]
             copies = [c for c in self.queued + held if id(c) not in doomed]
             alive = {c.message_id for c in copies if c.message_id in tracker.records}
             assert not alive.intersection(unsent), ("fails, yet goes out", alive, unsent)
@@ -490,7 +510,9 @@ class ProtocolModel(RuleBasedStateMachine):
         """Resender._open_gate: what waited behind the resends goes to slixmpp."""
         for copy in self.outbox.open_gates(conversations):
             statistic("a gate opens on held messages")
-            self.hand_over(copy)
+            message_id = copy.message_id
+            tracked = message_id is not None and self.tracker.get(message_id) is not None
+            self.past_the_gate(copy, message_id if tracked else None)
 
     def on_record(self, record: TrackedMessage) -> None:
         """Resender.on_record (a retry policy is on): a retryable failure holds its
@@ -731,7 +753,7 @@ class ProtocolModel(RuleBasedStateMachine):
             self.slix_send(Copy(self.name("iq"), None))
             return
         if kind == "no-body":  # a chat state: has an id, is not tracked
-            self.slix_send(Copy(self.name("cs"), self.name("cs-id")))
+            self.app_send(Copy(self.name("cs"), self.name("cs-id")), None)
             return
         message_id = self.name("m")
         conversation = ROOMS[to] if kind == "groupchat" else CHATS[to]
@@ -1036,7 +1058,13 @@ class ProtocolModel(RuleBasedStateMachine):
         data=st.data(),
     )
     def server_acks(self, kind: str, data: st.DataObject) -> None:
-        """<a h> in: plugin._on_ack."""
+        """<a h> in: AckDriver.on_ack, then Outbound.open_window (every <a/>)."""
+        try:
+            self.ack_in(kind, data)
+        finally:
+            self.release_window()
+
+    def ack_in(self, kind: str, data: st.DataObject) -> None:
         assert self.current is not None
         stream, tracker = self.streams[self.current], self.tracker
         ledger = tracker.ledger
@@ -1193,6 +1221,7 @@ class ProtocolModel(RuleBasedStateMachine):
         held = [p for _, p in _pairs(outbox._room_held)] + [
             p for _, p in _pairs(outbox._resend_held)
         ]
+        held += [p for _, p in outbox._window]
         alive = {c.message_id for c in self.waiting + self.queued + held if id(c) not in doomed}
         for message_id, record in records.items():
             assert record.state is self.state_of(message_id), (message_id, self.log[message_id])
@@ -1226,6 +1255,10 @@ class ProtocolModel(RuleBasedStateMachine):
         parked, queued = identities(self.queued), identities(self.waiting)
         room_held = identities(p for _, p in _pairs(outbox._room_held))
         resend_held = [(mid, p) for mid, p in _pairs(outbox._resend_held)]
+        resend_held += [(mid, p) for mid, p in outbox._window if mid is not None]
+        windowed = [p for _, p in outbox._window]
+        for p in windowed:
+            assert id(p) not in parked | queued | room_held, ("held twice", p)
         for p in _all(outbox._waiting):
             assert id(p) in parked or id(p) in room_held, ("waits nowhere", p)
         for p in _all(outbox._doomed):

@@ -510,6 +510,9 @@ class _ArchiveHost:
     def write(self, message: Any) -> None:
         self.written.append(message)
 
+    def release(self, message: Any) -> None:
+        self.written.append(message)
+
     async def get(self, message_id: str) -> TrackedMessage | None:
         """plugin.get: from memory, else from the store."""
         return self.core.get(message_id) or self.store.get(message_id)

@@ -233,3 +233,27 @@ def test_a_copy_its_room_releases_is_not_held_behind_a_resend() -> None:
     assert box.verdict(released, "older", tracked=True, counting=True) is Verdict.COUNT
     assert box.open_gates([room]) == [newer]
     assert box.empty
+
+
+def test_a_full_window_holds_new_stanzas_in_order_until_acks_make_room() -> None:
+    # Issue 20: a server that leaves stanzas unacked must not make the ledger and the
+    # saved state grow without bound; new stanzas wait, unwritten, nothing is dropped.
+    box: Outbox[Copy] = Outbox()
+    a, b, c = Copy("a"), Copy("b"), Copy("c")
+    assert not box.hold_for_window("a", a, in_flight=2, limit=3)  # room: out at once
+    assert box.hold_for_window("a", a, in_flight=3, limit=3)
+    assert box.hold_for_window(None, b, in_flight=0, limit=3)  # behind a: order kept
+    assert box.hold_for_window("c", c, in_flight=0, limit=3)
+    assert box.window_held == 3 and box.waiting_ids() == {"a", "c"}
+    assert box.is_waiting("c") and box.held_ids() == {"a", "c"}
+    assert box.release_window(2) == [a, b]
+    box.doom("c")  # it failed meanwhile: its held copy never goes out
+    assert box.release_window(5) == [] and box.empty
+    assert not box.hold_for_window("d", Copy("d"), in_flight=10**6, limit=None)  # no limit
+
+
+def test_what_waits_for_the_window_goes_to_the_client_at_plugin_end() -> None:
+    box: Outbox[Copy] = Outbox()
+    held = Copy("held")
+    assert box.hold_for_window("held", held, in_flight=9, limit=1)
+    assert list(box.take_all()) == [held] and box.empty

@@ -1325,6 +1325,9 @@ async def test_inject_and_rewrite_speak_for_one_end_of_the_link() -> None:
         ("ack_keepalive", -5.0),
         ("location_allow", "127.0.0.1"),  # a string, not a list: each letter a host
         ("location_allow", [None]),
+        ("max_unacked", 0),
+        ("max_unacked", True),
+        ("max_unacked", "5000"),
     ],
 )
 def test_a_bad_setting_is_refused_when_the_plugin_is_registered(key: str, value: object) -> None:

@@ -219,3 +219,30 @@ async def test_acks_that_never_move_h_are_no_proof_of_life(
     assert alice.log.ids("message:acked") == ids
     assert proxy.connections >= 2
     assert bob.received.bodies == [f"stuck {i}" for i in range(3)]
+
+
+async def test_a_server_that_acks_nothing_cannot_make_the_unacked_window_grow_for_ever(
+    server: LocalXMPPServer, proxy: FaultProxy, clients: ClientPool
+) -> None:
+    # Was: unacked messages piled up without bound (2.7 KB each, and every sm.cache
+    # serialized all of them). With max_unacked, new stanzas wait unwritten until acks
+    # come; nothing is dropped, the order is kept.
+    bob = await clients("bob", server.address, tracked=False)
+    alice = await clients("alice", proxy.address, max_unacked=5, ack_timeout=60.0, **FAST)
+    states: list[Any] = []
+    alice.tracker.sm.cache(states.append)
+    proxy.stall()  # nothing reaches the server: no acks
+    ids = [alice.send("bob@localhost", f"windowed {i}") for i in range(20)]
+    await asyncio.sleep(0.5)
+    unacked = len(alice.tracker.core.ledger)
+    assert unacked <= 5, unacked
+    assert alice.tracker.outbox.window_held >= 15
+    await alice.tracker.flush()
+    assert all(len(s["unacked"]) <= 5 for s in states if s)
+    assert [alice.tracker.core.get(i).state for i in ids] == [DeliveryState.SENT] * 20  # type: ignore[union-attr]
+    proxy.heal()
+    await wait_for(lambda: alice.log.count("message:acked") == 20, timeout=20)
+    assert alice.log.ids("message:acked") == ids
+    await wait_for(lambda: len(bob.received.bodies) == 20)
+    assert bob.received.bodies == [f"windowed {i}" for i in range(20)]
+    assert alice.tracker.outbox.window_held == 0

@@ -28,15 +28,13 @@ from .core.outbox import Outbox, Verdict
 from .core.phases import SMPhase
 from .core.records import TrackedMessage
 from .core.tracker import OutgoingMessage
+from .filters import FilterWatch
 from .resend import Resender
 from .stanzas import REQUEST_ACK
 
 __all__ = ["Outbound"]
 
 log = logging.getLogger(__name__)
-
-#: slixmpp outgoing filters that never touch a message stanza (checked on 1.17).
-_MESSAGE_SAFE_FILTERS = frozenset({"Roster._save_last_status", "XEP_0115._filter_add_caps"})
 
 
 class Outbound:
@@ -61,28 +59,22 @@ class Outbound:
         #: is made once, for the record and the wire, and a burst starts going out sooner).
         self._unwritten: dict[str, Message] = {}
         self._rejoin_timer: asyncio.TimerHandle | None = None
-        # Whether other filters may rewrite messages is asked per message: cached, and
-        # forgotten whenever the filters change.
-        self._filter_facts_cache: tuple[bool, bool] | None = None
-        xmpp = ctx.xmpp
-        self._original_add_filter = xmpp.add_filter
-        self._original_del_filter = xmpp.del_filter
+        #: Whether our filter writes last, and other filters leave messages alone.
+        self._filters = FilterWatch(ctx.xmpp, self.on_outgoing)
 
     def install(self) -> None:
         """Wrap ``send`` (slixmpp offers no hook at send time for stanzas that will not
         pass the filters yet) and the filter registry (to know who writes last)."""
         xmpp = self.xmpp
         xmpp.send = self.send
-        xmpp.add_filter = self._add_filter
-        xmpp.del_filter = self._del_filter
+        self._filters.install()
 
     def uninstall(self) -> None:
         """Undo :meth:`install`; what was held goes to slixmpp (untracked from now on)
         rather than to nobody."""
         xmpp = self.xmpp
         xmpp.send = self._ctx.send
-        xmpp.add_filter = self._original_add_filter
-        xmpp.del_filter = self._original_del_filter
+        self._filters.uninstall()
         self.cancel_rejoin_wait()
         for stanza in self.outbox.take_all():
             self._ctx.send(stanza)
@@ -94,10 +86,46 @@ class Outbound:
         if use_filters and isinstance(data, Message):
             # On a live session the text is made when the stanza is written, unless
             # another filter would come after ours (then slixmpp writes it itself).
-            record = self.track(data, lazy=self._ctx.session_live and self._we_write_last())
-            if record is not None and self.hold_behind_resend(record, data):
-                return  # goes out after the older messages being resent to that peer
+            record = self.track(data, lazy=self._ctx.session_live and self._filters.we_write_last())
+            self.hand_over(data, record)
+            return
         self._ctx.send(data, use_filters)
+
+    def hand_over(self, stanza: StanzaBase, record: TrackedMessage | None) -> None:
+        """A new stanza from the app to slixmpp, unless it waits: behind older messages
+        being resent to its peer, or behind a full unacked window."""
+        if record is not None and self.hold_behind_resend(record, stanza):
+            return  # goes out after the older messages being resent to that peer
+        self.past_the_gate(stanza, record.id if record is not None else None)
+
+    def past_the_gate(self, stanza: StanzaBase, message_id: str | None) -> None:
+        """A new stanza no resend holds back (or that a resend's gate let go): to
+        slixmpp, unless the unacked window is full or others already wait for it."""
+        in_flight = len(self.core.ledger) + self.xmpp.waiting_queue.qsize()
+        was_open = not self.outbox.window_held
+        limit = self._ctx.config["max_unacked"]
+        if self.outbox.hold_for_window(message_id, stanza, in_flight=in_flight, limit=limit):
+            if message_id is not None and message_id in self._unwritten:
+                self.text_now(message_id)  # it waits: the record needs its text now
+            if was_open:
+                log.warning("%d stanzas unacked: new ones wait for acks", in_flight)
+                self._acks.request(self._ctx.now)  # ask now: the acks open the window
+            return
+        self._ctx.send(stanza)
+
+    def open_window(self, _ack: StanzaBase) -> None:
+        """An ``<a/>`` came in (handled first by the ack driver)."""
+        self.release_window()
+
+    def release_window(self) -> None:
+        """Acks came (or a session started): what waited for the window goes out."""
+        if not self.outbox.window_held:
+            return
+        limit = self._ctx.config["max_unacked"]
+        in_flight = len(self.core.ledger) + self.xmpp.waiting_queue.qsize()
+        room = len(self.outbox) if limit is None else max(0, limit - in_flight)
+        for stanza in self.outbox.release_window(room):
+            self._ctx.send(stanza)
 
     def hold_behind_resend(self, record: TrackedMessage, message: Message) -> bool:
         """Keep a new message back while older ones to the same peer are resent."""
@@ -185,46 +213,6 @@ class Outbound:
             self._store(record)
         return record
 
-    # ---------------------------------------------------------------- filters
-
-    def _filters_keep_messages(self) -> bool:
-        """True when no other outgoing filter can have rewritten a message since we
-        serialized it (only filters known to leave messages alone are registered)."""
-        return self._filter_facts()[1]
-
-    def _we_write_last(self) -> bool:
-        """True when our out_sync filter is the last filter a stanza passes, so it may
-        hand slixmpp the text to write (no filter is skipped by that)."""
-        return self._filter_facts()[0]
-
-    def _filter_facts(self) -> tuple[bool, bool]:
-        """(we write last, messages kept), asked for every stanza: kept until a filter
-        is added or removed."""
-        if self._filter_facts_cache is None:
-            self._filter_facts_cache = self._check_filters()
-        return self._filter_facts_cache
-
-    def _add_filter(self, mode: str, handler: Callable[..., Any], order: int | None = None) -> None:
-        self._filter_facts_cache = None
-        self._original_add_filter(mode, handler, order)
-
-    def _del_filter(self, mode: str, handler: Callable[..., Any]) -> None:
-        self._filter_facts_cache = None
-        self._original_del_filter(mode, handler)
-
-    def _check_filters(self) -> tuple[bool, bool]:
-        filters = getattr(self.xmpp, "_XMLStream__filters", None)
-        if filters is None:
-            return False, False
-        last = not filters.get("out_sce") and all(
-            f == self.on_outgoing for f in filters.get("out_sync", ())
-        )
-        kept = last and all(
-            getattr(f, "__qualname__", None) in _MESSAGE_SAFE_FILTERS
-            for f in filters.get("out", ())
-        )
-        return last, kept
-
     # ---------------------------------------------------------------- rooms
 
     def wait_for_rejoins(self) -> None:
@@ -280,7 +268,7 @@ class Outbound:
         held = isinstance(stanza, Message) and record is not None
         if held and self.hold_behind_resend(record, stanza):  # type: ignore[arg-type]
             return  # older messages to the room are being resent: it goes after them
-        if self.xmpp.transport is None or not self._we_write_last():
+        if self.xmpp.transport is None or not self._filters.we_write_last():
             self._ctx.send(stanza)  # slixmpp parks it again if it must
             return
         out = self._judge(stanza)
@@ -300,8 +288,10 @@ class Outbound:
         return self.outbox.waiting_ids()
 
     def session_started(self) -> None:
-        """slixmpp moved what it parked into its send queue: only room holds still wait."""
+        """slixmpp moved what it parked into its send queue: only room holds still wait
+        (and what waits for the window, which the new session may have room for)."""
         self.outbox.session_started()
+        self.release_window()
 
     def session_ended(self) -> None:
         """slixmpp purged its send queue: doomed copies that were in it are gone."""
@@ -388,7 +378,7 @@ class Outbound:
             if written is None or message_id is None:
                 return stanza
             self._record_written(message_id, written)
-            return stanzas.on_the_wire(written) if self._we_write_last() else stanza
+            return stanzas.on_the_wire(written) if self._filters.we_write_last() else stanza
         return self._count(stanza, message_id, written)
 
     def _count(
@@ -397,7 +387,7 @@ class Outbound:
         """Count a stanza in the ledger and write it, an ``<r/>`` behind it when due."""
         core, xmpp = self.core, self.xmpp
         link_up = xmpp.transport is not None
-        same = written is None and message_id is not None and self._filters_keep_messages()
+        same = written is None and message_id is not None and self._filters.messages_kept()
         events = core.counted(stanza, message_id, link_up=link_up, same_as_record=same, xml=written)
         if events:
             self._ctx.emit(events)
@@ -410,7 +400,7 @@ class Outbound:
             return None  # counted: the server will ask for it back after <resumed/>
         text = None
         if written is not None:
-            text = written if self._we_write_last() else None
+            text = written if self._filters.we_write_last() else None
         elif same:
             text = core.newest_text(message_id)  # the record's text, tied to this stanza
         if text is not None:
@@ -421,7 +411,7 @@ class Outbound:
         # Ask for an ack right behind this stanza, in the same write: queued instead, the
         # <r/> would wait behind everything already queued (a whole burst), and the acks
         # would only start once the burst is through instead of flowing along with it.
-        if text is None and self._we_write_last():
+        if text is None and self._filters.we_write_last():
             text = tostring(stanza.xml, xmlns=xmpp.default_ns, stream=xmpp, top_level=True)
         if text is None:
             self._acks.request(now)

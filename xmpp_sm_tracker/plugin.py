@@ -58,10 +58,6 @@ __all__ = ["SMTracker", "tracker_of"]
 log = logging.getLogger(__name__)
 
 
-#: slixmpp outgoing filters that never touch a message stanza (checked on 1.17).
-_MESSAGE_SAFE_FILTERS = frozenset({"Roster._save_last_status", "XEP_0115._filter_add_caps"})
-
-
 class TrackerEvents(AsyncIOEventEmitter):
     """``tracker.events``: a pyee emitter that can tell cheaply whether anyone listens."""
 
@@ -127,6 +123,9 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         "reconcile_limit": 1000,
         #: Give up the archive check (and resend) after this many seconds.
         "reconcile_timeout": 10.0,
+        #: At most this many stanzas unacked (or queued to be written): beyond it, new
+        #: ones wait, unwritten, until acks come (memory and the saved state stay bounded).
+        "max_unacked": 5000,
         #: Hosts an ``<enabled location>`` may send us to besides the account's domain
         #: and its subdomains (e.g. an IP literal of a cluster node).
         "location_allow": (),
@@ -188,6 +187,8 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             ("SM Tracker Resumed", sm_stanza.Resumed.tag_name(), self._session.on_resumed),
             ("SM Tracker Failed", FAILED_TAG, self._session.on_failed),
             ("SM Tracker Ack", sm_stanza.Ack.tag_name(), self._acks.on_ack),
+            # after it: acks open the unacked window for what waits
+            ("SM Tracker Window", sm_stanza.Ack.tag_name(), self._outbound.open_window),
             ("SM Tracker Request Ack", sm_stanza.RequestAck.tag_name(), self._acks.on_request),
         )
         for name, tag, method in self._handlers:
@@ -341,8 +342,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         current = self.core.get(record.id)
         if current is None or not current.in_flight:
             return handle  # the session ended meanwhile: it failed, unsent
-        if not self._outbound.hold_behind_resend(current, message):  # behind older resends
-            self._original_send(message)
+        self._outbound.hand_over(message, current)  # or behind older resends, a full window
         return handle
 
     def stats(self) -> TrackerStats:
@@ -501,6 +501,9 @@ class _ResendHost:
     def write(self, message: Message) -> None:
         self._plugin._original_send(message)
 
+    def release(self, message: Message) -> None:
+        self._plugin._outbound.past_the_gate(message, message.xml.get("id"))
+
     async def get(self, message_id: str) -> TrackedMessage | None:
         return await self._plugin.get(message_id)
 
@@ -534,6 +537,11 @@ def _checked_settings(config: dict[str, Any]) -> AckPolicy:
     wait = config["room_rejoin_wait"]
     if isinstance(wait, bool) or not isinstance(wait, int | float) or not wait >= 0:
         raise ValueError(f"room_rejoin_wait must be a number of seconds >= 0, not {wait!r}")
+    window = config["max_unacked"]
+    if window is not None and (
+        isinstance(window, bool) or not isinstance(window, int) or window < 1
+    ):
+        raise ValueError(f"max_unacked must be a positive integer or None, not {window!r}")
     allow = config["location_allow"]
     if isinstance(allow, str | bytes) or not all(isinstance(h, str) for h in allow):
         raise ValueError(f"location_allow must be a list of host names, not {allow!r}")

@@ -71,7 +71,10 @@ class ResendHost(Protocol):
         """Store and emit what the core decided."""
 
     def write(self, message: Message) -> None:
-        """Hand a message to slixmpp, past the resend gate (it was held, or is resent)."""
+        """Hand a resent message to slixmpp, past the resend gate."""
+
+    def release(self, message: Message) -> None:
+        """A new message the resend gate held: on, behind a full unacked window."""
 
     async def get(self, message_id: str) -> TrackedMessage | None:
         """The latest record of a message, from memory or the store."""
@@ -95,7 +98,7 @@ class Resender:
 
     def _open_gate(self, conversations: Iterable[str]) -> None:
         for message in self.host.outbox.open_gates(conversations):
-            self.host.write(message)
+            self.host.release(message)
 
     # ---------------------------------------------------------------- resending
 

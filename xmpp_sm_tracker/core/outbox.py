@@ -11,6 +11,7 @@ by identity, since a resent message may be queued twice under the same id.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Iterator
 from collections.abc import Set as AbstractSet
 from enum import Enum
@@ -43,7 +44,15 @@ class Verdict(Enum):
 class Outbox(Generic[P]):
     """Outgoing stanzas held back, and the verdict for each one about to be written."""
 
-    __slots__ = ("_doomed", "_doomed_queued", "_gates", "_resend_held", "_room_held", "_waiting")
+    __slots__ = (
+        "_doomed",
+        "_doomed_queued",
+        "_gates",
+        "_resend_held",
+        "_room_held",
+        "_waiting",
+        "_window",
+    )
 
     def __init__(self) -> None:
         #: Tracked messages whose copies wait outside the wire: parked by the client
@@ -61,38 +70,50 @@ class Outbox(Generic[P]):
         self._gates: dict[str, int] = {}
         #: New messages held behind those resends, by conversation, oldest first.
         self._resend_held: dict[str, list[tuple[str, P]]] = {}
+        #: New stanzas the app handed over while the unacked window was full, oldest
+        #: first (a tracked message's id, or None): released as acks open the window.
+        self._window: deque[tuple[str | None, P]] = deque()
 
     # ---------------------------------------------------------------- read-only views
 
     def __len__(self) -> int:
         """How many payloads the outbox holds (a room-held one is also waiting)."""
         kinds = (self._waiting, self._doomed, self._doomed_queued, self._resend_held)
-        return sum(len(copies) for kind in kinds for copies in kind.values())
+        return sum(len(copies) for kind in kinds for copies in kind.values()) + len(self._window)
 
     @property
     def empty(self) -> bool:
         """Nothing held, nothing waiting, no resend under way."""
         held = self._waiting or self._doomed or self._doomed_queued or self._room_held
-        return not (held or self._gates) and not any(self._resend_held.values())
+        return not (held or self._gates or self._window) and not any(self._resend_held.values())
 
     def waiting_ids(self) -> frozenset[str]:
         """Tracked messages whose copy waits to go out (parked, held for a room or
         behind a resend): not lost when the client purges its send queue."""
-        if not self._resend_held:
+        if not self._resend_held and not self._window:
             return frozenset(self._waiting)
-        behind = (message_id for held in self._resend_held.values() for message_id, _ in held)
-        return frozenset(self._waiting).union(behind)
+        return frozenset(self._waiting).union(self._behind())
+
+    def _behind(self) -> Iterator[str]:
+        """Tracked messages held behind a resend or the window (ours, not the client's)."""
+        for held in self._resend_held.values():
+            yield from (message_id for message_id, _ in held)
+        yield from (message_id for message_id, _ in self._window if message_id is not None)
 
     def held_ids(self) -> frozenset[str]:
         """Every tracked message whose copy the outbox holds: waiting or behind a resend."""
-        behind = (message_id for held in self._resend_held.values() for message_id, _ in held)
-        return frozenset(self._waiting).union(self._doomed, self._doomed_queued, behind)
+        return frozenset(self._waiting).union(self._doomed, self._doomed_queued, self._behind())
 
     def is_waiting(self, message_id: str) -> bool:
         """True when a copy of ``message_id`` waits to go out (see :meth:`waiting_ids`)."""
         if message_id in self._waiting:
             return True
-        return any(i == message_id for held in self._resend_held.values() for i, _ in held)
+        return any(i == message_id for i in self._behind())
+
+    @property
+    def window_held(self) -> int:
+        """How many stanzas wait for the unacked window to open."""
+        return len(self._window)
 
     def held_rooms(self) -> frozenset[str]:
         """Rooms with messages held for a rejoin."""
@@ -134,6 +155,26 @@ class Outbox(Generic[P]):
         self._resend_held.setdefault(conversation, []).append((message_id, payload))
         return True
 
+    # ---------------------------------------------------------------- the unacked window
+
+    def hold_for_window(
+        self, message_id: str | None, payload: P, *, in_flight: int, limit: int | None
+    ) -> bool:
+        """Keep a new stanza back while ``in_flight`` (unacked, plus queued in the client)
+        has reached ``limit``, and behind any held before it: the ledger and the saved
+        SM state stay bounded while a server leaves stanzas unacked. Nothing is dropped."""
+        if not self._window and (limit is None or in_flight < limit):
+            return False  # the usual case, checked first
+        self._window.append((message_id, payload))
+        return True
+
+    def release_window(self, room: int) -> list[P]:
+        """Up to ``room`` held stanzas, oldest first: the window has space for them."""
+        released: list[P] = []
+        while self._window and len(released) < room:
+            released.append(self._window.popleft()[1])
+        return released
+
     # ---------------------------------------------------------------- parked by the client
 
     def parked(self, message_id: str, payload: P) -> None:
@@ -147,6 +188,8 @@ class Outbox(Generic[P]):
         copies = self._waiting.pop(message_id, None)
         if copies:
             self._doomed.setdefault(message_id, []).extend(copies)
+        if self._window:
+            self._window = deque(pair for pair in self._window if pair[0] != message_id)
         if self._resend_held:
             for conversation, held in list(self._resend_held.items()):
                 kept = [pair for pair in held if pair[0] != message_id]
@@ -251,6 +294,8 @@ class Outbox(Generic[P]):
         }
         held = [p for ps in self._room_held.values() for _, p in ps]
         held += [p for ps in self._resend_held.values() for _, p in ps]
+        held += [p for _, p in self._window]
+        self._window.clear()
         self._room_held.clear()
         self._resend_held.clear()
         self._gates.clear()
