@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import sqlite3
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from xmpp_sm_tracker import DeliveryState, SQLiteStore
+from xmpp_sm_tracker import DeliveryState, SQLiteStore, StoreError
 from xmpp_sm_tracker.cli import main
 
 from .test_store_contract import record
@@ -113,3 +114,77 @@ def test_python_dash_m_and_console_script_work(db: Path) -> None:
         [str(script), "export", str(db)], capture_output=True, text=True, check=True
     )
     assert len(by_script.stdout.splitlines()) == 4
+
+
+# ------------------------------------------------------------------ read-only (issue 20)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file in ``folder`` with its bytes: what "changes nothing" compares."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("command", ["inspect", "export"])
+def test_reading_commands_change_nothing(db: Path, command: str) -> None:
+    before = snapshot(db.parent)
+    assert sorted(before) == ["alice.sqlite"]  # closed cleanly: no -wal, -shm or lock
+    code, out = run(command, str(db))
+    assert code == 0 and "m4" in out
+    assert snapshot(db.parent) == before
+
+
+@pytest.mark.parametrize("command", ["inspect", "export", "delete-failed"])
+def test_a_zero_byte_file_is_a_clear_error_and_stays_empty(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    path = tmp_path / "empty.sqlite"
+    path.touch()
+    assert run(command, str(path), answer="y\n")[0] == 2
+    assert "empty.sqlite" in capsys.readouterr().err
+    assert snapshot(tmp_path) == {"empty.sqlite": b""}
+
+
+def test_inspect_leaves_a_rollback_journal_database_in_its_mode(
+    db: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with sqlite3.connect(db) as conn:
+        conn.execute("PRAGMA journal_mode=DELETE")
+    before = snapshot(db.parent)
+    assert run("inspect", str(db))[0] == 0
+    assert snapshot(db.parent) == before
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+
+
+async def test_inspect_reads_the_file_of_a_running_tracker(db: Path) -> None:
+    async with SQLiteStore(db) as running:  # holds the lock, its commits in the WAL
+        await running.upsert([record(5, S.FAILED, reason="late")])
+        code, out = await asyncio.to_thread(run, "inspect", str(db), "--json")
+        assert code == 0
+        assert [r["id"] for r in json.loads(out)["failed"]] == ["m2", "m3", "m5"]
+        await running.upsert([record(6)])  # and it is not disturbed
+
+
+async def test_delete_failed_is_refused_while_a_tracker_runs(
+    db: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with SQLiteStore(db) as running:
+        code, _ = await asyncio.to_thread(run, "delete-failed", str(db), "--yes")
+        assert code == 2
+        assert "another tracker" in capsys.readouterr().err
+        assert len(await running.failed()) == 2
+
+
+async def test_a_read_only_store_refuses_every_write(db: Path) -> None:
+    before = snapshot(db.parent)
+    async with SQLiteStore(db, read_only=True) as store:
+        assert len(await store.all_records()) == 4
+        for write in (
+            store.upsert([record(9)]),
+            store.delete("m1"),
+            store.delete_failed(),
+            store.save_sm_state(None),
+        ):
+            with pytest.raises(StoreError, match=r"alice\.sqlite.*read-only"):
+                await write
+    assert snapshot(db.parent) == before

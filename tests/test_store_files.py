@@ -250,3 +250,23 @@ async def test_concurrent_opens_in_one_process_let_exactly_one_in(tmp_path: Path
     finally:
         for s in stores:
             await s.aclose()
+
+
+# ------------------------------------------------------------------ read-only
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "symlink"])
+async def test_a_read_only_store_creates_nothing(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "ro.sqlite"
+    if kind == "empty":
+        path.touch()
+    elif kind == "symlink":
+        await make_db(tmp_path / "real.sqlite")
+        path.symlink_to(tmp_path / "real.sqlite")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    store = SQLiteStore(path, read_only=True)
+    message = {"missing": "does not exist", "empty": "is empty", "symlink": "symbolic link"}
+    with pytest.raises(StoreError, match=rf"ro\.sqlite.*{message[kind]}"):
+        await store.pending()
+    await store.aclose()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

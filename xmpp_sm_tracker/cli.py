@@ -5,7 +5,10 @@
     xmpp-sm-tracker delete-failed alice.sqlite [--conversation bob@example.org] [--yes]
 
 It never creates a database: a missing path is an error, and so is a file that is
-not a tracker store (the file is left untouched).
+not a tracker store, an empty one included (the file is left untouched). ``inspect``
+and ``export`` open it read-only and change nothing on disk, so they also work on the
+file of a tracker that is running; ``delete-failed`` writes, and is refused while a
+tracker has the file open.
 """
 
 from __future__ import annotations
@@ -46,12 +49,15 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f}s"
 
 
-async def _open(path: Path) -> SQLiteStore:
+async def _open(path: Path, *, read_only: bool) -> SQLiteStore:
     if not path.exists():
         raise CliError(f"{path}: no such file (inspect never creates a database)")
     if not path.is_file():
         raise CliError(f"{path}: not a file")
-    store = SQLiteStore(path)
+    if path.stat().st_size == 0:
+        # A store opened read-write would make an empty file a store: not our call here.
+        raise CliError(f"{path}: empty file, not a tracker database (left untouched)")
+    store = SQLiteStore(path, read_only=read_only)
     try:
         await store.open()
     except StoreError as exc:
@@ -127,7 +133,7 @@ async def _delete_failed(
 
 
 async def _run(args: argparse.Namespace, out: TextIO, answer: TextIO) -> None:
-    store = await _open(Path(args.db))
+    store = await _open(Path(args.db), read_only=args.command != "delete-failed")
     try:
         if args.command == "inspect":
             await _inspect(store, args.json, out)
