@@ -188,3 +188,69 @@ async def test_a_read_only_store_refuses_every_write(db: Path) -> None:
             with pytest.raises(StoreError, match=r"alice\.sqlite.*read-only"):
                 await write
     assert snapshot(db.parent) == before
+
+
+# ------------------------------------------------------------------ hostile text (issue 20)
+
+#: An OSC title change, a screen clear, a C1 CSI, a bell, DEL, a fake line and a
+#: bidi override: what a resource, an id or a bounce text may carry.
+NASTY = "\x1b]0;pwned\x07\x1b[2J\x9b31m\x7f\r\nFAKE LINE\u202e\u2028end"
+
+
+def terminal_controls(text: str) -> list[str]:
+    """Characters that can drive a terminal: C0 (but newline), DEL, C1."""
+    return [c for c in text if (ord(c) < 0x20 and c != "\n") or 0x7F <= ord(c) <= 0x9F]
+
+
+@pytest.fixture
+async def nasty_db(tmp_path: Path) -> Path:
+    path = tmp_path / "nasty.sqlite"
+    async with SQLiteStore(path) as store:
+        await store.upsert(
+            [
+                record(1, S.SENT, to=f"bob@example.org/{NASTY}", body=NASTY),
+                record(2, S.FAILED, reason=f"cancel:{NASTY}", id=f"id{NASTY}"),
+                record(3, S.FAILED, body="a\u2028b\u0085c\nd é ✓ \U0001f600"),
+            ]
+        )
+    return path
+
+
+def test_inspect_escapes_terminal_controls(nasty_db: Path) -> None:
+    code, out = run("inspect", str(nasty_db))
+    assert code == 0
+    assert terminal_controls(out) == []
+    assert "FAKE LINE" not in out.splitlines()[-1]  # no line of its own
+    assert not any(line.startswith("FAKE LINE") for line in out.splitlines())
+    assert "\u202e" not in out and "\u2028" not in out
+    assert "\\x1b]0;pwned" in out and "\\x9b" in out  # visible, not obeyed
+    assert "bob@example.org" in out and "cancel:" in out
+
+
+def test_export_lines_survive_line_readers_and_are_ascii(nasty_db: Path) -> None:
+    code, out = run("export", str(nasty_db))
+    assert code == 0
+    assert out.isascii()
+    lines = out.splitlines()  # splits on U+2028 and U+0085 too
+    assert len(lines) == 3
+    records = [json.loads(line) for line in lines]
+    assert records[0]["body"] == NASTY  # escaped, not lost
+    assert records[2]["body"] == "a\u2028b\u0085c\nd é ✓ \U0001f600"
+
+
+@pytest.mark.parametrize("command", ["inspect", "export"])
+def test_an_ascii_stdout_does_not_crash_the_cli(nasty_db: Path, command: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "xmpp_sm_tracker", command, str(nasty_db)],
+        capture_output=True,
+        env={**__import__("os").environ, "PYTHONIOENCODING": "ascii"},
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    assert done.stdout.isascii() and terminal_controls(done.stdout.decode()) == []
+
+
+def test_inspect_json_is_ascii_too(nasty_db: Path) -> None:
+    code, out = run("inspect", str(nasty_db), "--json")
+    assert code == 0 and out.isascii()
+    assert json.loads(out)["pending"][0]["to"] == f"bob@example.org/{NASTY}"
