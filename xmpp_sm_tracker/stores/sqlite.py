@@ -47,6 +47,18 @@ __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "Migration", "SQLiteStore"]
 _T = TypeVar("_T")
 
 
+def _unencodable(records: Sequence[TrackedMessage]) -> str | None:
+    """The id of the first record with text UTF-8 cannot encode (a lone surrogate)."""
+    for record in records:
+        for text in row_of(record):
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    return record.id
+    return None
+
+
 def _new_future() -> asyncio.Future[None]:
     return asyncio.get_running_loop().create_future()
 
@@ -233,7 +245,14 @@ class SQLiteStore:
         async def work(db: aiosqlite.Connection) -> None:
             # Rows are built lazily inside the transaction, so an exception from any
             # record (or the process dying) leaves none of this batch behind.
-            await db.executemany(UPSERT, (row_of(record) for record in records))
+            try:
+                await db.executemany(UPSERT, (row_of(record) for record in records))
+            except UnicodeEncodeError as exc:
+                # Its repr quotes the whole text (a body): name the record instead.
+                raise self._file.error(
+                    f"record {_unencodable(records)!r} holds a lone surrogate, which UTF-8 "
+                    "cannot store; nothing of this batch was written"
+                ) from exc
 
         await self._transaction(f"writing {len(records)} records", work)
 
