@@ -92,7 +92,8 @@ _LOCK_SUFFIX = ".lock"
 def _unlock(path: Path, fd: int) -> None:
     """Remove the lock file while still holding it, then let it go (see take_lock)."""
     with contextlib.suppress(OSError):
-        os.unlink(path)
+        if os.path.samestat(os.lstat(path), os.fstat(fd)):  # still ours at the path
+            os.unlink(path)
     with contextlib.suppress(OSError):
         os.close(fd)
 
