@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import sqlite3
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from xmpp_sm_tracker import DeliveryState, SQLiteStore
+from xmpp_sm_tracker import DeliveryState, SQLiteStore, StoreError
 from xmpp_sm_tracker.cli import main
 
 from .test_store_contract import record
@@ -113,3 +114,143 @@ def test_python_dash_m_and_console_script_work(db: Path) -> None:
         [str(script), "export", str(db)], capture_output=True, text=True, check=True
     )
     assert len(by_script.stdout.splitlines()) == 4
+
+
+# ------------------------------------------------------------------ read-only (issue 20)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file in ``folder`` with its bytes: what "changes nothing" compares."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("command", ["inspect", "export"])
+def test_reading_commands_change_nothing(db: Path, command: str) -> None:
+    before = snapshot(db.parent)
+    assert sorted(before) == ["alice.sqlite"]  # closed cleanly: no -wal, -shm or lock
+    code, out = run(command, str(db))
+    assert code == 0 and "m4" in out
+    assert snapshot(db.parent) == before
+
+
+@pytest.mark.parametrize("command", ["inspect", "export", "delete-failed"])
+def test_a_zero_byte_file_is_a_clear_error_and_stays_empty(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    path = tmp_path / "empty.sqlite"
+    path.touch()
+    assert run(command, str(path), answer="y\n")[0] == 2
+    assert "empty.sqlite" in capsys.readouterr().err
+    assert snapshot(tmp_path) == {"empty.sqlite": b""}
+
+
+def test_inspect_leaves_a_rollback_journal_database_in_its_mode(
+    db: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with sqlite3.connect(db) as conn:
+        conn.execute("PRAGMA journal_mode=DELETE")
+    before = snapshot(db.parent)
+    assert run("inspect", str(db))[0] == 0
+    assert snapshot(db.parent) == before
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+
+
+async def test_inspect_reads_the_file_of_a_running_tracker(db: Path) -> None:
+    async with SQLiteStore(db) as running:  # holds the lock, its commits in the WAL
+        await running.upsert([record(5, S.FAILED, reason="late")])
+        code, out = await asyncio.to_thread(run, "inspect", str(db), "--json")
+        assert code == 0
+        assert [r["id"] for r in json.loads(out)["failed"]] == ["m2", "m3", "m5"]
+        await running.upsert([record(6)])  # and it is not disturbed
+
+
+async def test_delete_failed_is_refused_while_a_tracker_runs(
+    db: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with SQLiteStore(db) as running:
+        code, _ = await asyncio.to_thread(run, "delete-failed", str(db), "--yes")
+        assert code == 2
+        assert "another tracker" in capsys.readouterr().err
+        assert len(await running.failed()) == 2
+
+
+async def test_a_read_only_store_refuses_every_write(db: Path) -> None:
+    before = snapshot(db.parent)
+    async with SQLiteStore(db, read_only=True) as store:
+        assert len(await store.all_records()) == 4
+        for write in (
+            store.upsert([record(9)]),
+            store.delete("m1"),
+            store.delete_failed(),
+            store.save_sm_state(None),
+        ):
+            with pytest.raises(StoreError, match=r"alice\.sqlite.*read-only"):
+                await write
+    assert snapshot(db.parent) == before
+
+
+# ------------------------------------------------------------------ hostile text (issue 20)
+
+#: An OSC title change, a screen clear, a C1 CSI, a bell, DEL, a fake line and a
+#: bidi override: what a resource, an id or a bounce text may carry.
+NASTY = "\x1b]0;pwned\x07\x1b[2J\x9b31m\x7f\r\nFAKE LINE\u202e\u2028end"
+
+
+def terminal_controls(text: str) -> list[str]:
+    """Characters that can drive a terminal: C0 (but newline), DEL, C1."""
+    return [c for c in text if (ord(c) < 0x20 and c != "\n") or 0x7F <= ord(c) <= 0x9F]
+
+
+@pytest.fixture
+async def nasty_db(tmp_path: Path) -> Path:
+    path = tmp_path / "nasty.sqlite"
+    async with SQLiteStore(path) as store:
+        await store.upsert(
+            [
+                record(1, S.SENT, to=f"bob@example.org/{NASTY}", body=NASTY),
+                record(2, S.FAILED, reason=f"cancel:{NASTY}", id=f"id{NASTY}"),
+                record(3, S.FAILED, body="a\u2028b\u0085c\nd é ✓ \U0001f600"),
+            ]
+        )
+    return path
+
+
+def test_inspect_escapes_terminal_controls(nasty_db: Path) -> None:
+    code, out = run("inspect", str(nasty_db))
+    assert code == 0
+    assert terminal_controls(out) == []
+    assert "FAKE LINE" not in out.splitlines()[-1]  # no line of its own
+    assert not any(line.startswith("FAKE LINE") for line in out.splitlines())
+    assert "\u202e" not in out and "\u2028" not in out
+    assert "\\x1b]0;pwned" in out and "\\x9b" in out  # visible, not obeyed
+    assert "bob@example.org" in out and "cancel:" in out
+
+
+def test_export_lines_survive_line_readers_and_are_ascii(nasty_db: Path) -> None:
+    code, out = run("export", str(nasty_db))
+    assert code == 0
+    assert out.isascii()
+    lines = out.splitlines()  # splits on U+2028 and U+0085 too
+    assert len(lines) == 3
+    records = [json.loads(line) for line in lines]
+    assert records[0]["body"] == NASTY  # escaped, not lost
+    assert records[2]["body"] == "a\u2028b\u0085c\nd é ✓ \U0001f600"
+
+
+@pytest.mark.parametrize("command", ["inspect", "export"])
+def test_an_ascii_stdout_does_not_crash_the_cli(nasty_db: Path, command: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "xmpp_sm_tracker", command, str(nasty_db)],
+        capture_output=True,
+        env={**__import__("os").environ, "PYTHONIOENCODING": "ascii"},
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    assert done.stdout.isascii() and terminal_controls(done.stdout.decode()) == []
+
+
+def test_inspect_json_is_ascii_too(nasty_db: Path) -> None:
+    code, out = run("inspect", str(nasty_db), "--json")
+    assert code == 0 and out.isascii()
+    assert json.loads(out)["pending"][0]["to"] == f"bob@example.org/{NASTY}"

@@ -45,6 +45,7 @@ from xmpp_sm_tracker import (
 from xmpp_sm_tracker.core.phases import SMPhase
 from xmpp_sm_tracker.testing import FaultProxy, LocalXMPPServer
 from xmpp_sm_tracker.testing.client import connect_client, make_client, tracker_of, wait_for
+from xmpp_sm_tracker.writer import StoreWriter
 
 ROOT = Path(__file__).resolve().parent.parent
 SM_NS = "urn:xmpp:sm:3"
@@ -1270,6 +1271,97 @@ def test_the_logs_checker_would_see_a_leak(caplog: pytest.LogCaptureFixture) -> 
         r for r in caplog.records if r.levelno >= logging.INFO and "secret body" in r.getMessage()
     ]
     assert len(found) == 1
+
+
+# ---------------------------------------------------------------------- text XML cannot carry
+
+#: What ``json.loads('"\\ud83d"')`` gives: half an emoji, as a bridge may pass it on.
+LONE = json.loads('"secret half \\ud83d emoji"')
+
+
+def plain_record(message_id: str, body: str) -> TrackedMessage:
+    return TrackedMessage(
+        id=message_id,
+        origin_id=message_id,
+        to="bob@localhost",
+        type="chat",
+        body=body,
+        state=DeliveryState.SENT,
+        xml="<message/>",
+        created_at=1.0,
+        updated_at=1.0,
+    )
+
+
+async def test_a_lone_surrogate_is_refused_at_send_and_blocks_nothing_after_it(
+    server: LocalXMPPServer, tmp_path: Path, clients: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It cannot be written to the stream (UTF-8) nor stored (SQLite): tracked, it made
+    every later batch fail for ever, the whole batch being retried, and the writer's
+    ERROR line quoted it. Now both ways to send refuse it; nothing tracked or sent."""
+    caplog.set_level(logging.DEBUG, logger="xmpp_sm_tracker")
+    bob = await clients("bob", server.address, tracked=False)
+    alice = await clients("alice", server.address)
+    store = SQLiteStore(tmp_path / "alice.sqlite")
+    try:
+        await alice.tracker.attach(store)
+        with pytest.raises(ValueError, match=r"lone surrogate \(U\+D83D\).*body") as caught:
+            await alice.tracker.send_message("bob@localhost", LONE)
+        assert "secret" not in str(caught.value)
+        with pytest.raises(ValueError, match="lone surrogate"):
+            alice.send("bob@localhost", LONE)  # xmpp.send, as any slixmpp code sends
+        with pytest.raises(ValueError, match=r"lone surrogate.*'to'"):
+            alice.send(f"bob@localhost/{LONE}", "fine words")
+        assert len(alice.tracker.core.records) == 0
+        after = [await alice.tracker.send_message("bob@localhost", f"after {i}") for i in range(3)]
+        for handle in after:
+            assert (await handle.settled(timeout=10)).state is DeliveryState.ACKED
+        await alice.tracker.flush()  # the store takes every batch
+        stored = await store.conversation("bob@localhost")
+        assert [r.body for r in stored] == ["after 0", "after 1", "after 2"]
+        await wait_for(lambda: len(bob.bodies) == 3)
+        assert bob.bodies == ["after 0", "after 1", "after 2"]
+    finally:
+        alice.tracker.auto_reconnect = False
+        await alice.xmpp.disconnect(wait=0.5)
+        await store.aclose()
+    assert "secret" not in caplog.text
+
+
+async def test_the_sqlite_store_names_a_record_it_cannot_encode_not_its_text(
+    tmp_path: Path,
+) -> None:
+    """Should such text reach the store anyway: a StoreError naming the file and the
+    record, without the text, and the store goes on."""
+    good, bad = plain_record("m1", "fine"), plain_record("m2", LONE)
+    async with SQLiteStore(tmp_path / "t.sqlite") as store:
+        with pytest.raises(StoreError, match=r"t\.sqlite.*'m2'.*lone surrogate") as caught:
+            await store.upsert([good, bad])
+        assert "secret" not in str(caught.value)
+        await store.upsert([good])
+        assert await store.get("m1") == good
+
+
+async def test_the_writer_does_not_quote_what_a_store_refused(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A store's exception may carry the text it choked on (UnicodeEncodeError's repr
+    does): the writer's ERROR line must not pass it on."""
+
+    class Choking(MemoryStore):
+        async def upsert(self, records: Sequence[TrackedMessage]) -> None:
+            for r in records:
+                r.body.encode("utf-8")
+            await super().upsert(records)
+
+    writer = StoreWriter(Choking(), retry_delay=3600)
+    writer.put(plain_record("m1", LONE))
+    with pytest.raises(StoreError, match="UnicodeEncodeError") as caught:
+        await writer.flush()
+    await asyncio.sleep(0.05)
+    await writer.aclose_quietly()
+    assert "secret" not in str(caught.value)
+    assert "secret" not in caplog.text
 
 
 # ---------------------------------------------------------------------- the tools

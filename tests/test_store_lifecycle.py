@@ -44,6 +44,7 @@ def test_a_process_that_never_closes_its_store_still_exits(tmp_path: Path) -> No
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "main done"
     assert "left-open.sqlite was never closed" in done.stderr
+    assert not (tmp_path / "left-open.sqlite.lock").exists()  # let go at exit
 
 
 async def test_a_store_collected_open_warns(tmp_path: Path) -> None:
@@ -53,6 +54,8 @@ async def test_a_store_collected_open_warns(tmp_path: Path) -> None:
         del store
         gc.collect()
     await asyncio.sleep(0.05)  # aiosqlite stops its own worker thread meanwhile
+    async with SQLiteStore(tmp_path / "dropped.sqlite") as again:  # its lock went with it
+        await again.pending()
 
 
 async def test_a_closed_store_does_not_warn_and_refuses_use(tmp_path: Path) -> None:

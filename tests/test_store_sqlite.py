@@ -128,15 +128,6 @@ async def test_synchronous_is_normal(tmp_path: Path) -> None:
             assert await cursor.fetchone() == (1,)  # NORMAL
 
 
-async def test_two_stores_on_one_file_see_each_other(tmp_path: Path) -> None:
-    path = tmp_path / "shared.sqlite"
-    async with SQLiteStore(path) as one, SQLiteStore(path) as two:
-        await one.upsert([record(1)])
-        assert ids(await two.pending()) == ["m1"]
-        await two.delete("m1")
-        assert await one.get("m1") is None
-
-
 # ------------------------------------------------------------------ privacy
 
 
@@ -182,6 +173,7 @@ async def refused(path: Path, match: str) -> StoreError:
         await store.upsert([record(1)])
     await store.aclose()
     assert path.read_bytes() == before
+    assert not Path(f"{path}.lock").exists()  # a refused file keeps no lock
     return caught.value
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import uuid
 from collections.abc import Callable, Container
 from collections.abc import Set as AbstractSet
@@ -19,7 +20,7 @@ from typing import Any
 
 from slixmpp.plugins.xep_0198 import stanza as sm_stanza
 from slixmpp.stanza import Iq, Message, Presence
-from slixmpp.xmlstream import StanzaBase, tostring
+from slixmpp.xmlstream import ET, StanzaBase, tostring
 
 from . import stanzas
 from .acking import AckDriver
@@ -35,6 +36,25 @@ from .stanzas import REQUEST_ACK
 __all__ = ["Outbound"]
 
 log = logging.getLogger(__name__)
+
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _refuse_lone_surrogates(xml: ET.Element) -> None:
+    """Refuse a message with a lone surrogate (what ``json.loads('"\\ud83d"')`` gives):
+    UTF-8 cannot encode it, so it could be neither written to the stream nor stored,
+    and its record would block every later write. Names where, never the text."""
+    for element in xml.iter():
+        tag = element.tag.rpartition("}")[2]
+        places = [(f"<{tag}> text", element.text), (f"text after <{tag}>", element.tail)]
+        places += [(f"{name!r} attribute of <{tag}>", v) for name, v in element.attrib.items()]
+        for what, text in places:
+            found = _LONE_SURROGATE.search(text) if text else None
+            if found is not None:
+                raise ValueError(
+                    f"a lone surrogate (U+{ord(found.group()):04X}) in the {what}: XML "
+                    "cannot carry it; the message was neither tracked nor sent"
+                )
 
 
 class Outbound:
@@ -152,6 +172,7 @@ class Outbound:
         body = self._body_to_track(message)
         if body is None:
             return None
+        _refuse_lone_surrogates(xml)
         config = self._ctx.config  # read once
         fields = stanzas.complete_outgoing(
             xml,

@@ -19,6 +19,14 @@ __all__ = ["StoreWriter"]
 log = logging.getLogger(__name__)
 
 
+def _described(exc: BaseException) -> str:
+    """The error for a log line: its type and message, not its repr, which for a
+    UnicodeError quotes the whole text it choked on (a message body)."""
+    if isinstance(exc, UnicodeError):
+        return f"{type(exc).__name__}: {getattr(exc, 'reason', 'invalid text')}"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
 class StoreWriter:
     """Coalesces snapshots by id and writes them in order, one batch at a time."""
 
@@ -71,7 +79,7 @@ class StoreWriter:
                     self._pending = batch
                     raise StoreError(
                         f"writing {len(batch)} records to {type(self.store).__name__} failed: "
-                        f"{exc!r}"
+                        f"{_described(exc)}"
                     ) from exc
 
     async def flush(self) -> None:

@@ -47,6 +47,18 @@ __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "Migration", "SQLiteStore"]
 _T = TypeVar("_T")
 
 
+def _unencodable(records: Sequence[TrackedMessage]) -> str | None:
+    """The id of the first record with text UTF-8 cannot encode (a lone surrogate)."""
+    for record in records:
+        for text in row_of(record):
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    return record.id
+    return None
+
+
 def _new_future() -> asyncio.Future[None]:
     return asyncio.get_running_loop().create_future()
 
@@ -76,13 +88,28 @@ class SQLiteStore:
     own all-or-nothing result): it helps many concurrent writers, and only slows down
     a lone one that awaits each call. Any other call first writes the upserts queued
     before it, so what a caller awaited in turn is applied in turn.
+
+    The file must be a regular file of the user running the tracker (not a symbolic
+    link); it is made 0600, and only one store at a time may have it open: another
+    one, in this process or another, is refused with a :class:`StoreError`.
+
+    ``read_only=True`` (for looking into a file, as the command line does) changes
+    nothing on disk: no file, schema, WAL switch or lock is made, every write raises
+    :class:`StoreError`, and it may read the file of a tracker that is running.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, batch_window: float = 0.0) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        batch_window: float = 0.0,
+        read_only: bool = False,
+    ) -> None:
         if not batch_window >= 0:
             raise ValueError(f"batch_window must be >= 0 seconds, not {batch_window!r}")
         self.path = Path(path)
-        self._file = DatabaseFile(self.path)
+        self.read_only = read_only
+        self._file = DatabaseFile(self.path, read_only=read_only)
         self.batch_window = batch_window
         self._db: aiosqlite.Connection | None = None
         self._closed = False
@@ -140,6 +167,8 @@ class SQLiteStore:
         """
         async with self._lock:
             db = await self._connection()
+            if self.read_only:
+                raise self._file.error(f"{what} refused: the store was opened read-only")
             try:
                 await db.execute("BEGIN IMMEDIATE")
                 result = await work(db)
@@ -216,7 +245,14 @@ class SQLiteStore:
         async def work(db: aiosqlite.Connection) -> None:
             # Rows are built lazily inside the transaction, so an exception from any
             # record (or the process dying) leaves none of this batch behind.
-            await db.executemany(UPSERT, (row_of(record) for record in records))
+            try:
+                await db.executemany(UPSERT, (row_of(record) for record in records))
+            except UnicodeEncodeError as exc:
+                # Its repr quotes the whole text (a body): name the record instead.
+                raise self._file.error(
+                    f"record {_unencodable(records)!r} holds a lone surrogate, which UTF-8 "
+                    "cannot store; nothing of this batch was written"
+                ) from exc
 
         await self._transaction(f"writing {len(records)} records", work)
 
@@ -368,9 +404,12 @@ class SQLiteStore:
             async with self._lock:
                 self._closed = True
                 db, self._db = self._db, None
-                if db is not None:
-                    forget_connection(db)
-                    await db.close()
+                try:
+                    if db is not None:
+                        forget_connection(db)
+                        await db.close()
+                finally:
+                    self._file.release()  # only once the connection is closed
 
     @property
     def closed(self) -> bool:
