@@ -204,7 +204,12 @@ class Resender:
                             found.add(wanted[key])
         except Exception as exc:  # no archive, an error, a timeout: resend as usual
             where = room or "our archive"
-            log.warning("archive check of %s before resending failed (%r): resending", where, exc)
+            # (the exception's type only: its text may quote a stanza, bodies included)
+            log.warning(
+                "archive check of %s before resending failed (%s): resending",
+                where,
+                type(exc).__name__,
+            )
         return found
 
     # ---------------------------------------------------------------- retry policy
