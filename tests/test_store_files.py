@@ -191,16 +191,21 @@ HOLDER = textwrap.dedent(
 )
 
 
-async def test_a_store_held_by_another_process_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "busy.sqlite"
-    await make_db(path)
-    with subprocess.Popen(
+def start_holder(path: Path) -> subprocess.Popen[str]:
+    """Another process that opens the store, prints OPEN, and closes it at EOF."""
+    return subprocess.Popen(
         [sys.executable, "-c", HOLDER, str(path)],
         cwd=ROOT,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
-    ) as holder:
+    )
+
+
+async def test_a_store_held_by_another_process_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "busy.sqlite"
+    await make_db(path)
+    with start_holder(path) as holder:
         assert holder.stdin is not None and holder.stdout is not None
         try:
             assert holder.stdout.readline() == "OPEN\n"
@@ -220,13 +225,7 @@ async def test_a_store_held_by_another_process_is_refused(tmp_path: Path) -> Non
 async def test_a_killed_holder_leaves_the_file_free(tmp_path: Path) -> None:
     path = tmp_path / "killed.sqlite"
     await make_db(path)
-    with subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(path)],
-        cwd=ROOT,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    ) as holder:
+    with start_holder(path) as holder:
         assert holder.stdout is not None
         assert holder.stdout.readline() == "OPEN\n"
         holder.kill()
