@@ -1,4 +1,4 @@
-"""The test kit: isolated Prosody and ejabberd servers and a fault proxy.
+"""The test kit: isolated Prosody, ejabberd and PostgreSQL servers and a fault proxy.
 
 Nothing here imports slixmpp, so the harness can drive any XMPP client, nor pytest: only
 ``pytest_plugin`` needs the ``testing`` extra. The repository's ``devtools/`` (demo,
@@ -10,6 +10,11 @@ from xmpp_sm_tracker.testing.ejabberd import (
     EjabberdServer,
     ensure_ejabberd_installed,
 )
+from xmpp_sm_tracker.testing.postgres import (
+    PostgresError,
+    PostgresServer,
+    ensure_postgres_installed,
+)
 from xmpp_sm_tracker.testing.prosody import ProsodyError, ProsodyServer, ensure_prosody_installed
 from xmpp_sm_tracker.testing.proxy import FaultProxy
 from xmpp_sm_tracker.testing.server import LocalXMPPServer, ServerError
@@ -19,9 +24,12 @@ __all__ = [
     "EjabberdServer",
     "FaultProxy",
     "LocalXMPPServer",
+    "PostgresError",
+    "PostgresServer",
     "ProsodyError",
     "ProsodyServer",
     "ServerError",
     "ensure_ejabberd_installed",
+    "ensure_postgres_installed",
     "ensure_prosody_installed",
 ]

@@ -26,11 +26,14 @@ Fixtures (pytest-asyncio):
 - ``xmpp_client``: ``await xmpp_client("alice", via=flaky_link)`` gives a connected
   slixmpp client with ``sm_tracker`` (pass ``tracked=False`` for a plain one, and
   plugin config as keywords); every client is disconnected after the test.
+- ``postgres_dsn``: the DSN of one private PostgreSQL cluster for the session
+  (:class:`~.postgres.PostgresServer`: installed with apt-get when missing, 127.0.0.1
+  only, removed at the end), started only by the tests that ask. It fails, never skips.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +49,7 @@ except ModuleNotFoundError as exc:  # pragma: no cover - only without the extra
     ) from exc
 
 from .client import PASSWORD, USERS, ClientPool
+from .postgres import PostgresServer
 from .proxy import FaultProxy
 from .server import LocalXMPPServer
 from .servers import SERVER_KINDS, ensure_server_installed, make_server
@@ -57,6 +61,8 @@ __all__ = [
     "ServerFactory",
     "client_pool",
     "flaky_link",
+    "postgres_dsn",
+    "postgres_server",
     "pytest_addoption",
     "pytest_collection_modifyitems",
     "pytest_configure",
@@ -213,3 +219,16 @@ async def client_pool(xmpp_server: LocalXMPPServer) -> AsyncIterator[ClientPool]
     pool = ClientPool(domain=xmpp_server.domain)
     yield pool
     await pool.aclose()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One private PostgreSQL cluster for the session, removed at its end."""
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn(postgres_server: PostgresServer) -> str:
+    """The session cluster's DSN (a role with a password, on 127.0.0.1)."""
+    return postgres_server.dsn
