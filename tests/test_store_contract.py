@@ -6,6 +6,7 @@ Hypothesis tests compare each store with a plain dict model.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -25,13 +26,19 @@ from xmpp_sm_tracker import (
     TrackerStore,
 )
 from xmpp_sm_tracker.core.states import IN_FLIGHT
+from xmpp_sm_tracker.stores.postgres import PostgresStore
 
 __all__ = ["STORES", "record"]
 
-#: name -> factory taking a private temporary directory. Stores may open lazily.
-STORES: dict[str, Callable[[Path], TrackerStore]] = {
-    "memory": lambda tmp: MemoryStore(),
-    "sqlite": lambda tmp: SQLiteStore(tmp / "contract.sqlite"),
+#: name -> factory taking a private temporary directory and the pytest request (for
+#: session fixtures such as the PostgreSQL cluster). Stores may open lazily.
+STORES: dict[str, Callable[[Path, pytest.FixtureRequest], TrackerStore]] = {
+    "memory": lambda tmp, request: MemoryStore(),
+    "sqlite": lambda tmp, request: SQLiteStore(tmp / "contract.sqlite"),
+    # One database for the session; a new account per test sees none of the others.
+    "postgres": lambda tmp, request: PostgresStore(
+        request.getfixturevalue("postgres_dsn"), account=f"{uuid.uuid4().hex}@example.org"
+    ),
 }
 
 S = DeliveryState
@@ -67,7 +74,7 @@ def ids(records: list[TrackedMessage]) -> list[str]:
 
 @pytest_asyncio.fixture(params=list(STORES))
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[TrackerStore]:
-    made = STORES[request.param](tmp_path)
+    made = STORES[request.param](tmp_path, request)
     yield made
     await made.aclose()
 
