@@ -50,8 +50,6 @@ __all__ = ["PostgresStore"]
 _T = TypeVar("_T")
 # Any int: only our own processes take it, around a migration.
 _MIGRATION_LOCK = 0x786D7070_736D7472  # "xmppsmtr"
-# What a dead or unusable connection raises; the next call connects anew.
-_LINK_ERRORS = (asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
 
 
 def _describe(dsn: str) -> tuple[str, str | None]:
@@ -68,6 +66,18 @@ def _describe(dsn: str) -> tuple[str, str | None]:
 def _row(account: str, record: TrackedMessage) -> tuple[Any, ...]:
     row = row_of(record)
     return (account, *row[:10], bool(row[10]), *row[11:])
+
+
+def _unencodable(records: Sequence[TrackedMessage]) -> str | None:
+    """The id of the first record with text UTF-8 cannot encode (a lone surrogate)."""
+    for record in records:
+        for text in row_of(record):
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    return record.id
+    return None
 
 
 class PostgresStore:
@@ -210,7 +220,9 @@ class PostgresStore:
                     else:
                         await conn.execute(f"UPDATE {VERSION_TABLE} SET version = $1", step + 1)
                 self._refuse_foreign(*await self._inspect(conn))
-        except (asyncpg.PostgresError, *_LINK_ERRORS) as exc:
+        except StoreError:
+            raise
+        except Exception as exc:
             raise self.error("cannot prepare the schema", exc) from exc
 
     # ---------------------------------------------------------------- plumbing
@@ -231,12 +243,15 @@ class PostgresStore:
                 async with conn.transaction():
                     return await work(conn)
             except asyncpg.PostgresError as exc:
+                if conn.is_closed():  # e.g. the server was shut down
+                    self._drop(conn)
                 raise self.error(f"{what} failed (rolled back)", exc) from exc
-            except _LINK_ERRORS as exc:
+            except StoreError:
+                raise  # our own, from ``work``: rolled back by the context manager
+            except Exception as exc:
+                # The link broke, or the client lost track of it: start afresh next time.
                 self._drop(conn)
                 raise self.error(f"{what} failed (the connection broke)", exc) from exc
-            except Exception:
-                raise  # rolled back by the context manager; the connection is fine
             except BaseException:
                 # Cancelled (or worse) mid-transaction: never reuse a connection that may
                 # still be inside it; the server rolls back when it goes.
@@ -249,12 +264,12 @@ class PostgresStore:
             try:
                 return list(await conn.fetch(sql, *params))
             except asyncpg.PostgresError as exc:
+                if conn.is_closed():
+                    self._drop(conn)
                 raise self.error("reading failed", exc) from exc
-            except _LINK_ERRORS as exc:
+            except Exception as exc:
                 self._drop(conn)
                 raise self.error("reading failed (the connection broke)", exc) from exc
-            except Exception:
-                raise
             except BaseException:
                 self._drop(conn)  # cancelled mid-query: do not reuse it
                 raise
@@ -276,16 +291,19 @@ class PostgresStore:
         rows = [_row(self.account, record) for record in records]
 
         async def work(conn: asyncpg.Connection) -> None:
-            await conn.executemany(UPSERT, rows)
+            try:
+                await conn.executemany(UPSERT, rows)
+            except (asyncpg.DataError, UnicodeEncodeError):
+                bad = _unencodable(records)
+                if bad is None:
+                    raise
+                # asyncpg's message quotes the whole text (a body): name the record instead.
+                raise self.error(
+                    f"record {bad!r} holds a lone surrogate, which UTF-8 cannot store; "
+                    "nothing of this batch was written"
+                ) from None
 
-        try:
-            await self._transaction(f"writing {len(records)} records", work)
-        except UnicodeEncodeError as exc:
-            # Its repr quotes the whole text (a body): say what it is instead.
-            raise self.error(
-                "a record holds a lone surrogate, which UTF-8 cannot store; nothing of "
-                "this batch was written"
-            ) from exc
+        await self._transaction(f"writing {len(records)} records", work)
 
     async def get(self, message_id: str) -> TrackedMessage | None:
         """One record by id."""
