@@ -7,11 +7,14 @@ import json
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.helpers.child_sender import DSN_VARIABLE, open_store
+from tests.helpers.pgdb import fresh_database
 from xmpp_sm_tracker import DeliveryState, SMStateError, SQLiteStore, StoreError
 from xmpp_sm_tracker.testing import FaultProxy, LocalXMPPServer
 from xmpp_sm_tracker.testing.client import (
@@ -51,24 +54,38 @@ class Child:
         await self.proc.wait()
 
 
-async def start_child(db: Path, proxy: FaultProxy) -> Child:
+@pytest.fixture(params=["sqlite", "postgres"])
+async def where(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """alice's store for both processes: an SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        yield str(tmp_path / "alice.sqlite")
+        return
+    async with fresh_database(request.getfixturevalue("postgres_dsn")) as dsn:
+        yield dsn
+
+
+async def start_child(db: Path | str, proxy: FaultProxy) -> Child:
+    db = str(db)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if db.startswith("postgresql://"):
+        env[DSN_VARIABLE], db = db, "-"  # a password stays off the command line
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "tests.helpers.child_sender",
-        str(db),
+        db,
         proxy.host,
         str(proxy.port),
         str(COUNT),
         cwd=ROOT,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env=env,
     )
     return Child(proc)
 
 
-async def crash_child_with_messages_in_a_blackhole(db: Path, proxy: FaultProxy) -> None:
+async def crash_child_with_messages_in_a_blackhole(db: Path | str, proxy: FaultProxy) -> None:
     child = await start_child(db, proxy)
     try:
         await child.expect("READY")
@@ -89,13 +106,13 @@ async def start_bob(server: LocalXMPPServer) -> tuple[Any, Received]:
     return bob, received
 
 
-async def restarted_alice(db: Path, address: tuple[str, int]) -> tuple[Any, Any, EventLog]:
-    """The second process's client: same SQLite file, saved state loaded, then connect."""
+async def restarted_alice(db: Path | str, address: tuple[str, int]) -> tuple[Any, Any, EventLog]:
+    """The second process's client: same store, saved state loaded, then connect."""
     alice = make_client("alice@localhost/other", "pass", tracker_config={"ack_delay": 0.05})
     log = EventLog()
     log.attach(alice, ["message:acked", "message:failed", "message:resent"])
     tracker = tracker_of(alice)
-    store = SQLiteStore(db)
+    store = open_store(str(db))
     await tracker.attach(store)
     tracker.sm.load(await store.load_sm_state())
     tracker.sm.cache(store.save_sm_state)
@@ -104,15 +121,18 @@ async def restarted_alice(db: Path, address: tuple[str, int]) -> tuple[Any, Any,
 
 
 async def test_killed_process_is_resumed_by_the_next_one_nothing_lost_nothing_twice(
-    server: LocalXMPPServer, tmp_path: Path
+    server: LocalXMPPServer, where: str
 ) -> None:
-    db = tmp_path / "alice.sqlite"
+    db = where
     bob, received = await start_bob(server)
     async with FaultProxy(server.host, server.c2s_port) as proxy:
         await crash_child_with_messages_in_a_blackhole(db, proxy)
-        async with SQLiteStore(db) as peek:
+        peek = open_store(db)
+        try:
             in_flight = await peek.pending()
             state = await peek.load_sm_state()
+        finally:
+            await peek.aclose()
         assert len(in_flight) == COUNT
         assert state is not None and len(state["unacked"]) >= COUNT
 
@@ -134,10 +154,10 @@ async def test_killed_process_is_resumed_by_the_next_one_nothing_lost_nothing_tw
 
 
 async def test_killed_process_after_server_restart_fails_them_and_resend_works(
-    fresh_server: LocalXMPPServer, tmp_path: Path
+    fresh_server: LocalXMPPServer, where: str
 ) -> None:
     server = fresh_server
-    db = tmp_path / "alice.sqlite"
+    db = where
     async with FaultProxy(server.host, server.c2s_port) as proxy:
         await crash_child_with_messages_in_a_blackhole(db, proxy)
         await server.restart()

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
+from tests.helpers.pgdb import fresh_database
 from tests.test_store_contract import record
 from xmpp_sm_tracker import DeliveryState, StoreError
 from xmpp_sm_tracker.stores.postgres import PostgresStore
@@ -24,15 +25,8 @@ ALICE, ALICE2 = "alice@example.org", "alice@example.net"
 @pytest.fixture
 async def fresh_dsn(postgres_dsn: str) -> AsyncIterator[str]:
     """A DSN of a new, empty database of the session cluster, dropped after the test."""
-    name = f"t_{uuid.uuid4().hex}"
-    admin = await asyncpg.connect(postgres_dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        parts = urlsplit(postgres_dsn)
-        yield urlunsplit(parts._replace(path=f"/{name}"))
-        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    async with fresh_database(postgres_dsn) as dsn:
+        yield dsn
 
 
 async def run_sql(dsn: str, *statements: str) -> None:

@@ -3,22 +3,37 @@
 Used by the restart tests: ``python -m tests.helpers.child_sender DB HOST PORT COUNT``.
 It prints READY once connected, reads one line (the go signal), sends COUNT
 messages to bob through ``tracker.send_message`` (durable), flushes records and the
-SM state into the SQLite file, prints FLUSHED and sleeps until SIGKILL.
+SM state into the store, prints FLUSHED and sleeps until SIGKILL. DB is an SQLite
+file, or ``-`` for the PostgreSQL DSN in ``$CHILD_STORE_DSN`` (not on the command line,
+which any local user can read).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 
-from xmpp_sm_tracker import SQLiteStore
+from xmpp_sm_tracker import SQLiteStore, TrackerStore
+from xmpp_sm_tracker.stores.postgres import PostgresStore
 from xmpp_sm_tracker.testing.client import connect_client, make_client, tracker_of, wait_for
+
+DSN_VARIABLE = "CHILD_STORE_DSN"
+
+
+def open_store(where: str) -> TrackerStore:
+    """alice's store: the SQLite file ``where``, or PostgreSQL for a DSN."""
+    if where == "-":
+        where = os.environ[DSN_VARIABLE]
+    if where.startswith("postgresql://"):
+        return PostgresStore(where, account="alice@localhost")
+    return SQLiteStore(where)
 
 
 async def main(db: str, host: str, port: int, count: int) -> None:
     xmpp = make_client("alice@localhost/child", "pass", tracker_config={"ack_delay": 0.05})
     tracker = tracker_of(xmpp)
-    store = SQLiteStore(db)
+    store = open_store(db)
     await tracker.attach(store)
     tracker.sm.load(await store.load_sm_state())
     tracker.sm.cache(store.save_sm_state)
