@@ -34,8 +34,11 @@ def test_every_docs_page_has_code_to_run() -> None:
 
 
 @pytest.mark.parametrize("page", DOCS, ids=lambda p: p.name)
-async def test_docs_page_blocks_run(page: Path, server: LocalXMPPServer, tmp_path: Path) -> None:
+async def test_docs_page_blocks_run(
+    page: Path, server: LocalXMPPServer, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     namespace: dict[str, object] = {
+        "DSN": request.getfixturevalue("postgres_dsn"),  # the session's PostgreSQL
         "SERVER": server.address,
         "KIND": server.kind,
         "PASSWORD": PASSWORD,
