@@ -199,3 +199,19 @@ def test_account_must_be_a_bare_jid() -> None:
     for bad in ("", "alice@example.org/phone", " alice@example.org"):
         with pytest.raises(ValueError, match="bare JID"):
             PostgresStore("postgresql://127.0.0.1/x", account=bad)
+
+
+async def test_a_hung_statement_is_a_store_error_after_command_timeout(fresh_dsn: str) -> None:
+    async with PostgresStore(fresh_dsn, account=ALICE, command_timeout=0.5) as store:
+        await store.save_sm_state({"version": 1})
+        blocker = await asyncpg.connect(fresh_dsn)
+        try:
+            async with blocker.transaction():
+                await blocker.execute("LOCK TABLE sm_tracker_sm_state IN ACCESS EXCLUSIVE MODE")
+                started = asyncio.get_running_loop().time()
+                with pytest.raises(StoreError, match=r"connection broke|Timeout"):
+                    await store.load_sm_state()
+                assert asyncio.get_running_loop().time() - started < 5
+        finally:
+            await blocker.close()
+        assert await store.load_sm_state() == {"version": 1}  # a new connection

@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 try:
     import asyncpg
@@ -88,18 +88,29 @@ class PostgresStore:
     bare JID whose rows this store reads and writes. Opens lazily (on :meth:`open`,
     ``async with``, or the first call) one connection that it closes in :meth:`aclose`;
     use one instance per account and event loop. Every write is one transaction, so a
-    batch is all or nothing. A connection that broke is replaced on the next call.
+    batch is all or nothing. A statement that takes longer than ``command_timeout``
+    seconds (a hung server) is a :class:`StoreError`, and a connection that broke is
+    replaced on the next call. The password in ``dsn`` never appears in an error.
     """
 
-    def __init__(self, dsn: str, *, account: str, connect_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        account: str,
+        connect_timeout: float = 10.0,
+        command_timeout: float = 30.0,
+    ) -> None:
         if not account or "/" in account or account != account.strip():
             raise ValueError(f"account must be a bare JID, not {account!r}")
-        if not connect_timeout > 0:
-            raise ValueError(f"connect_timeout must be > 0 seconds, not {connect_timeout!r}")
+        for name, value in (("connect", connect_timeout), ("command", command_timeout)):
+            if not value > 0:
+                raise ValueError(f"{name}_timeout must be > 0 seconds, not {value!r}")
         self.account = account
         self.server, self._password = _describe(dsn)
         self._dsn = dsn
         self.connect_timeout = connect_timeout
+        self.command_timeout = command_timeout
         self._conn: asyncpg.Connection | None = None
         self._closed = False
         # One connection, one statement or transaction at a time.
@@ -123,8 +134,8 @@ class PostgresStore:
     def error(self, what: str, exc: BaseException | None = None) -> StoreError:
         """A StoreError naming the server and account (never the password)."""
         detail = f" ({type(exc).__name__}: {exc})" if exc is not None else ""
-        if self._password:
-            detail = detail.replace(self._password, "***")
+        for secret in filter(None, (self._password, unquote(self._password or ""))):
+            detail = detail.replace(secret, "***")
         return StoreError(f"PostgreSQL store {self.server} ({self.account}): {what}{detail}")
 
     # ---------------------------------------------------------------- opening
@@ -142,7 +153,9 @@ class PostgresStore:
             return self._conn
         self._conn = None
         try:
-            conn = await asyncpg.connect(self._dsn, timeout=self.connect_timeout)
+            conn = await asyncpg.connect(
+                self._dsn, timeout=self.connect_timeout, command_timeout=self.command_timeout
+            )
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -346,25 +359,25 @@ class PostgresStore:
         newest.reverse()
         return newest
 
-    async def _delete(self, what: str, sql: str, *params: Any) -> int:
-        async def work(conn: asyncpg.Connection) -> int:
-            status = str(await conn.execute(sql, self.account, *params))
-            return int(status.rsplit(" ", 1)[-1])  # "DELETE n"
-
-        return await self._transaction(what, work)
+    async def _delete(self, sql: str, what: str, *params: Any) -> int:
+        """Run one DELETE for this account in its own transaction; how many rows went."""
+        status = await self._transaction(
+            what, lambda conn: conn.execute(sql, self.account, *params)
+        )
+        return int(str(status).rsplit(" ", 1)[-1])  # "DELETE n"
 
     async def delete(self, message_id: str) -> bool:
         """Delete one record; True if it existed."""
         sql = f"DELETE FROM {RECORDS} WHERE account = $1 AND id = $2"
-        return await self._delete("deleting a record", sql, message_id) > 0
+        return await self._delete(sql, "deleting a record", message_id) > 0
 
     async def delete_failed(self, conversation: str | None = None) -> int:
         """Delete FAILED records (all, or one conversation's); how many went."""
         sql = f"DELETE FROM {RECORDS} WHERE account = $1 AND {IS_FAILED}"
         if conversation is None:
-            return await self._delete("deleting failed records", sql)
+            return await self._delete(sql, "deleting failed records")
         sql += " AND conversation = $2"
-        return await self._delete("deleting failed records", sql, conversation)
+        return await self._delete(sql, "deleting failed records", conversation)
 
     # ---------------------------------------------------------------- SM state
 
@@ -372,7 +385,7 @@ class PostgresStore:
         """Keep the SM state as JSON text; None deletes it (the session ended cleanly)."""
         if state is None:
             sql = f"DELETE FROM {SM_STATE} WHERE account = $1"
-            await self._delete("forgetting the SM state", sql)
+            await self._delete(sql, "forgetting the SM state")
             return
         try:
             text = json.dumps(state, separators=(",", ":"), allow_nan=False)
