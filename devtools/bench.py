@@ -113,7 +113,7 @@ SQLITE_NA = "n/a (SQLiteStore not available)"
 PARTS = ("throughput", "latency", "scale", "resume", "memory", "durable", "sqlite")
 _BODY = "{jabber:client}body"
 #: Settings that keep every message of the resume and memory runs unacked until we say.
-_NO_ACKS: dict[str, Any] = {"ack_every": 10**6, "ack_delay": 3600.0}
+_NO_ACKS: dict[str, Any] = {"ack_every": 10**6, "ack_delay": 3600.0, "ack_at_burst_end": False}
 #: How soon alice reconnects after the cut in the resume test (part of the time measured).
 _RECONNECT_DELAY = 0.05
 #: A tracked message as the tracker writes it (origin-id, no stream namespace).
@@ -1739,6 +1739,8 @@ def _grid(result: BenchResult) -> list[tuple[str, list[str], str, list[bool]]]:
         rows.setdefault(metric.row or metric.label, {})[metric.column] = metric
     lines = []
     for row, cells in rows.items():
+        if all(m.note == "skipped" for m in cells.values()):
+            continue  # not measured in this run (--only): in the JSON, not in the table
         shown = [cells[c].shown() if c in cells else "–" for c in COLUMNS]
         targeted = [(c, cells[c]) for c in COLUMNS if c in cells and cells[c].target]
         targets = {m.target for _c, m in targeted}
