@@ -82,8 +82,10 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
     default_config: ClassVar[dict[str, Any]] = {
         #: Ask for an ack after this many counted stanzas.
         "ack_every": 10,
-        #: Ask for an ack this many seconds after the first stanza nobody asked about.
+        #: At the latest, ask this many seconds after the first stanza nobody asked about.
         "ack_delay": 0.2,
+        #: Ask after the last stanza of a burst too (a lone message: acked in one RTT).
+        "ack_at_burst_end": True,
         #: Seconds an ``<r/>`` may stay unanswered before the link is declared dead.
         "ack_timeout": 15.0,
         #: Ask for an ack when the server has been silent this many seconds (None: never),
@@ -519,10 +521,11 @@ def _checked_settings(config: dict[str, Any]) -> AckPolicy:
             delay=config["ack_delay"],
             timeout=config["ack_timeout"],
             keepalive=config["ack_keepalive"],
+            at_burst_end=config["ack_at_burst_end"],
         )
     except (TypeError, ValueError) as exc:
         message = str(exc)  # named as the user wrote them: ack_every, ack_delay, ...
-        for field in ("every", "delay", "timeout", "keepalive"):
+        for field in ("every", "delay", "timeout", "keepalive", "at_burst_end"):
             message = message.replace(f"'{field}'", f"ack_{field}")
         raise ValueError(f"sm_tracker config: {message}") from exc
     wait = config["room_rejoin_wait"]
