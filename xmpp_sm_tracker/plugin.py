@@ -278,10 +278,20 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         return self.core.counting_in
 
     async def flush(self) -> None:
-        """Make every record change so far durable, and hand the SM state to ``sm.cache``."""
+        """Make every record change so far durable, and hand the SM state to ``sm.cache``.
+
+        Concurrent calls share the work: the store writer writes what is pending in one
+        batch for every caller waiting, and ``sm.cache`` sees the latest state once."""
+        await self._flush_records()
+        await self.sm.flush()
+
+    async def _flush_records(self) -> None:
+        """Every record change so far in the store, the SM state left to ``sm.cache``'s
+        own pace: a query or a durable send needs the records, and the whole state
+        handed over per call costs O(in flight) each time (4 000 durable sends while
+        unacked made 4 000 calls and 2.4 GB of JSON)."""
         self._outbound.all_text_now()
         await self._writer.flush()
-        await self.sm.flush()
 
     async def get(self, message_id: str) -> TrackedMessage | None:
         """The latest record of a message."""
@@ -290,24 +300,24 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             if self._outbound.is_unwritten(message_id):
                 return self._outbound.text_now(message_id)[1] or record
             return record
-        await self.flush()
+        await self._flush_records()
         return await self.store.get(message_id)
 
     async def pending(self) -> list[TrackedMessage]:
         """Messages still in flight, oldest first."""
-        await self.flush()
+        await self._flush_records()
         return await self.store.pending()
 
     async def failed(self, conversation: str | None = None) -> list[TrackedMessage]:
         """Messages that failed (all, or one conversation's), oldest first."""
-        await self.flush()
+        await self._flush_records()
         return await self.store.failed(conversation)
 
     async def conversation(
         self, jid: str, limit: int = 50, before: float | None = None
     ) -> list[TrackedMessage]:
         """The newest ``limit`` messages to ``jid`` created before ``before``, oldest first."""
-        await self.flush()
+        await self._flush_records()
         return await self.store.conversation(jid, limit, before)
 
     async def delete(self, message_id: str) -> bool:
@@ -315,18 +325,19 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         record = self.core.get(message_id)
         if record is not None and record.in_flight:
             raise ValueError(f"message {message_id} is still {record.state.name}")
-        await self.flush()
+        await self._flush_records()
         return await self.store.delete(message_id)
 
     async def delete_failed(self, conversation: str | None = None) -> int:
         """Delete failed messages (all, or one conversation's) instead of resending them."""
-        await self.flush()
+        await self._flush_records()
         return await self.store.delete_failed(conversation)
 
     async def send_message(
         self, mto: str, mbody: str, mtype: str = "chat", **kwargs: Any
     ) -> MessageHandle:
-        """The durable send: the record is in the store before the stanza leaves.
+        """The durable send: the record is in the store before the stanza leaves (the
+        SM state follows at ``sm.cache``'s pace, as for any other message).
 
         Returns the message's handle: ``await handle.settled()`` for the outcome."""
         message = self.xmpp.make_message(mto=mto, mbody=mbody, mtype=mtype, **kwargs)
@@ -335,7 +346,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             raise ValueError("this message is not tracked (no body, <no-store/> or predicate)")
         handle = self._handle_of(record)  # from the start: no snapshot goes unseen
         try:
-            await self.flush()
+            await self._flush_records()
         except StoreError:
             # Never handed over: fail it (it can be resent once the store works again).
             self._dispatch(self.core.abandon(record.id, FailureReason.STORE_FAILED))
