@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import slixmpp
+from slixmpp.xmlstream import ET
 
 from xmpp_sm_tracker.testing.client import tracker_of
 
@@ -33,6 +34,7 @@ _ROOM = "room@muc.localhost"
 _NICK = "alice"
 _BOB = "bob@localhost"
 _JID = "alice@localhost/wire"
+_ORIGIN_ID = "{urn:xmpp:sid:0}origin-id"
 _HEADER = (
     "<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' "
     "from='localhost' id='bench-wire' version='1.0' xml:lang='en'>"
@@ -72,7 +74,7 @@ class _Wire:
 
     def __init__(self, variant: str) -> None:
         self.variant = variant
-        self.tracked = variant != "bare"
+        self.tracked = variant in ("memory", "sqlite")
         xmpp = slixmpp.ClientXMPP(_JID, "pass")
         xmpp.register_plugin("xep_0198")
         if self.tracked:
@@ -143,9 +145,12 @@ class _Wire:
         """``n`` messages, as an app sends them; their ids."""
         to = _ROOM if mtype == "groupchat" else _BOB
         make = self.xmpp.make_message
+        origin_id = self.variant == "bare_oid"  # the tracker's stanzas, sent bare
         ids = []
         for i in range(n):
             message = make(mto=to, mbody=f"{tag}:{i}", mtype=mtype)
+            if origin_id:
+                ET.SubElement(message.xml, _ORIGIN_ID, {"id": message["id"]})
             message.send()
             ids.append(message["id"])
         await self.settle()
