@@ -48,9 +48,11 @@ class AckDriver:
         slixmpp's send loop writes everything queued in one go, taking each stanza off
         its queue before the filters see it: an empty queue means this stanza ends the
         burst, and its ``<r/>`` rides in the same write (no timer, no extra write)."""
-        if self.clock.counted(now, last=not self._ctx.xmpp.waiting_queue.qsize()):
+        clock = self.clock
+        if clock.counted(now, last=not self._ctx.xmpp.waiting_queue.qsize()):
             return True
-        self.arm()  # cheap when the deadline did not move (the usual case)
+        if self._timer is None or clock.unasked == 1:
+            self.arm()  # only the first stanza nobody asked about moves a deadline
         return False
 
     def request(self, now: float) -> None:

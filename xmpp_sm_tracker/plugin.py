@@ -38,7 +38,7 @@ from .core.phases import (
 )
 from .core.records import FailureReason, TrackedMessage
 from .core.retry import RetryPolicy
-from .core.states import DeliveryState
+from .core.states import IN_FLIGHT, DeliveryState
 from .core.tracker import Event, Tracker
 from .handles import HandleRegistry, MessageHandle
 from .inbound import Inbound
@@ -57,6 +57,9 @@ __all__ = ["SMTracker", "tracker_of"]
 
 log = logging.getLogger(__name__)
 
+
+#: Each state's name, as ``stats().reached`` counts it (an enum's ``.value`` is slow).
+_STATE_VALUE = {state: state.value for state in DeliveryState}
 
 #: slixmpp outgoing filters that never touch a message stanza (checked on 1.17).
 _MESSAGE_SAFE_FILTERS = frozenset({"Roster._save_last_status", "XEP_0115._filter_add_caps"})
@@ -415,21 +418,23 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         xmpp, pyee, writer, outbound = self.xmpp, self.events, self._writer, self._outbound
         handles, reached = self._handles, self._stats.reached
         retrying = self.core.retry_policy is not None
+        handled = xmpp.event_handled
         for event in events:
             payload = event.payload
             if isinstance(payload, TrackedMessage):
-                reached[payload.state.value] += 1
+                state = payload.state
+                reached[_STATE_VALUE[state]] += 1
                 if payload.xml:
                     writer.put(payload)
-                elif payload.state is not DeliveryState.SENT and outbound.is_unwritten(payload.id):
+                elif state is not DeliveryState.SENT and outbound.is_unwritten(payload.id):
                     # Moving on (failing, hibernating) before it was written: no snapshot
                     # leaves without its text. Only message:sent may, and is stored once
                     # the stanza is written.
                     text, _ = outbound.text_now(payload.id)
-                    payload = payload.moved(payload.state, payload.updated_at, xml=text)
+                    payload = payload.moved(state, payload.updated_at, xml=text)
                     event = Event(event.name, payload)
                     writer.put(payload)
-                if not payload.in_flight:
+                if state not in IN_FLIGHT:
                     # Settled (acked, failed, refused): a copy still held back must never
                     # go out by itself (a resend sends a new one).
                     outbound.withhold_parked(payload.id)
@@ -441,13 +446,13 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             if isinstance(payload, StanzaBase):
                 # slixmpp hands a handler's exception to payload.exception(), which
                 # for a stanza *sends an error reply*: never for our own stanzas.
-                if name is STANZA_ACKED and xmpp.event_handled("stanza_acked"):
+                if name is STANZA_ACKED and handled("stanza_acked"):
                     payload.exception = self._log_bus_handler_error
                     xmpp.event("stanza_acked", payload)  # bare xep_0198's, for its apps
-                if xmpp.event_handled(name):
+                if handled(name):
                     payload.exception = self._log_bus_handler_error
                     xmpp.event(name, payload)
-            elif xmpp.event_handled(name):
+            elif handled(name):
                 xmpp.event(name, payload)
             if pyee.has_listeners(name):
                 pyee.emit(name, payload)

@@ -74,6 +74,11 @@ class AckClock:
         self._last_heard = None
         self._asked_at.clear()
 
+    @property
+    def unasked(self) -> int:
+        """Stanzas counted since the last ``<r/>``."""
+        return self._unasked
+
     def heard(self, now: float) -> None:
         """The server sent something (a stanza, an ``<a/>``): the link is alive."""
         self._last_heard = now
