@@ -247,12 +247,20 @@ class SessionDriver:
                 result.missing,
                 result.ahead,
             )
-        # Written here, synchronously: nothing queued meanwhile can overtake them.
-        write = self.xmpp.send_raw
-        for entry in resend:
-            write(
-                tostring(
-                    entry.payload.xml, xmlns=self.xmpp.default_ns, stream=self.xmpp, top_level=True
+        # Written here, synchronously and in one write: nothing queued meanwhile can
+        # overtake them, and the server reads them in big chunks (one small write per
+        # stanza costs it a read each). A tracked message goes out as the text it went
+        # out as (kept with its entry), not serialized again.
+        if resend:
+            xmpp = self.xmpp
+            xmpp.send_raw(
+                "".join(
+                    stanzas.on_the_wire(entry.serialized)
+                    if entry.serialized is not None
+                    else tostring(
+                        entry.payload.xml, xmlns=xmpp.default_ns, stream=xmpp, top_level=True
+                    )
+                    for entry in resend
                 )
             )
         self._ctx.emit(events)
