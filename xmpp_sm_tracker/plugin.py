@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
-from pyee.asyncio import AsyncIOEventEmitter
 from slixmpp.plugins.base import BasePlugin
 from slixmpp.plugins.base import register_plugin as _register_slixmpp_plugin
 from slixmpp.plugins.xep_0198 import stanza as sm_stanza
@@ -27,7 +26,6 @@ from slixmpp.xmlstream.matcher import MatchXPath
 from .acking import AckDriver
 from .context import Context
 from .core.acks import AckClock, AckPolicy
-from .core.events import STANZA_ACKED
 from .core.outbox import Outbox
 from .core.phases import (
     LINK_TRANSITIONS,
@@ -38,11 +36,13 @@ from .core.phases import (
 )
 from .core.records import FailureReason, TrackedMessage
 from .core.retry import RetryPolicy
-from .core.states import IN_FLIGHT, DeliveryState
+from .core.states import DeliveryState
 from .core.tracker import Event, Tracker
+from .dispatch import EventsOut, TrackerEvents
 from .handles import HandleRegistry, MessageHandle
 from .inbound import Inbound
 from .outbound import Outbound
+from .payloads import Payload
 from .resend import Resender
 from .session import SessionDriver, displace_xep_0198, restore_xep_0198
 from .smhooks import SMStateHooks
@@ -58,22 +58,8 @@ __all__ = ["SMTracker", "tracker_of"]
 log = logging.getLogger(__name__)
 
 
-#: Each state's name, as ``stats().reached`` counts it (an enum's ``.value`` is slow).
-_STATE_VALUE = {state: state.value for state in DeliveryState}
-
 #: slixmpp outgoing filters that never touch a message stanza (checked on 1.17).
 _MESSAGE_SAFE_FILTERS = frozenset({"Roster._save_last_status", "XEP_0115._filter_add_caps"})
-
-
-class TrackerEvents(AsyncIOEventEmitter):
-    """``tracker.events``: a pyee emitter that can tell cheaply whether anyone listens."""
-
-    def has_listeners(self, event: str) -> bool:
-        """Like ``bool(listeners(event))`` without copying the list under a lock."""
-        events = getattr(self, "_events", None)  # pyee's table; if it ever goes, ask it
-        if not isinstance(events, dict):
-            return bool(self.listeners(event))
-        return bool(events.get(event))
 
 
 class SMTracker(BasePlugin):  # type: ignore[misc]
@@ -141,7 +127,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
 
     def plugin_init(self) -> None:
         xmpp = self.xmpp
-        self.core: Tracker[StanzaBase] = Tracker(clock=time.time)
+        self.core: Tracker[Payload] = Tracker(clock=time.time)
         #: When to ask for acks and when silence means a dead link (sans-I/O).
         self.ack_clock = ack_clock = AckClock(_checked_settings(self.config))
         #: pyee emitter with the same events, names, payloads and order as the slixmpp bus.
@@ -183,6 +169,18 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             ctx, self._acks, self.outbox, self.resender, lambda record: self._writer.put(record)
         )
         self._session = SessionDriver(ctx, self._acks, self._outbound)
+        self._out = EventsOut(
+            xmpp,
+            self.events,
+            self.core,
+            self._writer,
+            self._outbound,
+            self.resender,
+            self._handles,
+            self._stats.reached,
+        )
+        # A written tracked message stays in the ledger as its text (see payloads).
+        self.core.compact = self._out.compact
         self._inbound = Inbound(ctx, self._acks, self._outbound, self._fetch)
 
         self.core.retry_policy = self.retry_policy
@@ -253,7 +251,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         left_in_flight = await store.pending()
         old = self._writer
         self.store = store
-        self._writer = StoreWriter(store)
+        self._writer = self._out.writer = StoreWriter(store)
         for snapshot in old.take_pending():  # queued changes go to the new store
             self._writer.put(snapshot)
         await old.aclose_quietly()
@@ -410,56 +408,8 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
     # ---------------------------------------------------------------- events out
 
     def _dispatch(self, events: Iterable[Event]) -> None:
-        """The one place events leave: store snapshot first, then both buses, same order.
-
-        An event nobody listens to is not emitted at all (the hot path: three events
-        per message otherwise cost more than the tracking itself).
-        """
-        xmpp, pyee, writer, outbound = self.xmpp, self.events, self._writer, self._outbound
-        handles, reached = self._handles, self._stats.reached
-        retrying = self.core.retry_policy is not None
-        handled = xmpp.event_handled
-        for event in events:
-            payload = event.payload
-            if isinstance(payload, TrackedMessage):
-                state = payload.state
-                reached[_STATE_VALUE[state]] += 1
-                if payload.xml:
-                    writer.put(payload)
-                elif state is not DeliveryState.SENT and outbound.is_unwritten(payload.id):
-                    # Moving on (failing, hibernating) before it was written: no snapshot
-                    # leaves without its text. Only message:sent may, and is stored once
-                    # the stanza is written.
-                    text, _ = outbound.text_now(payload.id)
-                    payload = payload.moved(state, payload.updated_at, xml=text)
-                    event = Event(event.name, payload)
-                    writer.put(payload)
-                if state not in IN_FLIGHT:
-                    # Settled (acked, failed, refused): a copy still held back must never
-                    # go out by itself (a resend sends a new one).
-                    outbound.withhold_parked(payload.id)
-                if retrying:
-                    self.resender.on_record(payload)
-                if handles:
-                    handles.observe(payload, retrying and self.resender.retry_pending(payload.id))
-            name = event.name
-            if isinstance(payload, StanzaBase):
-                # slixmpp hands a handler's exception to payload.exception(), which
-                # for a stanza *sends an error reply*: never for our own stanzas.
-                if name is STANZA_ACKED and handled("stanza_acked"):
-                    payload.exception = self._log_bus_handler_error
-                    xmpp.event("stanza_acked", payload)  # bare xep_0198's, for its apps
-                if handled(name):
-                    payload.exception = self._log_bus_handler_error
-                    xmpp.event(name, payload)
-            elif handled(name):
-                xmpp.event(name, payload)
-            if pyee.has_listeners(name):
-                pyee.emit(name, payload)
-
-    @staticmethod
-    def _log_bus_handler_error(exc: Exception) -> None:
-        log.error("an sm_tracker event handler raised: %r", exc, exc_info=exc)
+        """The one place events leave (see :class:`~.dispatch.EventsOut`)."""
+        self._out.emit(events)
 
     @staticmethod
     def _log_listener_error(exc: Exception) -> None:
@@ -491,7 +441,7 @@ class _ResendHost:
         return self._plugin.xmpp
 
     @property
-    def core(self) -> Tracker[StanzaBase]:
+    def core(self) -> Tracker[Payload]:
         return self._plugin.core
 
     @property

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from slixmpp.jid import JID
 from slixmpp.plugins.xep_0198 import stanza as sm_stanza
-from slixmpp.xmlstream import StanzaBase, tostring
+from slixmpp.xmlstream import StanzaBase
 from slixmpp.xmlstream.handler import Callback, Waiter
 from slixmpp.xmlstream.matcher import MatchMany, MatchXPath
 
@@ -29,6 +29,7 @@ from .core.phases import CLOSED_BY_APP, LinkEvent, LinkPhase, SMPhase
 from .core.reconnect import backoff_delay
 from .core.records import FailureReason
 from .locations import Locations
+from .payloads import wire_text
 from .stanzas import FAILED_TAG, parse_counter
 
 __all__ = ["OutboundView", "SessionDriver", "displace_xep_0198", "restore_xep_0198"]
@@ -253,16 +254,7 @@ class SessionDriver:
         # out as (kept with its entry), not serialized again.
         if resend:
             xmpp = self.xmpp
-            xmpp.send_raw(
-                "".join(
-                    stanzas.on_the_wire(entry.serialized)
-                    if entry.serialized is not None
-                    else tostring(
-                        entry.payload.xml, xmlns=xmpp.default_ns, stream=xmpp, top_level=True
-                    )
-                    for entry in resend
-                )
-            )
+            xmpp.send_raw("".join(wire_text(entry, xmpp) for entry in resend))
         self._ctx.emit(events)
         self._ctx.state_changed(urgent=True)
         if resend:
