@@ -1692,15 +1692,19 @@ def _latency_cells(config: BenchConfig, runs: list[dict[str, Any]], cell: _Cell)
 
 def _scale_cells(config: BenchConfig, runs: list[dict[str, Any]], cell: _Cell) -> None:
     """CPU per message of each operation at each number in flight, and one sm.cache call."""
-    for op in (*SCALE_OPS, "sm_state"):
+    for op in ("fill", *SCALE_OPS, "sm_state"):
         for n in config.scale:
             count = f"{n:,}".replace(",", " ")
-            if op == "sm_state":
+            if op == "fill":
+                row = f"send: CPU per message over the fill to {count} (GC included)"
+                columns: tuple[str, ...] = ("bare", "memory", "sqlite")
+                unit, field = "µs", "fill_us"
+            elif op == "sm_state":
                 row = f"sm.cache: one hand-over of the SM state, {count} in flight"
-                columns: tuple[str, ...] = ("memory", "sqlite")
+                columns = ("memory", "sqlite")
                 unit, field = "ms", "sm_state_ms"
             else:
-                row = f"{op}: CPU per message, {count} in flight"
+                row = f"{op}: CPU per message, {count} in flight (after a GC)"
                 columns = (
                     ("bare", "memory", "sqlite") if op in ("send", "ack") else ("memory", "sqlite")
                 )
@@ -1728,7 +1732,8 @@ def _setup_line(config: dict[str, Any]) -> str:
         f"{config['warmup']} warm-up messages per connection, not timed; "
         f"lone messages: {config['latency_samples']} per tracked setting, "
         f"{config['bare_latency_samples']} bare, measured once; per-message costs in "
-        f"process (no server) at {scale} in flight, {config['scale_batch']} timed"
+        f"process (no server) at {scale} in flight, {config['scale_batch']} timed after "
+        "a gc.collect()"
     )
 
 

@@ -27,7 +27,7 @@ def expected_metrics(config: BenchConfig) -> set[str]:
     keys |= {"latency.rtt"}
     keys |= {f"latency.{k}.{p}" for k in ("bare", "default", "every1") for p in ("p50", "p90")}
     for n in config.scale:
-        for op in ("send", "ack"):
+        for op in ("fill", "send", "ack"):
             keys |= {f"scale.{op}.{n}.{v}" for v in ("bare", *TRACKED)}
         for op in ("reflection", "resume", "sm_state"):
             keys |= {f"scale.{op}.{n}.{v}" for v in TRACKED}
