@@ -384,7 +384,12 @@ async def test_a_message_whose_seq_died_with_its_sender_is_found_in_the_archive(
     received: list[str] = []
     bob = make_client("bob@localhost/chaos-seq", "pass", tracked=False)
     bob.add_event_handler("message", lambda m: received.append(str(m["body"])))
-    silent = {"ack_every": 10**6, "ack_delay": 3600.0, "auto_reconnect": False}
+    silent = {
+        "ack_every": 10**6,
+        "ack_delay": 3600.0,
+        "ack_at_burst_end": False,
+        "auto_reconnect": False,
+    }
     first = make_client("alice@localhost/chaos-first", "pass", tracker_config=silent)
     second = make_client("alice@localhost/chaos-second", "pass", tracker_config={"ack_delay": 0.05})
     store = FreezingStore()

@@ -13,6 +13,7 @@ from xmpp_sm_tracker.core.tracker import Tracker
 def test_default_policy() -> None:
     policy = AckPolicy()
     assert (policy.every, policy.delay, policy.timeout) == (10, 0.2, 15.0)
+    assert policy.at_burst_end
     assert AckClock().policy == policy
 
 
@@ -82,6 +83,24 @@ def test_request_due_after_delay_from_first_unasked_stanza() -> None:
     assert clock.request_due(11.0)
     clock.request_sent(11.0)
     assert not clock.request_due(50.0)
+
+
+def test_the_last_stanza_of_a_burst_asks_at_once() -> None:
+    clock = AckClock(AckPolicy(every=10, delay=0.2))
+    assert clock.counted(0.0, last=True)  # a lone message: asked right behind it
+    clock.request_sent(0.0)
+    assert [clock.counted(1.0) for _ in range(9)] == [False] * 9
+    assert clock.counted(1.0)  # the tenth of a long burst, as ever
+    clock.request_sent(1.0)
+    assert [clock.counted(1.0), clock.counted(1.0, last=True)] == [False, True]
+
+
+def test_asking_at_the_end_of_a_burst_can_be_turned_off() -> None:
+    clock = AckClock(AckPolicy(every=10, delay=0.2, at_burst_end=False))
+    assert not clock.counted(0.0, last=True)
+    assert clock.next_deadline() == pytest.approx(0.2)  # ack_delay asks instead
+    with pytest.raises(ValueError, match="at_burst_end"):
+        AckPolicy(at_burst_end=1)  # type: ignore[arg-type]
 
 
 def test_zero_delay_is_due_at_once() -> None:

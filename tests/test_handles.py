@@ -21,7 +21,7 @@ from .test_live_restart import crash_child_with_messages_in_a_blackhole, restart
 
 S = DeliveryState
 FAST = {"reconnect_delay": 0.1, "reconnect_max_delay": 1.0, "ack_delay": 0.05}
-SILENT = {**FAST, "ack_every": 100_000, "ack_delay": 3600.0}
+SILENT = {**FAST, "ack_every": 100_000, "ack_delay": 3600.0, "ack_at_burst_end": False}
 
 
 def answer_with(bob: Party, namespace: str, tag: str) -> None:

@@ -62,7 +62,7 @@ MESSAGE_EVENTS = [
 STANZA_EVENTS = ["stanza:acked", "stanza:hibernated", "stanza:resent", "stanza:failed"]
 FAST = {"reconnect_delay": 0.1, "reconnect_max_delay": 1.0, "ack_delay": 0.05}
 #: Never ask for acks: messages stay unacked until a test injects or allows one.
-SILENT = {**FAST, "ack_every": 10**6, "ack_delay": 3600.0}
+SILENT = {**FAST, "ack_every": 10**6, "ack_delay": 3600.0, "ack_at_burst_end": False}
 
 
 # ---------------------------------------------------------------------- helpers
@@ -1251,7 +1251,7 @@ async def test_no_password_and_no_body_in_logs_at_info_and_above(
     with contextlib.suppress(StoreError):
         await erin.tracker.flush()
     flaky.failing = False
-    erin.tracker.ack_clock.policy = AckPolicy(every=10**6, delay=3600.0)
+    erin.tracker.ack_clock.policy = AckPolicy(every=10**6, delay=3600.0, at_burst_end=False)
     last = erin.send("bob@localhost", "secret body 5")
     await wait_for(lambda: erin.on_wire([last]))
     proxy.inject(f"<a xmlns='{SM_NS}' h='4000000'/>".encode())

@@ -154,7 +154,9 @@ async def test_cut_before_the_reflection_still_ends_room_received_once(
     server: LocalXMPPServer, proxy: FaultProxy, clients: Any
 ) -> None:
     room = room_jid(server)
-    alice = await clients("alice", proxy.address, ack_every=10**6, ack_delay=3600.0)
+    alice = await clients(
+        "alice", proxy.address, ack_every=10**6, ack_delay=3600.0, ack_at_burst_end=False
+    )
     bob = await clients("bob", server.address, tracked=False)
     await alice.join(room, "Alice")
     await bob.join(room, "Bob")
@@ -433,7 +435,9 @@ async def alice_in_the_room_deaf_to_it(
     """(room, bob, alice): alice is in the room with bob, never asks for acks, and the
     room's reflections never reach her, so the room may have what she cannot confirm."""
     room, bob = await room_with_bob(server, clients)
-    alice = await clients("alice", proxy.address, ack_every=10**6, ack_delay=3600.0)
+    alice = await clients(
+        "alice", proxy.address, ack_every=10**6, ack_delay=3600.0, ack_at_burst_end=False
+    )
     await alice.join(room, "Alice")
     proxy.rewrite(rb"<message [^>]*type=['\"]groupchat['\"][^>]*>.*?</message>", b"")
     return room, bob, alice

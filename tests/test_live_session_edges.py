@@ -128,7 +128,9 @@ async def test_an_oversized_stanza_ends_the_stream_and_what_came_before_is_not_l
     bob = await clients("bob", server.address, tracked=False)
     # alice never asks for an ack: only the server's last word can confirm anything.
     alice = await clients(
-        "alice", proxy.address, **{**FAST, "ack_every": 10**6, "ack_delay": 3600.0}
+        "alice",
+        proxy.address,
+        **{**FAST, "ack_every": 10**6, "ack_delay": 3600.0, "ack_at_burst_end": False},
     )
     wire = Inbound(alice.xmpp)
     small = [alice.send("bob@localhost", f"before the big one {i}") for i in range(3)]

@@ -26,7 +26,7 @@ MESSAGE_EVENTS = [
 STANZA_EVENTS = ["stanza:acked", "stanza:hibernated", "stanza:resent", "stanza:failed"]
 FAST = {"reconnect_delay": 0.1, "reconnect_max_delay": 1.0, "ack_delay": 0.05}
 #: Never ask for acks: what the server has is only learnt from <resumed h> / <failed h>.
-SILENT = {**FAST, "ack_every": 100_000, "ack_delay": 3600.0}
+SILENT = {**FAST, "ack_every": 100_000, "ack_delay": 3600.0, "ack_at_burst_end": False}
 
 ClientFactory = ClientPool
 

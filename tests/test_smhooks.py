@@ -149,6 +149,34 @@ async def test_a_steady_flow_of_changes_is_handed_over_at_most_every_min_interva
     assert min(gaps) >= 0.09
 
 
+async def test_hand_overs_take_at_most_a_tenth_of_the_time_however_slow() -> None:
+    # A large state (100 000 unacked stanzas) takes long to export and save: one every
+    # min_interval would leave the event loop no time for anything else.
+    source = Source()
+    hooks = SMStateHooks(source.export, source.load, min_interval=0.01)
+    loop = asyncio.get_running_loop()
+    starts: list[float] = []
+    seen: list[Any] = []
+
+    async def slow(state: Any) -> None:
+        starts.append(loop.time())
+        seen.append(state)
+        await asyncio.sleep(0.03)
+
+    hooks.cache(slow)
+    for _ in range(60):  # 0.6 s of changes
+        source.version += 1
+        hooks.changed()
+        await asyncio.sleep(0.01)
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert gaps and min(gaps) >= 0.29  # ten times the 30 ms a call takes
+    assert len(starts) <= 4
+    await asyncio.wait_for(hooks.flush(), 0.2)  # a flush still does not wait
+    assert seen[-1] == {"version": 1, "n": 60}
+    with pytest.raises(ValueError, match="max_share"):
+        SMStateHooks(source.export, source.load, max_share=0)
+
+
 async def test_a_lone_change_after_a_quiet_spell_is_handed_over_at_once() -> None:
     source = Source()
     hooks = SMStateHooks(source.export, source.load, min_interval=10.0)

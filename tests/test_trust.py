@@ -19,7 +19,7 @@ from xmpp_sm_tracker.testing import FaultProxy, LocalXMPPServer
 from xmpp_sm_tracker.testing.client import ClientPool, Party, make_client, tracker_of, wait_for
 
 FAST = {"reconnect_delay": 0.1, "reconnect_max_delay": 1.0, "ack_delay": 0.05}
-SILENT = {**FAST, "ack_every": 10**6, "ack_delay": 3600.0}
+SILENT = {**FAST, "ack_every": 10**6, "ack_delay": 3600.0, "ack_at_burst_end": False}
 
 
 def record_sends(xmpp: Any) -> list[str]:

@@ -45,10 +45,16 @@ class AckDriver:
 
     def counted(self, now: float) -> bool:
         """A stanza was counted: True when an ``<r/>`` should follow it in the same
-        write (the caller then calls :meth:`requested`); otherwise the timer asks."""
-        if self.clock.counted(now):
+        write (the caller then calls :meth:`requested`); otherwise the timer asks.
+
+        slixmpp's send loop writes everything queued in one go, taking each stanza off
+        its queue before the filters see it: an empty queue means this stanza ends the
+        burst, and its ``<r/>`` rides in the same write (no timer, no extra write)."""
+        clock = self.clock
+        if clock.counted(now, last=not self._ctx.xmpp.waiting_queue.qsize()):
             return True
-        self.arm()  # cheap when the deadline did not move (the usual case)
+        if self._timer is None or clock.unasked == 1:
+            self.arm()  # only the first stanza nobody asked about moves a deadline
         return False
 
     def request(self, now: float) -> None:

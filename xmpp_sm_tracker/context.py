@@ -12,10 +12,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from slixmpp.xmlstream import StanzaBase
-
 from .core.phases import SESSION_UP, LinkEvent, LinkPhase, PhaseMachine
 from .core.tracker import Event, Tracker
+from .payloads import Payload
 from .stats import StatsCounters
 
 __all__ = ["Context"]
@@ -28,7 +27,7 @@ class Context:
     #: The slixmpp client (``ClientXMPP``).
     xmpp: Any
     #: The sans-I/O tracker: every decision about a message or the session.
-    core: Tracker[StanzaBase]
+    core: Tracker[Payload]
     #: The plugin's settings (its ``config`` dict: changes show at once).
     config: dict[str, Any]
     #: The connection's phase.

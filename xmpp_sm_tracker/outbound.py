@@ -177,7 +177,7 @@ class Outbound:
         fields = stanzas.complete_outgoing(
             xml,
             body,
-            uuid.uuid4().hex,
+            message_id or uuid.uuid4().hex,  # a new id only for a message without one
             add_origin_id=config["add_origin_id"],
             request_receipts=config["request_receipts"],
             request_markers=config["request_markers"],

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from slixmpp.jid import JID
 from slixmpp.plugins.xep_0198 import stanza as sm_stanza
-from slixmpp.xmlstream import StanzaBase, tostring
+from slixmpp.xmlstream import StanzaBase
 from slixmpp.xmlstream.handler import Callback, Waiter
 from slixmpp.xmlstream.matcher import MatchMany, MatchXPath
 
@@ -29,6 +29,7 @@ from .core.phases import CLOSED_BY_APP, LinkEvent, LinkPhase, SMPhase
 from .core.reconnect import backoff_delay
 from .core.records import FailureReason, TrackedMessage
 from .locations import Locations
+from .payloads import wire_text
 from .stanzas import FAILED_TAG, parse_counter
 
 __all__ = ["OutboundView", "SessionDriver", "displace_xep_0198", "restore_xep_0198"]
@@ -247,14 +248,13 @@ class SessionDriver:
                 result.missing,
                 result.ahead,
             )
-        # Written here, synchronously: nothing queued meanwhile can overtake them.
-        write = self.xmpp.send_raw
-        for entry in resend:
-            write(
-                tostring(
-                    entry.payload.xml, xmlns=self.xmpp.default_ns, stream=self.xmpp, top_level=True
-                )
-            )
+        # Written here, synchronously and in one write: nothing queued meanwhile can
+        # overtake them, and the server reads them in big chunks (one small write per
+        # stanza costs it a read each). A tracked message goes out as the text it went
+        # out as (kept with its entry), not serialized again.
+        if resend:
+            xmpp = self.xmpp
+            xmpp.send_raw("".join(wire_text(entry, xmpp) for entry in resend))
         self._ctx.emit(events)
         self._ctx.state_changed(urgent=True)
         if resend:

@@ -3,10 +3,13 @@
 ``cache(fn)`` calls ``fn(state)`` (or awaits it) after changes: never two calls at
 once, never out of order, one call for a whole burst of changes, and ``fn(None)``
 once the session has ended cleanly. Under a steady flow of changes (acks coming in
-all the time) calls are at least ``min_interval`` apart, the last one always with
-the latest state; session changes (enabled, resumed, ended) go out at once. A
-failing ``fn`` is logged and called again with the next change (or after
-``retry_delay``); it never touches the stream.
+all the time) calls are at least ``min_interval`` apart, and at least ten times as
+long as the last hand-over took (``max_share``): the state holds every unacked stanza,
+so a hand-over costs O(in flight), and with 100 000 in flight one every 0.25 s would
+leave the event loop no time for anything else. The last call always has the latest
+state; session changes (enabled, resumed, ended) go out at once. A failing ``fn`` is
+logged and called again with the next change (or after ``retry_delay``); it never
+touches the stream.
 """
 
 from __future__ import annotations
@@ -37,14 +40,21 @@ class SMStateHooks:
         load: Callable[[object], None],
         retry_delay: float = 1.0,
         min_interval: float = 0.0,
+        max_share: float = 0.1,
     ) -> None:
         if not min_interval >= 0:
             raise ValueError(f"min_interval must be >= 0 seconds, not {min_interval!r}")
+        if not 0 < max_share <= 1:
+            raise ValueError(f"max_share must be in (0, 1], not {max_share!r}")
         self._export = export
         self._load = load
         self.retry_delay = retry_delay
         #: Seconds between two calls while changes keep coming (0: every loop turn).
         self.min_interval = min_interval
+        #: The share of time hand-overs may take while changes keep coming: the next
+        #: call waits at least the last one's duration divided by it.
+        self.max_share = max_share
+        self._last_cost = 0.0
         self._fn: CacheFn | None = None
         self._dirty = False
         self._urgent = False
@@ -96,15 +106,17 @@ class SMStateHooks:
             while self._dirty:
                 await asyncio.sleep(0)  # let the rest of this burst happen first
                 last = self._last_call_at
-                wait = 0.0 if last is None else last + self.min_interval - loop.time()
+                spacing = max(self.min_interval, self._last_cost / self.max_share)
+                wait = 0.0 if last is None else last + spacing - loop.time()
                 if wait > 0 and not self._urgent:
                     self._wake = asyncio.Event()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), wait)
                     self._wake = None
                 self._dirty = self._urgent = False
-                self._last_call_at = loop.time()
+                self._last_call_at = start = loop.time()
                 await self._call(self._export())
+                self._last_cost = loop.time() - start
         finally:
             self._task = None
             self._urgent = False

@@ -10,12 +10,12 @@ from xml.etree import ElementTree as ET
 
 from slixmpp.jid import JID, InvalidJID
 from slixmpp.stanza import Iq, Message, Presence
-from slixmpp.xmlstream import StanzaBase, tostring
+from slixmpp.xmlstream import StanzaBase
 
 from . import stanzas
-from .core.ledger import Entry
 from .core.smstate import SMStateError, parse_state
 from .core.tracker import Tracker
+from .payloads import Payload, entry_text
 
 __all__ = ["StateBridge"]
 
@@ -25,12 +25,12 @@ log = logging.getLogger(__name__)
 class StateBridge:
     """``export`` and ``load`` for :class:`~.smhooks.SMStateHooks`."""
 
-    def __init__(self, xmpp: Any, core: Tracker[StanzaBase]) -> None:
+    def __init__(self, xmpp: Any, core: Tracker[Payload]) -> None:
         self.xmpp = xmpp
         self.core = core
 
     def export(self) -> dict[str, Any] | None:
-        return self.core.export_state(_serialize_entry, now=time.time())
+        return self.core.export_state(entry_text, now=time.time())
 
     def load(self, state: object) -> None:
         """Check a saved state completely, then install it; on error stay fresh."""
@@ -39,7 +39,7 @@ class StateBridge:
         try:
             restored = parse_state(state, bare_jid=self.xmpp.boundjid.bare)
             _check_jids(restored.jid, *restored.rooms)
-            payloads = [self._stanza_from_xml(entry.xml) for entry in restored.unacked]
+            payloads: list[Payload] = [self._stanza_from_xml(e.xml) for e in restored.unacked]
         except SMStateError as exc:
             log.warning("not resuming from the saved SM state: %s", exc)
             raise
@@ -67,10 +67,3 @@ def _check_jids(*jids: str) -> None:
             JID(jid)
         except InvalidJID as exc:
             raise SMStateError(f"SM state: {jid!r} is not a valid JID ({exc})") from exc
-
-
-def _serialize_entry(entry: Entry[StanzaBase]) -> str:
-    """A stanza's text, made once (the entry keeps it)."""
-    if entry.serialized is None:
-        entry.serialized = tostring(entry.payload.xml, top_level=True)
-    return entry.serialized

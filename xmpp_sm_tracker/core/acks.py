@@ -2,11 +2,14 @@
 
 slixmpp asks only every 5 stanzas, writes ``<r/>`` before the stanza that fills the
 window and has no timer, so the last message of a burst is never acked. This clock
-asks after ``every`` counted stanzas, or ``delay`` seconds after the first stanza
-nobody asked about yet, and declares the link dead when an ``<r/>`` stays
-unanswered for ``timeout`` seconds. With ``keepalive``, it also asks when the server
-has said nothing for that long, so a link that died while idle is found before the
-next message is written into it. Times are plain floats from the caller's clock.
+asks after ``every`` counted stanzas and after the last stanza of a burst (nothing
+else waits to be written: a lone message is acked one round trip later, a burst costs
+one ``<r/>`` per ``every`` stanzas and one at its end), at the latest ``delay``
+seconds after the first stanza nobody asked about yet, and declares the link dead
+when an ``<r/>`` stays unanswered for ``timeout`` seconds. With ``keepalive``, it
+also asks when the server has said nothing for that long, so a link that died while
+idle is found before the next message is written into it. Times are plain floats
+from the caller's clock.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ class AckPolicy:
     delay: float = 0.2
     timeout: float = 15.0
     keepalive: float | None = None
+    #: Ask after the last stanza of a burst too, not only after ``every`` or ``delay``.
+    at_burst_end: bool = True
 
     def __post_init__(self) -> None:
         if self.every < 1:
@@ -33,6 +38,8 @@ class AckPolicy:
             raise ValueError("ack policy: 'delay' must be >= 0 and 'timeout' > 0")
         if self.keepalive is not None and not self.keepalive > 0:
             raise ValueError("ack policy: 'keepalive' must be None or > 0 seconds")
+        if not isinstance(self.at_burst_end, bool):
+            raise ValueError("ack policy: 'at_burst_end' must be True or False")
 
 
 class AckClock:
@@ -67,16 +74,24 @@ class AckClock:
         self._last_heard = None
         self._asked_at.clear()
 
+    @property
+    def unasked(self) -> int:
+        """Stanzas counted since the last ``<r/>``."""
+        return self._unasked
+
     def heard(self, now: float) -> None:
         """The server sent something (a stanza, an ``<a/>``): the link is alive."""
         self._last_heard = now
 
-    def counted(self, now: float) -> bool:
-        """A stanza was counted; True means "write an ``<r/>`` after it now"."""
+    def counted(self, now: float, *, last: bool = False) -> bool:
+        """A stanza was counted; True means "write an ``<r/>`` after it now".
+
+        ``last``: nothing else waits to be written after it (the end of a burst)."""
         self._unasked += 1
         if self._first_unasked_at is None:
             self._first_unasked_at = now
-        return self._unasked >= self.policy.every
+        policy = self.policy
+        return self._unasked >= policy.every or (last and policy.at_burst_end)
 
     def request_sent(self, now: float) -> None:
         """An ``<r/>`` went out: the stanzas counted so far are asked about."""

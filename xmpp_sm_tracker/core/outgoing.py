@@ -37,6 +37,10 @@ class Outgoing(PeerProofs[P]):
         self._session = SessionFacts()
         self._sm = PhaseMachine(SM_TRANSITIONS, SMPhase.NONE)
         self.ledger: Ledger[P] = Ledger()
+        #: What the ledger keeps of a tracked message once its text is known, given the
+        #: payload and that text (None: the payload itself). The caller's stanza object
+        #: may weigh far more than the text a resend or a saved state needs.
+        self.compact: Callable[[P, str], P] | None = None
 
     @property
     def session(self) -> SessionView:
@@ -145,6 +149,8 @@ class Outgoing(PeerProofs[P]):
                 entry.serialized = xml
             elif same_as_record:
                 entry.serialized = record.xml  # the caller knows nothing rewrote it since
+            if entry.serialized and self.compact is not None:
+                entry.payload = self.compact(payload, entry.serialized)
             if record.state is _S.HIBERNATED and link_up:
                 # Hibernated before it was ever written: this is its first attempt.
                 if xml is not None:
