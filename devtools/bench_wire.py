@@ -43,8 +43,14 @@ _HEADER = (
     "<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' "
     "from='localhost' id='bench-wire' version='1.0' xml:lang='en'>"
 )
-#: Settings for a run that asks as usual but never gives the link up for silence.
-_CONFIG: dict[str, Any] = {"auto_reconnect": False, "ack_timeout": 3600.0, "ack_keepalive": None}
+#: Settings for a run that asks as usual but never gives the link up for silence, and
+#: writes what it is given however much is unacked (no max_unacked window).
+_CONFIG: dict[str, Any] = {
+    "auto_reconnect": False,
+    "ack_timeout": 3600.0,
+    "ack_keepalive": None,
+    "max_unacked": None,
+}
 #: ``<a/>`` every this many stanzas, like the default ``ack_every``.
 _ACK_STEP = 10
 
