@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers.child_sender import DSN_VARIABLE, open_store
+from tests.helpers.child_sender import DSN_VARIABLE, open_store, take_over
 from tests.helpers.pgdb import fresh_database
 from xmpp_sm_tracker import DeliveryState, SMStateError, SQLiteStore, StoreError
 from xmpp_sm_tracker.testing import FaultProxy, LocalXMPPServer
@@ -113,6 +113,7 @@ async def restarted_alice(db: Path | str, address: tuple[str, int]) -> tuple[Any
     log.attach(alice, ["message:acked", "message:failed", "message:resent"])
     tracker = tracker_of(alice)
     store = open_store(str(db))
+    await take_over(store)
     await tracker.attach(store)
     tracker.sm.load(await store.load_sm_state())
     tracker.sm.cache(store.save_sm_state)
@@ -127,7 +128,7 @@ async def test_killed_process_is_resumed_by_the_next_one_nothing_lost_nothing_tw
     bob, received = await start_bob(server)
     async with FaultProxy(server.host, server.c2s_port) as proxy:
         await crash_child_with_messages_in_a_blackhole(db, proxy)
-        peek = open_store(db)
+        peek = open_store(db, read_only=True)
         try:
             in_flight = await peek.pending()
             state = await peek.load_sm_state()

@@ -26,7 +26,7 @@ from xmpp_sm_tracker import (
     TrackerStore,
 )
 from xmpp_sm_tracker.core.states import IN_FLIGHT
-from xmpp_sm_tracker.stores.postgres import PostgresStore
+from xmpp_sm_tracker.stores.postgres import PostgresDatabase, PostgresStore
 
 __all__ = ["STORES", "record"]
 
@@ -39,6 +39,10 @@ STORES: dict[str, Callable[[Path, pytest.FixtureRequest], TrackerStore]] = {
     "postgres": lambda tmp, request: PostgresStore(
         request.getfixturevalue("postgres_dsn"), account=f"{uuid.uuid4().hex}@example.org"
     ),
+    # A fleet's store: one account of a shared pool (the fixture closes the database).
+    "postgres-shared": lambda tmp, request: PostgresDatabase(
+        request.getfixturevalue("postgres_dsn"), max_connections=3
+    ).store(f"{uuid.uuid4().hex}@example.org"),
 }
 
 S = DeliveryState
@@ -77,6 +81,8 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     made = STORES[request.param](tmp_path, request)
     yield made
     await made.aclose()
+    if isinstance(made, PostgresStore):
+        await made.database.aclose()
 
 
 # ------------------------------------------------------------------ records

@@ -14,7 +14,7 @@ from .core.states import DeliveryState, IllegalTransition
 from .handles import MessageFailed, MessageHandle, TrackerClosed
 from .plugin import SMTracker, tracker_of
 from .stats import TrackerStats
-from .stores.base import SMState, StoreError, TrackerStore
+from .stores.base import AccountLeased, LeaseLost, SMState, StoreError, TrackerStore
 from .stores.memory import MemoryStore
 from .stores.sqlite import SQLiteStore
 
@@ -25,6 +25,7 @@ sm_tracker = SMTracker
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccountLeased",
     "AckPolicy",
     "DeliveryState",
     "FailureReason",
@@ -32,6 +33,7 @@ __all__ = [
     "HTooHigh",
     "IllegalPhaseEvent",
     "IllegalTransition",
+    "LeaseLost",
     "LinkPhase",
     "MemoryStore",
     "MessageFailed",

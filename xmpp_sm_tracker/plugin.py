@@ -49,7 +49,7 @@ from .smhooks import SMStateHooks
 from .stanzas import FAILED_TAG
 from .statebridge import StateBridge
 from .stats import StatsCounters, TrackerStats
-from .stores.base import StoreError, TrackerStore
+from .stores.base import LeasedStore, LeaseLost, StoreError, TrackerStore
 from .stores.memory import MemoryStore
 from .writer import StoreWriter
 
@@ -164,6 +164,8 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         self._handles = HandleRegistry()
         #: Closes the store once the plugin ended (await it to know it is closed).
         self.closing_store: asyncio.Task[None] | None = None
+        #: Why this tracker let go of its stream: its store's lease went to another process.
+        self.lease_lost: LeaseLost | None = None
         self._outbound = Outbound(
             ctx, self._acks, self.outbox, self.resender, lambda record: self._writer.put(record)
         )
@@ -258,6 +260,16 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         await old.aclose_quietly()
         # Records a previous process left in flight settle with the first session.
         self.core.adopt(left_in_flight)
+        if isinstance(store, LeasedStore):
+            store.on_lease_lost(lambda error: self._lease_lost(store, error))
+
+    def _lease_lost(self, store: TrackerStore, error: LeaseLost) -> None:
+        """Another process owns the account now: let go of its stream at once."""
+        if store is not self.store:
+            return  # a store the app has since replaced
+        log.error("%s: this tracker lets go of the stream", error)
+        self.lease_lost = error
+        self._session.let_go()
 
     @property
     def session_live(self) -> bool:

@@ -288,7 +288,7 @@ class SessionDriver:
         self._ctx.stats.connections += 1
         self._ctx.link.handle(LinkEvent.CONNECTED)
         self._acks.clock.reset()
-        self._cancel(self._negotiation_timer)
+        _cancel(self._negotiation_timer)
         self._negotiation_timer = self.xmpp.loop.call_later(
             self._config["negotiation_timeout"], self._on_negotiation_timeout
         )
@@ -310,7 +310,7 @@ class SessionDriver:
             self._acks.arm()
         self._outbound.wait_for_rejoins()
         self._reconnect_attempt = 0
-        self._cancel(self._negotiation_timer)
+        _cancel(self._negotiation_timer)
         self._negotiation_timer = None
 
     def on_disconnected(self, reason: Any) -> None:
@@ -318,14 +318,14 @@ class SessionDriver:
         left = self._ctx.link.handle(LinkEvent.DISCONNECTED)
         self._acks.cancel()
         self._outbound.cancel_rejoin_wait()  # the wait starts again with the next session
-        self._cancel(self._negotiation_timer)
+        _cancel(self._negotiation_timer)
         self._negotiation_timer = None
         self._acks.clock.reset()
         if left in CLOSED_BY_APP:
             return
         self._ctx.emit(self.core.link_lost())
         if left is LinkPhase.DROPPING:  # asked for by the app: at once, whatever the config
-            self._cancel(self._reconnect_timer)
+            _cancel(self._reconnect_timer)
             self._reconnect_timer = self.xmpp.loop.call_later(0, self._reconnect)
         elif self._config["auto_reconnect"]:
             self._schedule_reconnect()
@@ -369,7 +369,7 @@ class SessionDriver:
         self._ctx.state_changed(urgent=True)
 
     def _schedule_reconnect(self) -> None:
-        self._cancel(self._reconnect_timer)
+        _cancel(self._reconnect_timer)
         delay = backoff_delay(
             self._reconnect_attempt,
             self._config["reconnect_delay"],
@@ -417,7 +417,7 @@ class SessionDriver:
         if not self._locations.tried_failed():
             return
         xmpp.cancel_connection_attempt()
-        self._cancel(self._reconnect_timer)
+        _cancel(self._reconnect_timer)
         self._reconnect_timer = xmpp.loop.call_later(0, self._reconnect)
 
     def disconnect(
@@ -429,7 +429,7 @@ class SessionDriver:
         then let slixmpp close; whatever stays unacked ends ``failed``.
         """
         self._ctx.link.handle(LinkEvent.CLOSE)
-        self._cancel(self._reconnect_timer)
+        _cancel(self._reconnect_timer)
         self._reconnect_timer = None
         xmpp = self.xmpp
         if xmpp.transport is None:
@@ -443,16 +443,23 @@ class SessionDriver:
         future: asyncio.Future[Any] = self._original_disconnect(wait, reason, ignore_send_queue)
         return future
 
-    # ---------------------------------------------------------------- timers
+    def let_go(self) -> None:
+        """Another process owns the account now (lease lost): stop like a close, but leave
+        the server's session for it to resume (no ``<a/>``, ``</stream>`` or reconnect)."""
+        self._ctx.link.handle(LinkEvent.CLOSE)
+        _cancel(self._reconnect_timer)
+        self._reconnect_timer = None
+        self.xmpp.end_session_on_disconnect = False
+        if self.xmpp.transport is None:
+            self.xmpp.cancel_connection_attempt()
+        else:
+            self.xmpp.abort()
 
-    @staticmethod
-    def _cancel(handle: asyncio.TimerHandle | None) -> None:
-        if handle is not None:
-            handle.cancel()
+    # ---------------------------------------------------------------- timers
 
     def cancel_timers(self) -> None:
         for handle in (self._reconnect_timer, self._negotiation_timer):
-            self._cancel(handle)
+            _cancel(handle)
         self._reconnect_timer = None
         self._negotiation_timer = None
 
@@ -468,6 +475,11 @@ _XEP_0198_HANDLERS = (
 )
 _XEP_0198_FILTERS = (("in", "_handle_incoming"), ("out_sync", "_handle_outgoing"))
 _XEP_0198_EVENTS = (("disconnected", "disconnected"), ("session_end", "session_end"))
+
+
+def _cancel(handle: asyncio.TimerHandle | None) -> None:
+    if handle is not None:
+        handle.cancel()
 
 
 def _not_trusted_for_sm(xmpp: Any) -> str:

@@ -12,7 +12,7 @@ import asyncio
 import logging
 
 from .core.records import TrackedMessage
-from .stores.base import StoreError, TrackerStore
+from .stores.base import LeaseLost, StoreError, TrackerStore
 
 __all__ = ["StoreWriter"]
 
@@ -55,6 +55,10 @@ class StoreWriter:
             await asyncio.sleep(0)  # let the rest of this burst join the batch
             await self._write_all()
         except StoreError as exc:
+            if isinstance(exc.__cause__, LeaseLost):
+                # Another process owns the account and its records now: never retry.
+                log.error("%s; not retried (the account is not ours)", exc)
+                return
             log.error("%s; retrying in %.1fs", exc, self.retry_delay)
             loop = asyncio.get_running_loop()
             self._retry = loop.call_later(self.retry_delay, self._retry_now)
@@ -90,8 +94,12 @@ class StoreWriter:
             self._retry = None
         try:
             await self._write_all()
-        except StoreError:
-            if self._retry is None and self._task is None:
+        except StoreError as exc:
+            if (
+                self._retry is None
+                and self._task is None
+                and not isinstance(exc.__cause__, LeaseLost)
+            ):
                 loop = asyncio.get_running_loop()
                 self._retry = loop.call_later(self.retry_delay, self._retry_now)
             raise

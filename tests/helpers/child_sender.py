@@ -21,19 +21,33 @@ from xmpp_sm_tracker.testing.client import connect_client, make_client, tracker_
 DSN_VARIABLE = "CHILD_STORE_DSN"
 
 
-def open_store(where: str) -> TrackerStore:
+#: The child's lease on alice's account in PostgreSQL: the next process waits this long
+#: after the SIGKILL before it may take the account over.
+LEASE_TTL = 2.0
+
+
+def open_store(where: str, *, read_only: bool = False) -> TrackerStore:
     """alice's store: the SQLite file ``where``, or PostgreSQL for a DSN."""
     if where == "-":
         where = os.environ[DSN_VARIABLE]
     if where.startswith("postgresql://"):
-        return PostgresStore(where, account="alice@localhost")
-    return SQLiteStore(where)
+        return PostgresStore(
+            where, account="alice@localhost", read_only=read_only, lease_ttl=LEASE_TTL
+        )
+    return SQLiteStore(where, read_only=read_only)
+
+
+async def take_over(store: TrackerStore) -> None:
+    """Open ``store`` as the next owner: for PostgreSQL, once the killed one's lease lapsed."""
+    if isinstance(store, PostgresStore):
+        await store.take_over(poll=0.1, timeout=LEASE_TTL * 5)
 
 
 async def main(db: str, host: str, port: int, count: int) -> None:
     xmpp = make_client("alice@localhost/child", "pass", tracker_config={"ack_delay": 0.05})
     tracker = tracker_of(xmpp)
     store = open_store(db)
+    await take_over(store)
     await tracker.attach(store)
     tracker.sm.load(await store.load_sm_state())
     tracker.sm.cache(store.save_sm_state)

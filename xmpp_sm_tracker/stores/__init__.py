@@ -1,7 +1,16 @@
 """Stores for tracked-message records and the SM state."""
 
-from .base import SMState, StoreError, TrackerStore
+from .base import AccountLeased, LeasedStore, LeaseLost, SMState, StoreError, TrackerStore
 from .memory import MemoryStore
 from .sqlite import SQLiteStore
 
-__all__ = ["MemoryStore", "SMState", "SQLiteStore", "StoreError", "TrackerStore"]
+__all__ = [
+    "AccountLeased",
+    "LeaseLost",
+    "LeasedStore",
+    "MemoryStore",
+    "SMState",
+    "SQLiteStore",
+    "StoreError",
+    "TrackerStore",
+]

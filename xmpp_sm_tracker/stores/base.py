@@ -6,12 +6,12 @@ passes the shared contract suite (tests/test_store_contract.py).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from ..core.records import TrackedMessage
 
-__all__ = ["SMState", "StoreError", "TrackerStore"]
+__all__ = ["AccountLeased", "LeaseLost", "LeasedStore", "SMState", "StoreError", "TrackerStore"]
 
 #: The JSON-safe stream-management state given to ``sm.cache`` and taken by ``sm.load``.
 SMState = dict[str, Any]
@@ -19,6 +19,18 @@ SMState = dict[str, Any]
 
 class StoreError(Exception):
     """A store could not read or write; the message names the store and what failed."""
+
+
+class AccountLeased(StoreError):
+    """Another live process owns this account in a shared store; it is not shared."""
+
+
+class LeaseLost(StoreError):
+    """This process no longer owns the account: another may have taken it over.
+
+    The tracker stops using the account's stream (no reconnect, no resumption) and its
+    store refuses every write, so the two never fight over one stream.
+    """
 
 
 @runtime_checkable
@@ -56,3 +68,11 @@ class TrackerStore(Protocol):
 
     async def aclose(self) -> None:
         """Release resources; calling it twice is harmless."""
+
+
+@runtime_checkable
+class LeasedStore(Protocol):
+    """A store that one process owns at a time (a lease), and can lose."""
+
+    def on_lease_lost(self, listener: Callable[[LeaseLost], None]) -> None:
+        """Call ``listener(error)`` when the lease is lost."""

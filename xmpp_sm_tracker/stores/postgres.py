@@ -1,11 +1,9 @@
 """A store in PostgreSQL (asyncpg), so many accounts and processes can share one database.
 
 Every row is keyed by the account given at construction (a bare JID), so one database
-holds any number of accounts without one seeing another's records or SM state. The
-schema is versioned in ``sm_tracker_schema_version`` and moved forward by
-:data:`~.postgres_schema.MIGRATIONS` under an advisory lock, so two processes starting
-at once migrate it once. A database holding tables by our names that are not ours, or
-a newer version, is refused with a :class:`StoreError` and left untouched.
+holds any number of accounts without one seeing another's records or SM state. One
+process owns an account at a time (a lease, :mod:`.postgres_lease`); a standby takes it
+over when the owner dies. The schema and the pool live in :class:`.PostgresDatabase`.
 
 Needs the ``postgres`` extra: ``pip install 'xmpp_sm_tracker[postgres]'``.
 """
@@ -14,53 +12,31 @@ from __future__ import annotations
 
 import asyncio
 import json
-import warnings
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar
-from urllib.parse import unquote, urlsplit
 
-try:
-    import asyncpg
-except ModuleNotFoundError as exc:  # pragma: no cover - only without the extra
-    raise ModuleNotFoundError(
-        "PostgresStore needs asyncpg: pip install 'xmpp_sm_tracker[postgres]'", name=exc.name
-    ) from exc
+import asyncpg
 
 from ..core.records import TrackedMessage
-from .base import SMState, StoreError
+from .base import AccountLeased, LeaseLost, SMState, StoreError
+from .postgres_db import PostgresDatabase
+from .postgres_lease import FENCE
 from .postgres_schema import (
     IS_FAILED,
     IS_IN_FLIGHT,
-    MIGRATIONS,
     NEWEST_FIRST,
     OLDEST_FIRST,
     RECORDS,
-    SCHEMA_VERSION,
     SELECT,
     SM_STATE,
-    TABLES,
     UPSERT,
-    VERSION_TABLE,
 )
 from .sqlite_schema import MAX_LIMIT, record_of, row_of
 
-__all__ = ["PostgresStore"]
+__all__ = ["AccountLeased", "LeaseLost", "PostgresDatabase", "PostgresStore"]
 
 _T = TypeVar("_T")
-# Any int: only our own processes take it, around a migration.
-_MIGRATION_LOCK = 0x786D7070_736D7472  # "xmppsmtr"
-
-
-def _describe(dsn: str) -> tuple[str, str | None]:
-    """``host:port/database`` of a DSN for messages, and its password to keep out of them."""
-    try:
-        parts = urlsplit(dsn)
-        host = parts.hostname or "localhost"
-        where = f"{host}:{parts.port or 5432}{parts.path or '/'}"
-        return where, parts.password
-    except ValueError:
-        return "(a DSN that does not parse)", None
 
 
 def _row(account: str, record: TrackedMessage) -> tuple[Any, ...]:
@@ -83,38 +59,61 @@ def _unencodable(records: Sequence[TrackedMessage]) -> str | None:
 class PostgresStore:
     """Records and the SM state of one account in a PostgreSQL database.
 
-    ``dsn`` is a ``postgresql://user:password@host:port/database`` URL (asyncpg's, so
-    ``?sslmode=...`` and the ``PG*`` environment variables work); ``account`` is the
+    ``PostgresStore(dsn, account=...)`` opens a database of its own (a small pool it
+    closes in :meth:`aclose`); a fleet takes its stores from one shared
+    :class:`PostgresDatabase` with ``database.store(account)`` instead. ``account`` is the
     bare JID whose rows this store reads and writes. Opens lazily (on :meth:`open`,
-    ``async with``, or the first call) one connection that it closes in :meth:`aclose`;
-    use one instance per account and event loop. Every write is one transaction, so a
-    batch is all or nothing. A statement that takes longer than ``command_timeout``
-    seconds (a hung server) is a :class:`StoreError`, and a connection that broke is
-    replaced on the next call. The password in ``dsn`` never appears in an error.
+    ``async with``, or the first call); use one store per account and event loop.
+
+    A writable store takes the account's lease when it opens: if another live process
+    owns the account, :class:`AccountLeased` says who and for how long; a standby calls
+    :meth:`take_over` to wait for the lease to be given back or to lapse. Losing the
+    lease later (renewal failed, another took over) makes every write raise
+    :class:`LeaseLost` and calls the ``on_lease_lost`` listeners (the tracker stops its
+    stream). ``read_only=True`` takes no lease and refuses every write. Every write is
+    one transaction, so a batch is all or nothing.
     """
 
     def __init__(
         self,
-        dsn: str,
+        dsn: str | None = None,
         *,
         account: str,
+        database: PostgresDatabase | None = None,
+        read_only: bool = False,
         connect_timeout: float = 10.0,
         command_timeout: float = 30.0,
+        lease_ttl: float = 30.0,
     ) -> None:
         if not account or "/" in account or account != account.strip():
             raise ValueError(f"account must be a bare JID, not {account!r}")
-        for name, value in (("connect", connect_timeout), ("command", command_timeout)):
-            if not value > 0:
-                raise ValueError(f"{name}_timeout must be > 0 seconds, not {value!r}")
+        if (dsn is None) == (database is None):
+            raise ValueError("give a DSN or a PostgresDatabase, not both")
         self.account = account
-        self.server, self._password = _describe(dsn)
-        self._dsn = dsn
-        self.connect_timeout = connect_timeout
-        self.command_timeout = command_timeout
-        self._conn: asyncpg.Connection | None = None
+        self.read_only = read_only
+        self._own_database = database is None
+        if database is None:
+            assert dsn is not None
+            database = PostgresDatabase(
+                dsn,
+                max_connections=2,
+                connect_timeout=connect_timeout,
+                command_timeout=command_timeout,
+                lease_ttl=lease_ttl,
+            )
+        self.database = database
         self._closed = False
-        # One connection, one statement or transaction at a time.
-        self._lock = asyncio.Lock()
+        self._token: int | None = None
+        self._lost: LeaseLost | None = None
+        self._listeners: list[Callable[[LeaseLost], None]] = []
+        self._opening = asyncio.Lock()
+        if not read_only:
+            database.claim(self)
+
+    @property
+    def server(self) -> str:
+        """``host:port/database``, for messages."""
+        return self.database.server
 
     def __repr__(self) -> str:
         return f"PostgresStore({self.server!r}, account={self.account!r})"
@@ -133,159 +132,80 @@ class PostgresStore:
 
     def error(self, what: str, exc: BaseException | None = None) -> StoreError:
         """A StoreError naming the server and account (never the password)."""
-        detail = f" ({type(exc).__name__}: {exc})" if exc is not None else ""
-        for secret in filter(None, (self._password, unquote(self._password or ""))):
-            detail = detail.replace(secret, "***")
-        return StoreError(f"PostgreSQL store {self.server} ({self.account}): {what}{detail}")
+        return self.database.error(what, exc, account=self.account)
 
-    # ---------------------------------------------------------------- opening
+    # ---------------------------------------------------------------- opening, leases
 
     async def open(self) -> None:
-        """Connect (and create or migrate the schema) now rather than on first use."""
-        async with self._lock:
-            await self._connection()
+        """Connect (migrating the schema) and take the account's lease, now rather than on
+        first use. :class:`AccountLeased` if another live process owns the account."""
+        await self._ready(wait=None)
 
-    async def _connection(self) -> asyncpg.Connection:
-        """The open connection; the caller holds ``_lock``."""
+    async def take_over(self, *, poll: float = 0.5, timeout: float | None = None) -> None:
+        """Open as a standby: wait until the owner gives the lease back or it lapses (the
+        owner died), then take it. Load the SM state and attach after this returns."""
+        await asyncio.wait_for(self._ready(wait=poll), timeout)
+
+    async def _ready(self, wait: float | None) -> None:
         if self._closed:
             raise self.error("the store is closed")
-        if self._conn is not None and not self._conn.is_closed():
-            return self._conn
-        self._conn = None
-        try:
-            conn = await asyncpg.connect(
-                self._dsn, timeout=self.connect_timeout, command_timeout=self.command_timeout
-            )
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            raise self.error("cannot connect", exc) from exc
-        try:
-            await self._prepare(conn)
-        except BaseException:
-            conn.terminate()
-            raise
-        self._conn = conn
-        return conn
-
-    async def _inspect(self, conn: asyncpg.Connection) -> tuple[int | None, dict[str, set[str]]]:
-        """The schema version (None: no version table) and our tables' columns."""
-        rows = await conn.fetch(
-            "SELECT table_name, column_name FROM information_schema.columns "
-            "WHERE table_schema = current_schema() AND table_name = ANY($1::text[])",
-            list(TABLES),
-        )
-        tables: dict[str, set[str]] = {}
-        for row in rows:
-            tables.setdefault(str(row[0]), set()).add(str(row[1]))
-        if VERSION_TABLE not in tables:
-            return None, tables
-        if tables[VERSION_TABLE] != {"version"}:
-            raise self.error(f"the table {VERSION_TABLE} is not ours (left untouched)")
-        versions = await conn.fetch(f"SELECT version FROM {VERSION_TABLE}")
-        if len(versions) != 1:
-            raise self.error(
-                f"{VERSION_TABLE} holds {len(versions)} rows, not one (left untouched)"
-            )
-        return int(versions[0][0]), tables
-
-    def _refuse_foreign(self, version: int | None, tables: dict[str, set[str]]) -> None:
-        if version is None:
-            if tables:
-                raise self.error(
-                    f"holds tables named like ours ({', '.join(sorted(tables))}) but no "
-                    f"{VERSION_TABLE}: not a tracker schema (left untouched)"
-                )
+        if self._lost is not None:
+            raise self._lost
+        if self.read_only or self._token is not None:
+            await self.database.open(account=self.account)
             return
-        if version > SCHEMA_VERSION:
-            raise self.error(
-                f"schema version {version} is newer than the {SCHEMA_VERSION} this version "
-                "of xmpp_sm_tracker knows; upgrade it (the database was left untouched)"
-            )
-        if version < 1:
-            raise self.error(f"says schema version {version}, which never existed")
-        if version == SCHEMA_VERSION:
-            found = {name: frozenset(columns) for name, columns in tables.items()}
-            wrong = sorted(name for name, cols in TABLES.items() if found.get(name) != cols)
-            if wrong:
-                raise self.error(
-                    f"says schema version {version} but its {', '.join(wrong)} table(s) "
-                    "are not ours (left untouched)"
-                )
-
-    async def _prepare(self, conn: asyncpg.Connection) -> None:
-        """Refuse foreign schemas; bring ours to the latest version in one transaction."""
-        try:
-            version, tables = await self._inspect(conn)
-            self._refuse_foreign(version, tables)
-            if version == SCHEMA_VERSION:
+        async with self._opening:
+            if self._token is not None:
                 return
-            async with conn.transaction():
-                # Another process may be migrating too: one at a time, then look again.
-                await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
-                version, tables = await self._inspect(conn)
-                self._refuse_foreign(version, tables)
-                for step in range(version or 0, SCHEMA_VERSION):
-                    for statement in MIGRATIONS[step]:
-                        await conn.execute(statement)
-                    if step == 0:
-                        await conn.execute(f"INSERT INTO {VERSION_TABLE} VALUES (1)")
-                    else:
-                        await conn.execute(f"UPDATE {VERSION_TABLE} SET version = $1", step + 1)
-                self._refuse_foreign(*await self._inspect(conn))
-        except StoreError:
-            raise
-        except Exception as exc:
-            raise self.error("cannot prepare the schema", exc) from exc
+            await self.database.open(account=self.account)
+            leases = self.database.leases
+            if wait is None:
+                self._token = await leases.take(self.account, self._lease_lost)
+            else:
+                self._token = await leases.wait_and_take(self.account, self._lease_lost, wait)
+
+    def on_lease_lost(self, listener: Callable[[LeaseLost], None]) -> None:
+        """Call ``listener(error)`` if this store loses its account's lease."""
+        self._listeners.append(listener)
+
+    def _lease_lost(self, error: LeaseLost) -> None:
+        self._lost = error
+        self._token = None
+        for listener in self._listeners:
+            listener(error)
+
+    @property
+    def lease_lost(self) -> LeaseLost | None:
+        """Why this store lost its lease, or None while it has it (or never needed one)."""
+        return self._lost
 
     # ---------------------------------------------------------------- plumbing
 
-    def _drop(self, conn: asyncpg.Connection) -> None:
-        """Forget a connection left in an unknown state; the next call makes a new one."""
-        if self._conn is conn:
-            self._conn = None
-        conn.terminate()
+    async def _write(self, what: str, work: Callable[[asyncpg.Connection], Awaitable[_T]]) -> _T:
+        """Run ``work`` in a transaction that first checks the lease is still ours."""
+        if self.read_only:
+            raise self.error(f"{what}: the store is read-only")
+        await self._ready(wait=None)
+        token, owner = self._token, self.database.owner
 
-    async def _transaction(
-        self, what: str, work: Callable[[asyncpg.Connection], Awaitable[_T]]
-    ) -> _T:
-        """Run ``work`` committed whole, or rolled back whole."""
-        async with self._lock:
-            conn = await self._connection()
-            try:
-                async with conn.transaction():
-                    return await work(conn)
-            except asyncpg.PostgresError as exc:
-                if conn.is_closed():  # e.g. the server was shut down
-                    self._drop(conn)
-                raise self.error(f"{what} failed (rolled back)", exc) from exc
-            except StoreError:
-                raise  # our own, from ``work``: rolled back by the context manager
-            except Exception as exc:
-                # The link broke, or the client lost track of it: start afresh next time.
-                self._drop(conn)
-                raise self.error(f"{what} failed (the connection broke)", exc) from exc
-            except BaseException:
-                # Cancelled (or worse) mid-transaction: never reuse a connection that may
-                # still be inside it; the server rolls back when it goes.
-                self._drop(conn)
-                raise
+        async def fenced(conn: asyncpg.Connection) -> _T:
+            if await conn.fetchval(FENCE, self.account, owner, token) is None:
+                raise LeaseLost(
+                    f"PostgreSQL store {self.server} ({self.account}): {what} refused: "
+                    "another process owns the account now"
+                )
+            return await work(conn)
+
+        try:
+            return await self.database.transaction(what, fenced, account=self.account)
+        except LeaseLost as exc:
+            if self._lost is None:
+                self._lease_lost(exc)
+            raise
 
     async def _read(self, sql: str, *params: Any) -> list[Any]:
-        async with self._lock:
-            conn = await self._connection()
-            try:
-                return list(await conn.fetch(sql, *params))
-            except asyncpg.PostgresError as exc:
-                if conn.is_closed():
-                    self._drop(conn)
-                raise self.error("reading failed", exc) from exc
-            except Exception as exc:
-                self._drop(conn)
-                raise self.error("reading failed (the connection broke)", exc) from exc
-            except BaseException:
-                self._drop(conn)  # cancelled mid-query: do not reuse it
-                raise
+        await self._ready(wait=None)
+        return await self.database.read(sql, *params, account=self.account)
 
     async def _records(self, sql: str, *params: Any) -> list[TrackedMessage]:
         rows = await self._read(sql, self.account, *params)
@@ -299,7 +219,9 @@ class PostgresStore:
     async def upsert(self, records: Sequence[TrackedMessage]) -> None:
         """Insert or replace records by id in one transaction, all or nothing."""
         if not records:
-            await self.open()  # still an error on a closed or unusable store
+            await self._ready(wait=None)  # still an error on a closed or unusable store
+            if self.read_only:
+                raise self.error("writing records: the store is read-only")
             return
         rows = [_row(self.account, record) for record in records]
 
@@ -316,7 +238,7 @@ class PostgresStore:
                     "nothing of this batch was written"
                 ) from None
 
-        await self._transaction(f"writing {len(records)} records", work)
+        await self._write(f"writing {len(records)} records", work)
 
     async def get(self, message_id: str) -> TrackedMessage | None:
         """One record by id."""
@@ -361,9 +283,7 @@ class PostgresStore:
 
     async def _delete(self, sql: str, what: str, *params: Any) -> int:
         """Run one DELETE for this account in its own transaction; how many rows went."""
-        status = await self._transaction(
-            what, lambda conn: conn.execute(sql, self.account, *params)
-        )
+        status = await self._write(what, lambda conn: conn.execute(sql, self.account, *params))
         return int(str(status).rsplit(" ", 1)[-1])  # "DELETE n"
 
     async def delete(self, message_id: str) -> bool:
@@ -400,7 +320,7 @@ class PostgresStore:
                 text,
             )
 
-        await self._transaction("saving the SM state", keep)
+        await self._write("saving the SM state", keep)
 
     async def load_sm_state(self) -> SMState | None:
         """The SM state saved last (a fresh dict every time), or None."""
@@ -416,29 +336,20 @@ class PostgresStore:
         return state
 
     async def aclose(self) -> None:
-        """Close the connection; calling it again is harmless."""
-        async with self._lock:
-            self._closed = True
-            conn, self._conn = self._conn, None
-            if conn is not None and not conn.is_closed():
-                try:
-                    await asyncio.wait_for(conn.close(), self.connect_timeout)
-                except Exception:
-                    conn.terminate()  # closed anyway: the server drops the session
-                except BaseException:
-                    conn.terminate()
-                    raise
+        """Give the lease back (a standby may take over at once) and, for a store that
+        opened its own database, close it; calling it again is harmless."""
+        if self._closed:
+            return
+        self._closed = True
+        async with self._opening:
+            if self._token is not None:
+                self._token = None
+                await self.database.leases.give_back(self.account)
+        self.database.release(self)
+        if self._own_database:
+            await self.database.aclose()
 
     @property
     def closed(self) -> bool:
         """True once :meth:`aclose` ran."""
         return self._closed
-
-    def __del__(self) -> None:
-        conn = getattr(self, "_conn", None)  # __init__ may raise
-        if conn is not None and not self._closed:
-            warnings.warn(
-                f"{self!r} was never closed: use 'async with' or aclose()",
-                ResourceWarning,
-                stacklevel=2,
-            )

@@ -3,8 +3,8 @@
 Many accounts share one database, so every row is keyed by ``account`` (a bare JID) and
 every table name starts with ``sm_tracker_`` to stay clear of the application's own.
 The version is the one row of ``sm_tracker_schema_version``: ``MIGRATIONS[n]`` takes a
-database from version n to n + 1. Append a tuple for version 2; never edit one that
-shipped. A database whose tables look like ours but are not is refused, untouched.
+database from version n to n + 1. Append a tuple for the next version; never edit one
+that shipped. A database whose tables look like ours but are not is refused, untouched.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from .sqlite_schema import FIELDS
 __all__ = [
     "IS_FAILED",
     "IS_IN_FLIGHT",
+    "LEASES",
     "MIGRATIONS",
     "NEWEST_FIRST",
     "OLDEST_FIRST",
@@ -31,6 +32,7 @@ __all__ = [
 RECORDS: Final = "sm_tracker_records"
 SM_STATE: Final = "sm_tracker_sm_state"
 VERSION_TABLE: Final = "sm_tracker_schema_version"
+LEASES: Final = "sm_tracker_leases"
 
 _V1: Final = (
     f"""
@@ -85,8 +87,23 @@ _V1: Final = (
     """,
 )
 
+# One owner per account: a lease row renewed while its owner lives, timed by the
+# database's clock (never the machines'). ``token`` grows with every change of owner, and
+# every write checks it (FOR SHARE) in its own transaction, so a process that lost the
+# lease can never write again, however late its write arrives.
+_V2: Final = (
+    f"""
+    CREATE TABLE {LEASES} (
+        account text PRIMARY KEY,
+        owner text NOT NULL,
+        token bigint NOT NULL,
+        expires_at timestamptz NOT NULL
+    )
+    """,
+)
+
 #: ``MIGRATIONS[n]`` takes a database from version n to n + 1. Append, never edit.
-MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1,)
+MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1, _V2)
 #: The schema version this library writes.
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -95,6 +112,7 @@ TABLES: Final = {
     VERSION_TABLE: frozenset({"version"}),
     RECORDS: frozenset({"account", "pos", *FIELDS}),
     SM_STATE: frozenset({"account", "state"}),
+    LEASES: frozenset({"account", "owner", "token", "expires_at"}),
 }
 
 _COLUMNS: Final = ", ".join(FIELDS)

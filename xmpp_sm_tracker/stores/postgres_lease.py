@@ -1,0 +1,172 @@
+"""One owner per account: leases in PostgreSQL, renewed while the owner lives.
+
+XEP-0198 lets anyone holding the SM state resume a stream, so two processes holding one
+account would fight over its stream and write over each other's records. A lease row per
+account says who owns it and until when, by the database's clock. The owner renews all
+its leases in one statement every third of ``lease_ttl``; a process killed outright (or
+cut off from the database) loses them ``lease_ttl`` after its last renewal, and a standby
+takes them over. Every write checks its lease in its own transaction (``FOR SHARE``, so a
+takeover waits for it), so a process that lost an account never writes to it again.
+
+An owner that cannot renew in time treats its leases as lost at its own deadline (counted
+from the moment it sent the last renewal that succeeded, so always before the database
+lets a standby in) and tells its stores, whose tracker then stops touching the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import asyncpg
+
+from .base import AccountLeased, LeaseLost, StoreError
+from .postgres_schema import LEASES
+
+if TYPE_CHECKING:
+    from .postgres_db import PostgresDatabase
+
+__all__ = ["AccountLeased", "LeaseKeeper", "LeaseLost"]
+
+log = logging.getLogger(__name__)
+
+_TAKE = f"""
+INSERT INTO {LEASES} AS lease (account, owner, token, expires_at)
+VALUES ($1, $2, 1, now() + make_interval(secs => $3))
+ON CONFLICT (account) DO UPDATE
+    SET owner = excluded.owner, token = lease.token + 1, expires_at = excluded.expires_at
+    WHERE lease.expires_at <= now() OR lease.owner = excluded.owner
+RETURNING token
+"""
+_HOLDER = f"""
+SELECT owner, GREATEST(EXTRACT(EPOCH FROM expires_at - now()), 0)::float8
+FROM {LEASES} WHERE account = $1
+"""
+_RENEW = f"""
+UPDATE {LEASES} SET expires_at = now() + make_interval(secs => $2)
+WHERE owner = $1 AND account = ANY($3::text[])
+RETURNING account, token
+"""
+_GIVE_BACK = f"UPDATE {LEASES} SET expires_at = now() WHERE account = $1 AND owner = $2"
+#: Run first in every write transaction: the lease must still be ours, and stays so
+#: until the transaction ends.
+FENCE = f"SELECT 1 FROM {LEASES} WHERE account = $1 AND owner = $2 AND token = $3 FOR SHARE"
+
+
+class LeaseKeeper:
+    """The leases of one database's stores: taking, renewing, giving back."""
+
+    def __init__(self, database: PostgresDatabase, owner: str, ttl: float) -> None:
+        self.database = database
+        self.owner = owner
+        self.ttl = ttl
+        self._tokens: dict[str, int] = {}
+        self._lost: dict[str, Callable[[LeaseLost], None]] = {}
+        self._deadline = 0.0  # time.monotonic() by which the leases must be renewed
+        self._task: asyncio.Task[None] | None = None
+
+    def token(self, account: str) -> int:
+        """Our token for ``account``; :class:`LeaseLost` when it is not ours."""
+        token = self._tokens.get(account)
+        if token is None:
+            raise LeaseLost(f"{self.owner} does not own {account} (any more)")
+        return token
+
+    async def take(self, account: str, on_lost: Callable[[LeaseLost], None]) -> int:
+        """Take ``account``'s lease, or raise :class:`AccountLeased` naming who has it."""
+        sent_at = time.monotonic()
+        rows = await self.database.transaction(
+            f"taking the lease of {account}",
+            lambda conn: conn.fetch(_TAKE, account, self.owner, self.ttl),
+        )
+        if not rows:
+            holder = await self.database.read(_HOLDER, account)
+            who, left = (holder[0][0], holder[0][1]) if holder else ("someone", 0.0)
+            raise AccountLeased(
+                f"{account} is owned by {who} (its lease runs {left:.1f} s more unless "
+                "renewed): a store attaches only to an account no live process owns"
+            )
+        token = int(rows[0][0])
+        if not self._tokens:
+            self._deadline = sent_at + self.ttl
+        self._tokens[account] = token
+        self._lost[account] = on_lost
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._renew_forever())
+        return token
+
+    async def wait_and_take(
+        self, account: str, on_lost: Callable[[LeaseLost], None], poll: float
+    ) -> int:
+        """Take the lease as soon as it is free or lapsed (a standby's wait)."""
+        while True:
+            try:
+                return await self.take(account, on_lost)
+            except AccountLeased:
+                await asyncio.sleep(poll)
+
+    async def give_back(self, account: str) -> None:
+        """Let the lease go now, so a standby need not wait for it to lapse."""
+        self._lost.pop(account, None)
+        if self._tokens.pop(account, None) is None:
+            return
+        try:
+            await self.database.transaction(
+                f"giving back the lease of {account}",
+                lambda conn: conn.execute(_GIVE_BACK, account, self.owner),
+            )
+        except StoreError as exc:
+            log.warning("%s; it lapses by itself in at most %.0f s", exc, self.ttl)
+
+    async def _renew_forever(self) -> None:
+        while self._tokens:
+            await asyncio.sleep(self.ttl / 3)
+            if not self._tokens:
+                break
+            await self._renew()
+
+    async def _renew(self) -> None:
+        sent_at = time.monotonic()
+        accounts = list(self._tokens)
+        try:
+            rows = await asyncio.wait_for(
+                self.database.transaction(
+                    "renewing leases",
+                    lambda conn: conn.fetch(_RENEW, self.owner, self.ttl, accounts),
+                ),
+                timeout=max(0.1, self._deadline - sent_at),
+            )
+        except (TimeoutError, StoreError, asyncpg.PostgresError) as exc:
+            if time.monotonic() >= self._deadline:
+                self._lose(accounts, f"could not renew the lease in time ({exc})")
+            else:
+                log.warning("renewing leases failed, trying again: %s", exc)
+            return
+        self._deadline = sent_at + self.ttl
+        renewed = {str(row[0]): int(row[1]) for row in rows}
+        gone = [a for a in accounts if renewed.get(a) != self._tokens.get(a)]
+        self._lose(gone, "another process took it over")
+
+    def _lose(self, accounts: list[str], why: str) -> None:
+        for account in accounts:
+            if self._tokens.pop(account, None) is None:
+                continue
+            on_lost = self._lost.pop(account)
+            error = LeaseLost(f"lost the lease of {account}: {why}")
+            log.error("%s; stopping its tracker", error)
+            try:
+                on_lost(error)
+            except Exception:
+                log.exception("a lease-lost callback for %s failed", account)
+
+    async def aclose(self) -> None:
+        """Give back every lease and stop renewing."""
+        for account in list(self._tokens):
+            await self.give_back(account)
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
