@@ -64,7 +64,7 @@ async def where(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         yield dsn
 
 
-async def start_child(db: Path | str, proxy: FaultProxy) -> Child:
+async def start_child(db: Path | str, proxy: FaultProxy, count: int = COUNT) -> Child:
     db = str(db)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     if db.startswith("postgresql://"):
@@ -76,7 +76,7 @@ async def start_child(db: Path | str, proxy: FaultProxy) -> Child:
         db,
         proxy.host,
         str(proxy.port),
-        str(COUNT),
+        str(count),
         cwd=ROOT,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
