@@ -65,14 +65,25 @@ from slixmpp.xmlstream.matcher import MatchXPath
 
 import xmpp_sm_tracker
 from xmpp_sm_tracker.core.records import TrackedMessage
-from xmpp_sm_tracker.core.states import DeliveryState
 from xmpp_sm_tracker.stanzas import REQUEST_ACK
+from xmpp_sm_tracker.stores.postgres import PostgresStore
 from xmpp_sm_tracker.testing import FaultProxy, ProsodyServer, ensure_prosody_installed
 from xmpp_sm_tracker.testing.client import connect_client, make_client, tracker_of, wait_for
+from xmpp_sm_tracker.testing.postgres import PostgresServer
 from xmpp_sm_tracker.testing.prosody import installed_prosody_version
-from xmpp_sm_tracker.writer import StoreWriter
 
 from . import child_env
+from .bench_fleet import (
+    FLEET_PASSWORD,
+    disconnect_client,
+    fill_store,
+    fleet_names,
+    fleet_run,
+    postgres_database,
+    recover_run,
+    sqlite_database,
+    store_changes_run,
+)
 from .bench_wire import SCALE_OPS, scale_run
 
 __all__ = [
@@ -102,15 +113,32 @@ COLUMNS: dict[str, str] = {
     "bare_oid": "bare, same stanzas",
     "memory": "tracked, MemoryStore",
     "sqlite": "tracked, SQLiteStore",
+    "postgres": "tracked, PostgresStore",
 }
-_SHORT = {"bare": "bare", "bare_oid": "same stanzas", "memory": "memory", "sqlite": "SQLite"}
+_SHORT = {
+    "bare": "bare",
+    "bare_oid": "same stanzas",
+    "memory": "memory",
+    "sqlite": "SQLite",
+    "postgres": "PostgreSQL",
+}
 
 PASSWORD = "bench-pass"
 BOB = "bob@localhost"
 ORIGIN_ID_TAG = "{urn:xmpp:sid:0}origin-id"
 SQLITE_NA = "n/a (SQLiteStore not available)"
 #: The benchmarks, in the order they run.
-PARTS = ("throughput", "latency", "scale", "resume", "memory", "durable", "sqlite")
+PARTS = (
+    "throughput",
+    "latency",
+    "scale",
+    "resume",
+    "memory",
+    "durable",
+    "sqlite",
+    "postgres",
+    "fleet",
+)
 _BODY = "{jabber:client}body"
 #: Settings that keep every message of the resume and memory runs unacked until we say
 #: (and written: no max_unacked window holds the 10 000 of the resume run back).
@@ -125,11 +153,6 @@ _RECONNECT_DELAY = 0.05
 #: A tracked message as the tracker writes it (origin-id, no stream namespace).
 _WIRE_MESSAGE = (
     "<message to='bob@localhost' type='chat' id='{id}'><body>{body}</body>"
-    "<origin-id xmlns='urn:xmpp:sid:0' id='{id}'/></message>"
-)
-_MESSAGE_XML = (
-    "<message xmlns='jabber:client' to='bob@localhost' type='chat' id='{id}'>"
-    "<body>recovered message number {n}</body>"
     "<origin-id xmlns='urn:xmpp:sid:0' id='{id}'/></message>"
 )
 
@@ -180,6 +203,9 @@ class BenchConfig:
     scale_batch: int = 1000
     #: Durable sends (``tracker.send_message``) while nothing is acked.
     durable_sends: int = 4000
+    #: Accounts in the fleet run (one process, one shared store) and messages each sends.
+    fleet_accounts: int = 500
+    fleet_messages: int = 20
 
     @classmethod
     def quick(cls, repeat: int = 1) -> BenchConfig:
@@ -198,6 +224,8 @@ class BenchConfig:
             scale=(1000,),
             scale_batch=200,
             durable_sends=200,
+            fleet_accounts=20,
+            fleet_messages=5,
         )
 
     @classmethod
@@ -215,6 +243,8 @@ class BenchConfig:
             "bare_latency_samples",
             "scale_batch",
             "durable_sends",
+            "fleet_accounts",
+            "fleet_messages",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"bench config: {name} must be at least 1")
@@ -519,21 +549,6 @@ async def _connect(xmpp: slixmpp.ClientXMPP, address: tuple[str, int]) -> None:
         await wait_for(lambda: xep.enabled_in, timeout=30)
 
 
-async def _disconnect(xmpp: slixmpp.ClientXMPP) -> None:
-    """A graceful close that gives up after a few seconds."""
-    if xmpp.transport is not None:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(xmpp.disconnect(wait=2.0), 10)
-        if xmpp.transport is not None:
-            xmpp.abort()
-    # slixmpp cancels its send-queue task only when the client is garbage-collected,
-    # which destroys the task while it is still pending: stop it here instead.
-    task = getattr(xmpp, "_run_out_filters", None)
-    if task is not None and not task.done():
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-
-
 def _send_all(xmpp: slixmpp.ClientXMPP, tag: str, n: int, *, origin_id: bool = False) -> None:
     """Send ``n`` chat messages to bob, as an app does.
 
@@ -690,7 +705,7 @@ async def _throughput_run(
         run["lost"], run["duplicated"] = n - unique, total - unique
         return run
     finally:
-        await _disconnect(alice)
+        await disconnect_client(alice)
         if store is not None:
             await store.aclose()
 
@@ -752,7 +767,7 @@ async def _resume_run(server: ProsodyServer, bob: _Receiver, n: int, tag: str) -
                 "duplicated": total - unique,
             }
         finally:
-            await _disconnect(alice)
+            await disconnect_client(alice)
 
 
 # ---------------------------------------------------------------------- CPU
@@ -818,7 +833,7 @@ async def _cpu_run(
                 "us_per_message": 1e6 * (send_s + ack_s) / n,
             }
         finally:
-            await _disconnect(alice)
+            await disconnect_client(alice)
             if store is not None:
                 await store.aclose()
 
@@ -907,7 +922,7 @@ async def _latency_run(
             "rtts_s": rtts,
         }
     finally:
-        await _disconnect(alice)
+        await disconnect_client(alice)
 
 
 # ---------------------------------------------------------------------- durable sends
@@ -963,7 +978,7 @@ async def _durable_run(server: ProsodyServer, n: int, tag: str, workdir: Path) -
             }
         finally:
             proxy.heal()
-            await _disconnect(alice)
+            await disconnect_client(alice)
             await store.aclose()
 
 
@@ -1050,7 +1065,7 @@ async def _memory_run(
             }
         finally:
             proxy.heal()
-            await _disconnect(alice)
+            await disconnect_client(alice)
             if store is not None:
                 await store.aclose()
 
@@ -1097,93 +1112,7 @@ async def _prosody_run(server: ProsodyServer, bob: _Receiver, n: int, tag: str) 
                 "bob_total": total,
             }
         finally:
-            await _disconnect(alice)
-
-
-# ---------------------------------------------------------------------- SQLite
-
-
-def _records(n: int, state: DeliveryState, now: float) -> list[TrackedMessage]:
-    return [
-        TrackedMessage(
-            id=f"bench-{i:07d}",
-            origin_id=f"bench-{i:07d}",
-            to=BOB,
-            type="chat",
-            body=f"recovered message number {i}",
-            state=state,
-            xml=_MESSAGE_XML.format(id=f"bench-{i:07d}", n=i),
-            created_at=now + i * 1e-6,
-            updated_at=now + i * 1e-6,
-            seq=i + 1,
-        )
-        for i in range(n)
-    ]
-
-
-async def _sqlite_changes_run(path: Path, changes: int, burst: int) -> dict[str, Any]:
-    """Half the changes new SENT records, half the same records ACKED, via StoreWriter."""
-    store_class = sqlite_store_class()
-    assert store_class is not None
-    half = changes // 2
-    now = time.time()
-    sent = _records(half, DeliveryState.SENT, now)
-    acked = [r.moved(DeliveryState.ACKED, now + 1) for r in sent]
-    store = store_class(path)
-    opener = getattr(store, "open", None)
-    if opener is not None:
-        await opener()  # not timed: opening is the recovery benchmark's business
-    try:
-        writer = StoreWriter(store)
-        start = time.perf_counter()
-        for batch in (sent, acked):
-            for i, record in enumerate(batch, start=1):
-                writer.put(record)
-                if i % burst == 0:
-                    await asyncio.sleep(0)
-        await writer.flush()
-        seconds = time.perf_counter() - start
-        last = await store.get(acked[-1].id)
-        pending = len(await store.pending())
-    finally:
-        await store.aclose()
-    return {
-        "changes": 2 * half,
-        "burst": burst,
-        "seconds": seconds,
-        "changes_per_s": 2 * half / seconds,
-        "last_state": last.state.value if last is not None else None,
-        "pending_after": pending,
-    }
-
-
-async def _prepare_recovery_db(path: Path, n: int) -> None:
-    store_class = sqlite_store_class()
-    assert store_class is not None
-    store = store_class(path)
-    try:
-        records = _records(n, DeliveryState.SENT, time.time())
-        for i in range(0, n, 10_000):
-            await store.upsert(records[i : i + 10_000])
-    finally:
-        await store.aclose()
-
-
-async def _recover_run(path: Path, n: int) -> dict[str, Any]:
-    """A fresh process's ``attach()``: open the file, load and adopt what is in flight."""
-    store_class = sqlite_store_class()
-    assert store_class is not None
-    alice = make_client("alice@localhost/recover", PASSWORD)
-    tracker = tracker_of(alice)
-    store = store_class(path)
-    try:
-        start = time.perf_counter()
-        await tracker.attach(store)
-        seconds = time.perf_counter() - start
-        recovered = len(tracker.core.records)
-    finally:
-        await store.aclose()
-    return {"records": n, "recovered": recovered, "seconds": seconds}
+            await disconnect_client(alice)
 
 
 # ---------------------------------------------------------------------- the run
@@ -1268,6 +1197,9 @@ async def run_bench(
         "durable": [],
         "sqlite_changes": [],
         "sqlite_recover": [],
+        "postgres_changes": [],
+        "postgres_recover": [],
+        "fleet": [],
     }
     profile: dict[str, Any] = {}
     workdir = base_dir / "stores"
@@ -1279,6 +1211,12 @@ async def run_bench(
         await _scale_parts(config, workdir, runs, have_sqlite, say)
     if "sqlite" in config.parts and have_sqlite:
         await _sqlite_parts(config, workdir, runs, say)
+    if {"postgres", "fleet"} & set(config.parts):
+        with PostgresServer(database="bench") as postgres:
+            if "postgres" in config.parts:
+                await _postgres_parts(config, postgres.dsn, runs, say)
+            if "fleet" in config.parts:
+                await _fleet_parts(config, base_dir, workdir, postgres.dsn, runs, say)
     machine = machine_info()
     machine["load_average_before"] = load_before
     return BenchResult(
@@ -1415,17 +1353,76 @@ async def _sqlite_parts(
     config: BenchConfig, workdir: Path, runs: dict[str, list[dict[str, Any]]], say: Progress
 ) -> None:
     """Store-only benchmarks: batched state changes and start-up recovery."""
+    store_class = sqlite_store_class()
+    assert store_class is not None
     for i in range(config.repeat):
-        path = workdir / f"changes{i}.sqlite"
-        run = await _sqlite_changes_run(path, config.sqlite_changes, config.sqlite_burst)
+        store = store_class(workdir / f"changes{i}.sqlite")
+        run = await store_changes_run(store, config.sqlite_changes, config.sqlite_burst)
         runs["sqlite_changes"].append(run)
         say(f"sqlite {i + 1}/{config.repeat}: {run['changes_per_s']:.0f} changes/s")
     recover_path = workdir / "recover.sqlite"
-    await _prepare_recovery_db(recover_path, config.recover_records)
+    await fill_store(store_class(recover_path), config.recover_records)
     for i in range(config.repeat):
-        run = await _recover_run(recover_path, config.recover_records)
+        run = await recover_run(store_class(recover_path), config.recover_records)
         runs["sqlite_recover"].append(run)
         say(f"recover {i + 1}/{config.repeat}: {run['recovered']} in {run['seconds']:.3f} s")
+
+
+async def _postgres_parts(
+    config: BenchConfig, dsn: str, runs: dict[str, list[dict[str, Any]]], say: Progress
+) -> None:
+    """The same store benchmarks on PostgresStore (a test cluster on this machine:
+    fsync and synchronous_commit off, as the test kit runs it)."""
+    for i in range(config.repeat):
+        store = PostgresStore(dsn, account=f"changes{i}@localhost")
+        run = await store_changes_run(store, config.sqlite_changes, config.sqlite_burst)
+        runs["postgres_changes"].append(run)
+        say(f"postgres {i + 1}/{config.repeat}: {run['changes_per_s']:.0f} changes/s")
+    await fill_store(PostgresStore(dsn, account="recover@localhost"), config.recover_records)
+    for i in range(config.repeat):
+        store = PostgresStore(dsn, account="recover@localhost")
+        run = await recover_run(store, config.recover_records)
+        runs["postgres_recover"].append(run)
+        say(f"recover {i + 1}/{config.repeat}: {run['recovered']} in {run['seconds']:.3f} s")
+
+
+async def _fleet_parts(
+    config: BenchConfig,
+    base_dir: Path,
+    workdir: Path,
+    dsn: str,
+    runs: dict[str, list[dict[str, Any]]],
+    say: Progress,
+) -> None:
+    """Many accounts in this process, each its own client, through one shared store."""
+    ensure_prosody_installed()
+    server = ProsodyServer(base_dir / "fleet-prosody", log_level="warn")
+    server.register_many(fleet_names(config.fleet_accounts), FLEET_PASSWORD)
+    async with server:
+        for i in range(config.repeat):
+            for kind in ("bare", "sqlite", "postgres"):
+                database = (
+                    sqlite_database(workdir / f"fleet{i}.sqlite")
+                    if kind == "sqlite"
+                    else postgres_database(dsn)
+                    if kind == "postgres"
+                    else None
+                )
+                if kind == "sqlite" and database is None:
+                    continue
+                try:
+                    run = await fleet_run(
+                        server, kind, config.fleet_accounts, config.fleet_messages, database, say
+                    )
+                finally:
+                    if database is not None:
+                        await database.aclose()
+                runs["fleet"].append(run)
+                say(
+                    f"fleet {i + 1}/{config.repeat} {kind:<8} {run['msgs_per_s']:.0f} msg/s, "
+                    f"{run['bytes_per_idle_client']:.0f} B per idle client, "
+                    f"lost {run['lost']}, duplicated {run['duplicated']}"
+                )
 
 
 def _metrics(
@@ -1620,32 +1617,79 @@ def _metrics(
         part="resume",
         worst=True,
     )
-    # -- SQLite
-    recover_ok = all(r["recovered"] == r["records"] for r in runs["sqlite_recover"])
-    cell(
-        "sqlite.changes_per_s",
-        f"SQLiteStore state changes/s (batched, {config.sqlite_changes})",
-        "sqlite",
-        "/s",
-        [r["changes_per_s"] for r in runs["sqlite_changes"]],
-        "≥ 100 000/s",
-        lambda v: v >= 100_000,
-        part="sqlite",
-    )
-    cell(
-        "sqlite.recover_s",
-        f"SQLiteStore: recover {config.recover_records} records at start-up",
-        "sqlite",
-        "s",
-        [r["seconds"] for r in runs["sqlite_recover"]],
-        "< 1 s",
-        lambda v: v < 1.0 and recover_ok,
-        part="sqlite",
-    )
+    # -- stores
+    _store_cells(config, runs, cell)
+    # -- a fleet
+    _fleet_cells(config, runs["fleet"], cell)
     return metrics
 
 
 _Cell = Callable[..., None]
+
+
+def _store_cells(config: BenchConfig, runs: dict[str, list[dict[str, Any]]], cell: _Cell) -> None:
+    """Store state changes per second, batched, and recovery at start-up."""
+    row = f"store state changes/s (batched, {config.sqlite_changes}, {config.sqlite_burst} a turn)"
+    for name, floor in (("sqlite", 100_000), ("postgres", 50_000)):
+        cell(
+            f"{name}.changes_per_s",
+            row,
+            name,
+            "/s",
+            [r["changes_per_s"] for r in runs[f"{name}_changes"]],
+            f"≥ {floor:,}/s".replace(",", " "),
+            _at_least(floor),
+            part=name,
+        )
+    row = f"store: recover {config.recover_records} in-flight records at start-up (attach)"
+    for name, ceiling in (("sqlite", 1.0), ("postgres", 2.0)):
+        recovered = runs[f"{name}_recover"]
+        all_back = all(r["recovered"] == r["records"] for r in recovered)
+        cell(
+            f"{name}.recover_s",
+            row,
+            name,
+            "s",
+            [r["seconds"] for r in recovered],
+            f"< {ceiling:g} s",
+            lambda v, ceiling=ceiling, all_back=all_back: v < ceiling and all_back,
+            part=name,
+        )
+
+
+def _fleet_cells(config: BenchConfig, runs: list[dict[str, Any]], cell: _Cell) -> None:
+    """The fleet: bare slixmpp beside the tracker on one shared SQLite / PostgreSQL store."""
+    a, m = config.fleet_accounts, config.fleet_messages
+    kinds = ("bare", "sqlite", "postgres")
+
+    def of(kind: str, field: str) -> list[float]:
+        return [float(r[field]) for r in runs if r["variant"] == kind and r[field] is not None]
+
+    row = f"fleet of {a} accounts in one process, {m} msgs each: msg/s to all received (acked)"
+    for kind in kinds:
+        cell(f"fleet.msgs_per_s.{kind}", row, kind, "msg/s", of(kind, "msgs_per_s"), part="fleet")
+    row = "fleet: memory per idle client, whole client (tracemalloc)"
+    for kind in kinds:
+        samples = of(kind, "bytes_per_idle_client")
+        cell(f"fleet.bytes_per_client.{kind}", row, kind, "B", samples, part="fleet")
+    row = "fleet: store transactions/s while sending"
+    for kind in ("sqlite", "postgres"):
+        samples = of(kind, "transactions_per_s")
+        cell(f"fleet.transactions_per_s.{kind}", row, kind, "/s", samples, part="fleet")
+    row = "fleet: lost + duplicated (max)"
+    for kind in kinds:
+        samples = [r["lost"] + r["duplicated"] for r in runs if r["variant"] == kind]
+        cell(
+            f"fleet.lost.{kind}",
+            row,
+            kind,
+            "msgs",
+            samples,
+            "0",
+            lambda x: x == 0,
+            part="fleet",
+            worst=True,
+        )
 
 
 def _at_least(floor: float) -> Callable[[float], bool]:

@@ -35,7 +35,10 @@ def expected_metrics(config: BenchConfig) -> set[str]:
     keys |= {f"memory.over_bare.{v}" for v in TRACKED}
     keys |= {"durable.cache_calls", "durable.entries", "durable.first_ms", "durable.last_ms"}
     keys |= {"resume.prosody_s", "resume.settle_s", "resume.ratio", "resume.lost_or_duplicated"}
-    keys |= {"sqlite.changes_per_s", "sqlite.recover_s"}
+    keys |= {f"{s}.{k}" for s in ("sqlite", "postgres") for k in ("changes_per_s", "recover_s")}
+    fleet = ("msgs_per_s", "bytes_per_client", "lost")
+    keys |= {f"fleet.{k}.{v}" for k in fleet for v in ("bare", "sqlite", "postgres")}
+    keys |= {f"fleet.transactions_per_s.{v}" for v in ("sqlite", "postgres")}
     return keys
 
 
@@ -102,8 +105,18 @@ def test_quick_bench_measures_everything_and_loses_nothing(
             assert run["unreflected_after"] == run["in_flight"] - run["batch"]
     for run in result["runs"]["durable"]:
         assert run["unacked_after"] >= config.durable_sends  # nothing acked meanwhile
-    for run in result["runs"]["sqlite_recover"]:
-        assert run["recovered"] == run["records"] == config.recover_records
+    for name in ("sqlite", "postgres"):
+        for run in result["runs"][f"{name}_recover"]:
+            assert run["recovered"] == run["records"] == config.recover_records
+        for run in result["runs"][f"{name}_changes"]:
+            assert run["last_state"] == "acked" and run["pending_after"] == 0
+    fleet = result["runs"]["fleet"]
+    assert sorted(r["variant"] for r in fleet) == ["bare", "postgres", "sqlite"]
+    for run in fleet:
+        assert run["messages"] == config.fleet_accounts * config.fleet_messages
+        assert run["lost"] == run["duplicated"] == 0, run
+        if run["variant"] != "bare":
+            assert run["acked"] == run["messages"] and run["transactions"] > 0
 
     table = capsys.readouterr().out
     assert result["machine"]["python"] in table and "Prosody" in table
@@ -139,4 +152,6 @@ def test_unknown_parts_are_refused() -> None:
         "memory",
         "durable",
         "sqlite",
+        "postgres",
+        "fleet",
     }

@@ -521,3 +521,25 @@ def test_prosody_register_error_is_reported(tmp_path: Path) -> None:
     server = ProsodyServer(tmp_path)
     with pytest.raises(ProsodyError, match="hostname does not exist"):
         server.register("eve", PASSWORD, domain="nowhere.example")
+
+
+async def test_register_many_makes_accounts_that_log_in(tmp_path: Path) -> None:
+    """A fleet's accounts, written straight into Prosody's store, are real accounts."""
+    from xmpp_sm_tracker.testing import ProsodyServer
+    from xmpp_sm_tracker.testing.client import connect_client, make_client
+
+    server = ProsodyServer(tmp_path / "fleet", log_level="warn")
+    server.register_many(["fleet0", "fleet1"], "fleet-pass")
+    with pytest.raises(ValueError, match="plain user names"):
+        server.register_many(["bad_name"], "x")
+    async with server:
+        for name in ("fleet0", "fleet1"):
+            xmpp = make_client(f"{name}@localhost/t", "fleet-pass", tracked=False)
+            await connect_client(xmpp, server.address)
+            xmpp.disconnect()
+        wrong = make_client("fleet0@localhost/t", "wrong", tracked=False)
+        failed = asyncio.get_running_loop().create_future()
+        wrong.add_event_handler("failed_all_auth", lambda _e: failed.set_result(True))
+        wrong.connect(*server.address)
+        assert await asyncio.wait_for(failed, 10)
+        wrong.abort()

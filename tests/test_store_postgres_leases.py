@@ -17,9 +17,17 @@ import pytest
 
 from tests.helpers.pgdb import fresh_database
 from tests.test_store_contract import record
-from xmpp_sm_tracker import AccountLeased, LeaseLost, StoreError
+from xmpp_sm_tracker import AccountLeased, LeaseLost, StoreError, TrackedMessage
 from xmpp_sm_tracker.stores.postgres import PostgresDatabase, PostgresStore
-from xmpp_sm_tracker.stores.postgres_schema import LEASES
+from xmpp_sm_tracker.stores.postgres_schema import (
+    LEASES,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    SM_STATE,
+    UPSERT,
+    VERSION_TABLE,
+)
+from xmpp_sm_tracker.stores.sqlite_schema import row_of
 
 ALICE, BOB = "alice@example.org", "bob@example.org"
 ROOT = Path(__file__).resolve().parent.parent
@@ -216,3 +224,32 @@ async def test_a_fleet_shares_one_pool_and_each_account_has_one_store(dsn: str) 
     # Every lease was given back: another process takes any account at once.
     async with PostgresStore(dsn, account="bot7@example.org") as successor:
         assert [r.id for r in await successor.pending()] == ["m7"]
+
+
+async def test_a_version_1_database_moves_to_leases_in_place_keeping_every_record(
+    dsn: str,
+) -> None:
+    """Databases made before leases (schema 1) gain the lease table; nothing else moves."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        for statement in MIGRATIONS[0]:
+            await conn.execute(statement)
+        await conn.execute(f"INSERT INTO {VERSION_TABLE} VALUES (1)")
+        await conn.execute(UPSERT, ALICE, *_row_values(record(1)))
+        await conn.execute(
+            f"INSERT INTO {SM_STATE} (account, state) VALUES ($1, $2)", ALICE, '{"version": 1}'
+        )
+    finally:
+        await conn.close()
+    async with PostgresStore(dsn, account=ALICE) as store:
+        assert [r.id for r in await store.pending()] == ["m1"]
+        assert await store.load_sm_state() == {"version": 1}
+        with pytest.raises(AccountLeased):
+            await PostgresStore(dsn, account=ALICE).open()
+    rows = await sql(dsn, f"SELECT version FROM {VERSION_TABLE}")
+    assert [r["version"] for r in rows] == [SCHEMA_VERSION] and SCHEMA_VERSION == 2
+
+
+def _row_values(message: TrackedMessage) -> tuple[object, ...]:
+    row = row_of(message)
+    return (*row[:10], bool(row[10]), *row[11:])
