@@ -207,9 +207,10 @@ async def test_a_fleet_shares_one_pool_and_each_account_has_one_store(dsn: str) 
         stores = [database.store(f"bot{n}@example.org") for n in range(50)]
         with pytest.raises(StoreError, match="already has an open store"):
             database.store("bot0@example.org")
+        await asyncio.gather(*(s.open() for s in stores))
         before = database.transactions
         await asyncio.gather(*(s.upsert([record(n)]) for n, s in enumerate(stores)))
-        assert database.transactions - before >= 50
+        assert database.transactions - before == 1  # one turn's writes, one transaction
         for n, store in enumerate(stores):
             assert [r.id for r in await store.pending()] == [f"m{n}"]
         rows = await sql(
@@ -253,3 +254,30 @@ async def test_a_version_1_database_moves_to_leases_in_place_keeping_every_recor
 def _row_values(message: TrackedMessage) -> tuple[object, ...]:
     row = row_of(message)
     return (*row[:10], bool(row[10]), *row[11:])
+
+
+async def test_in_a_shared_write_one_bad_account_fails_alone(dsn: str) -> None:
+    """A lost lease or an unwritable record fails its own caller; the others are written."""
+    async with PostgresDatabase(dsn) as database:
+        stores = [database.store(f"bot{n}@example.org") for n in range(4)]
+        await asyncio.gather(*(s.open() for s in stores))
+        await sql(
+            dsn,
+            f"UPDATE {LEASES} SET owner = 'standby', token = token + 1 WHERE account = $1",
+            "bot1@example.org",
+        )
+        results = await asyncio.gather(
+            stores[0].upsert([record(0)]),
+            stores[1].upsert([record(1)]),
+            stores[2].upsert([record(2, body="bad \ud800")]),
+            stores[3].upsert([record(3)]),
+            return_exceptions=True,
+        )
+        assert results[0] is None and results[3] is None
+        assert isinstance(results[1], LeaseLost) and stores[1].lease_lost is not None
+        assert isinstance(results[2], StoreError) and "lone surrogate" in str(results[2])
+        for n in (0, 3):
+            assert [r.id for r in await stores[n].pending()] == [f"m{n}"]
+        assert await stores[2].pending() == []
+    rows = await sql(dsn, "SELECT account FROM sm_tracker_records ORDER BY account")
+    assert [r["account"] for r in rows] == ["bot0@example.org", "bot3@example.org"]

@@ -238,7 +238,24 @@ class PostgresStore:
                     "nothing of this batch was written"
                 ) from None
 
-        await self._write(f"writing {len(records)} records", work)
+        what = f"writing {len(records)} records"
+        if self.read_only:
+            raise self.error(f"{what}: the store is read-only")
+        await self._ready(wait=None)
+        assert self._token is not None
+        try:
+            await self.database.batcher.upsert(
+                self.account, self._token, rows, lambda: self._write(what, work)
+            )
+        except LeaseLost as exc:
+            if self._lost is not None:
+                raise
+            error = LeaseLost(
+                f"PostgreSQL store {self.server} ({self.account}): {what} refused: "
+                "another process owns the account now"
+            )
+            self._lease_lost(error)
+            raise error from exc
 
     async def get(self, message_id: str) -> TrackedMessage | None:
         """One record by id."""

@@ -29,6 +29,7 @@ except ModuleNotFoundError as exc:  # pragma: no cover - only without the extra
     ) from exc
 
 from .base import StoreError
+from .postgres_batch import UpsertBatcher
 from .postgres_lease import LeaseKeeper
 from .postgres_schema import MIGRATIONS, SCHEMA_VERSION, TABLES, VERSION_TABLE
 
@@ -94,6 +95,8 @@ class PostgresDatabase:
         self.command_timeout = command_timeout
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.leases = LeaseKeeper(self, self.owner, lease_ttl)
+        #: Record writes of all this database's stores, one transaction per loop turn.
+        self.batcher = UpsertBatcher(self)
         #: Transactions committed, for the fleet benchmark's "transactions per second".
         self.transactions = 0
         self._pool: asyncpg.Pool | None = None

@@ -269,7 +269,7 @@ class ProsodyServer(LocalXMPPServer):
         """
         accounts = self.data_path / _lua_path(self._domain) / "accounts"
         accounts.mkdir(parents=True, exist_ok=True)
-        entry = f"return {{\n\t[\"password\"] = {_lua_string(password)};\n}};\n"
+        entry = f'return {{\n\t["password"] = {_lua_string(password)};\n}};\n'
         for user in users:
             if not user or not set(user) <= _PLAIN_NAME:
                 raise ValueError(f"register_many takes plain user names, not {user!r}")
