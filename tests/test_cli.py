@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from xmpp_sm_tracker.cli import main
 from .test_store_contract import record
 
 S = DeliveryState
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -110,8 +112,10 @@ def test_python_dash_m_and_console_script_work(db: Path) -> None:
     )
     assert json.loads(by_module.stdout)["states"]["failed"] == 2
     script = Path(sys.executable).with_name("xmpp-sm-tracker")
+    # This checkout's package, even when the venv's editable install points at another.
+    here = {**os.environ, "PYTHONPATH": str(ROOT)}
     by_script = subprocess.run(
-        [str(script), "export", str(db)], capture_output=True, text=True, check=True
+        [str(script), "export", str(db)], capture_output=True, text=True, check=True, env=here
     )
     assert len(by_script.stdout.splitlines()) == 4
 

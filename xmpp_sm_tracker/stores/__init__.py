@@ -2,6 +2,6 @@
 
 from .base import SMState, StoreError, TrackerStore
 from .memory import MemoryStore
-from .sqlite import SQLiteStore
+from .sqlite import SQLiteDatabase, SQLiteStore
 
-__all__ = ["MemoryStore", "SMState", "SQLiteStore", "StoreError", "TrackerStore"]
+__all__ = ["MemoryStore", "SMState", "SQLiteDatabase", "SQLiteStore", "StoreError", "TrackerStore"]
