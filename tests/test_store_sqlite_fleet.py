@@ -19,6 +19,8 @@ import pytest
 from xmpp_sm_tracker import DeliveryState, SQLiteDatabase, SQLiteStore, StoreError
 from xmpp_sm_tracker import stores as stores_package
 from xmpp_sm_tracker.stores.sqlite_schema import FIELDS, SCHEMA_VERSION, row_of
+from xmpp_sm_tracker.testing import LocalXMPPServer
+from xmpp_sm_tracker.testing.client import ClientPool
 
 from .test_store_contract import NESTED, record
 from .test_store_sqlite import ids, raw, user_version
@@ -342,3 +344,44 @@ async def test_a_read_only_open_of_a_version_1_file_asks_to_migrate_it_first(
         await db.open()
     await db.aclose()
     assert path.read_bytes() == before
+
+
+# ------------------------------------------------------------------ trackers (live)
+
+
+async def test_two_trackers_share_one_database_and_their_end_closes_only_their_view(
+    server: LocalXMPPServer, clients: ClientPool, tmp_path: Path
+) -> None:
+    async with SQLiteDatabase(tmp_path / "fleet.sqlite") as db:
+        parties = {
+            name: await clients(name, server.address, ack_delay=0.05) for name in ("alice", "carol")
+        }
+        views = {}
+        for name, party in parties.items():
+            views[name] = db.store(f"{name}@localhost")
+            await party.tracker.attach(views[name])
+            party.tracker.sm.cache(views[name].save_sm_state)
+        handles = {
+            name: [
+                await party.tracker.send_message("bob@localhost", f"{name} {i}") for i in range(5)
+            ]
+            for name, party in parties.items()
+        }
+        for name in parties:
+            for handle in handles[name]:
+                assert (await handle.settled(timeout=10)).state is S.ACKED
+        alice_tracker = parties["alice"].tracker  # (looked up again once disabled, it loads anew)
+        parties["alice"].xmpp.plugin.disable("sm_tracker")
+        closing = alice_tracker.closing_store
+        assert closing is not None
+        await closing
+        assert views["alice"].closed and not views["carol"].closed and not db.closed
+        await parties["carol"].tracker.flush()
+        assert {r.body for r in await views["carol"].conversation("bob@localhost")} == {
+            f"carol {i}" for i in range(5)
+        }
+        alice_again = db.store("alice@localhost")  # free again once its tracker ended
+        assert [r.body for r in await alice_again.conversation("bob@localhost")] == [
+            f"alice {i}" for i in range(5)
+        ]
+        assert await db.accounts() == ["alice@localhost", "carol@localhost"]
