@@ -153,6 +153,11 @@ class Engine:
         """Insert or replace ``account``'s records in the next shared transaction."""
         if self.closed or self._db is None:
             await self.open()  # raises on a closed or unusable store
+        if self.batch_window <= 0 and not (self._queue or self._flushes or self._lock.locked()):
+            # Nobody to share with: write in this task (a lone writer's every call).
+            async with self._lock:
+                await self._upsert_locked([(account, records)])
+            return
         queued = _Queued(account, list(records))
         self._queue.append(queued)
         if self._timer is None and not self._flush_waiting:
@@ -198,7 +203,7 @@ class Engine:
             try:
                 if len(batch) > 1:
                     try:
-                        await self._upsert_locked(batch)
+                        await self._upsert_locked([(q.account, q.records) for q in batch])
                     except Exception:
                         pass  # one bad caller must not fail the others: retry one by one
                     else:
@@ -207,7 +212,7 @@ class Engine:
                         return
                 for queued in batch:
                     try:
-                        await self._upsert_locked([queued])
+                        await self._upsert_locked([(queued.account, queued.records)])
                     except Exception as exc:
                         queued.settle(exc)
                     else:
@@ -219,18 +224,19 @@ class Engine:
         finally:
             self._lock.release()
 
-    async def _upsert_locked(self, batch: list[_Queued]) -> None:
-        size = sum(len(queued.records) for queued in batch)
+    async def _upsert_locked(self, parts: Sequence[tuple[str, Sequence[TrackedMessage]]]) -> None:
+        """Write (account, records) parts in one transaction; the caller holds ``_lock``."""
+        size = sum(len(records) for _, records in parts)
 
         async def work(db: aiosqlite.Connection) -> None:
             # Rows are built lazily inside the transaction, so an exception from any
             # record (or the process dying) leaves none of this batch behind.
-            rows = ((q.account, *row_of(r)) for q in batch for r in q.records)
+            rows = ((account, *row_of(r)) for account, records in parts for r in records)
             try:
                 await db.executemany(UPSERT, rows)
             except UnicodeEncodeError as exc:
                 # Its repr quotes the whole text (a body): name the record instead.
-                bad = next(filter(None, (_unencodable(q.records) for q in batch)), None)
+                bad = next(filter(None, (_unencodable(recs) for _, recs in parts)), None)
                 raise self.file.error(
                     f"record {bad!r} holds a lone surrogate, which UTF-8 cannot store; "
                     "nothing of this batch was written"
