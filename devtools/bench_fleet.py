@@ -59,7 +59,8 @@ _CONNECTING = 50
 class SharedDatabase(Protocol):
     """What the fleet needs of SQLiteDatabase and PostgresDatabase."""
 
-    transactions: int
+    @property
+    def transactions(self) -> int: ...
 
     def store(self, account: str) -> TrackerStore: ...
 
@@ -273,7 +274,7 @@ async def _close(xmpp: slixmpp.ClientXMPP, tracked: bool) -> None:
 def sqlite_database(path: Path) -> SharedDatabase | None:
     """``SQLiteDatabase(path)`` when this installation has it, else None."""
     try:
-        module = importlib.import_module("xmpp_sm_tracker.stores.sqlite_shared")
+        module = importlib.import_module("xmpp_sm_tracker.stores.sqlite")
     except ImportError:
         return None
     database: SharedDatabase = module.SQLiteDatabase(path)

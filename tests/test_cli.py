@@ -5,19 +5,26 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import sqlite3
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import pytest
 
-from xmpp_sm_tracker import DeliveryState, SQLiteStore, StoreError
+from xmpp_sm_tracker import DeliveryState, SQLiteDatabase, SQLiteStore, StoreError
 from xmpp_sm_tracker.cli import main
+from xmpp_sm_tracker.stores.postgres import PostgresStore
 
+from .helpers.pgdb import fresh_database
 from .test_store_contract import record
 
 S = DeliveryState
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -110,8 +117,10 @@ def test_python_dash_m_and_console_script_work(db: Path) -> None:
     )
     assert json.loads(by_module.stdout)["states"]["failed"] == 2
     script = Path(sys.executable).with_name("xmpp-sm-tracker")
+    # This checkout's package, even when the venv's editable install points at another.
+    here = {**os.environ, "PYTHONPATH": str(ROOT)}
     by_script = subprocess.run(
-        [str(script), "export", str(db)], capture_output=True, text=True, check=True
+        [str(script), "export", str(db)], capture_output=True, text=True, check=True, env=here
     )
     assert len(by_script.stdout.splitlines()) == 4
 
@@ -254,3 +263,152 @@ def test_inspect_json_is_ascii_too(nasty_db: Path) -> None:
     code, out = run("inspect", str(nasty_db), "--json")
     assert code == 0 and out.isascii()
     assert json.loads(out)["pending"][0]["to"] == f"bob@example.org/{NASTY}"
+
+
+# ------------------------------------------------------------------ fleets (issue 18)
+
+ALICE, ALICE2 = "alice@example.org", "alice@example.net"
+
+
+@pytest.fixture
+async def fleet(tmp_path: Path) -> Path:
+    """One file, two accounts, the same ids in both."""
+    path = tmp_path / "fleet.sqlite"
+    async with SQLiteDatabase(path) as database:
+        await database.store(ALICE).upsert([record(1, S.FAILED), record(2, S.HIBERNATED)])
+        await database.store(ALICE2).upsert([record(1, S.ACKED)])
+    return path
+
+
+def test_a_fleet_file_needs_an_account_and_lists_them(
+    fleet: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for command in ("inspect", "export", "delete-failed"):
+        assert run(command, str(fleet), answer="y\n")[0] == 2
+        err = capsys.readouterr().err
+        assert f"2 accounts: {ALICE2}, {ALICE}; name one with --account" in err, err
+
+
+def test_a_fleet_file_is_read_per_account(fleet: Path) -> None:
+    before = snapshot(fleet.parent)
+    code, out = run("inspect", str(fleet), "--account", ALICE, "--json")
+    data = json.loads(out)
+    assert code == 0
+    assert data["account"] == ALICE and data["file"] == str(fleet)
+    assert data["states"] == {"failed": 1, "hibernated": 1}
+    code, out = run("inspect", str(fleet), "--account", ALICE2)
+    assert code == 0 and f"({ALICE2}): 1 messages" in out and "acked" in out
+    code, out = run("export", str(fleet), "--account", ALICE2)
+    assert [json.loads(line)["state"] for line in out.splitlines()] == ["acked"]
+    assert snapshot(fleet.parent) == before  # read-only
+    code, out = run("delete-failed", str(fleet), "--account", ALICE, "--yes")
+    assert code == 0 and "deleted 1 failed messages" in out
+    states = json.loads(run("inspect", str(fleet), "--account", ALICE, "--json")[1])["states"]
+    assert states == {"hibernated": 1}
+
+
+def test_an_unknown_account_is_a_clear_error(
+    fleet: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run("inspect", str(fleet), "--account", "nobody@example.org")[0] == 2
+    err = capsys.readouterr().err
+    assert "no records or SM state for nobody@example.org" in err and ALICE in err
+
+
+async def test_a_fleet_file_with_one_account_needs_no_account(tmp_path: Path) -> None:
+    path = tmp_path / "one.sqlite"
+    async with SQLiteDatabase(path) as database:
+        await database.store(ALICE).upsert([record(1, S.FAILED)])
+    code, out = await asyncio.to_thread(run, "inspect", str(path), "--json")
+    assert code == 0 and json.loads(out)["account"] == ALICE
+
+
+# ------------------------------------------------------------------ PostgreSQL (issue 18)
+
+
+@pytest.fixture
+async def pg_fleet(postgres_dsn: str) -> AsyncIterator[str]:
+    """A fresh database with two accounts' records, dropped afterwards."""
+    async with fresh_database(postgres_dsn) as dsn:
+        async with (
+            PostgresStore(dsn, account=ALICE) as one,
+            PostgresStore(dsn, account=ALICE2) as two,
+        ):
+            await one.upsert([record(1, S.FAILED, reason="resume-failed"), record(2)])
+            await one.save_sm_state({"version": 1})
+            await two.upsert([record(1, S.ACKED)])
+        yield dsn
+
+
+async def pg_tables(dsn: str) -> list[tuple[str, int]]:
+    """Every table with its row count: what "changes nothing" compares."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        names = [
+            str(row[0])
+            for row in await conn.fetch(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1"
+            )
+        ]
+        return [(n, int(await conn.fetchval(f'SELECT COUNT(*) FROM "{n}"'))) for n in names]
+    finally:
+        await conn.close()
+
+
+async def test_inspect_reads_a_postgresql_database_per_account(
+    pg_fleet: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    password = urlsplit(pg_fleet).password
+    assert password
+    before = await pg_tables(pg_fleet)
+    code, out = await asyncio.to_thread(run, "inspect", pg_fleet)
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"2 accounts: {ALICE2}, {ALICE}; name one with --account" in err
+    code, out = await asyncio.to_thread(run, "inspect", pg_fleet, "--account", ALICE, "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["account"] == ALICE and data["database"].endswith(urlsplit(pg_fleet).path)
+    assert data["states"] == {"failed": 1, "sent": 1}
+    assert [r["id"] for r in data["pending"]] == ["m2"]
+    assert [r["reason"] for r in data["failed"]] == ["resume-failed"]
+    code, out = await asyncio.to_thread(run, "inspect", pg_fleet, "--account", ALICE2)
+    assert code == 0 and f"({ALICE2}): 1 messages" in out and "acked" in out
+    code, _ = await asyncio.to_thread(run, "inspect", pg_fleet, "--account", "x@example.org")
+    assert code == 2 and "no records or SM state for x@example.org" in capsys.readouterr().err
+    assert password not in out and password not in capsys.readouterr().err
+    assert await pg_tables(pg_fleet) == before
+
+
+async def test_inspect_of_a_database_without_our_schema_creates_nothing(
+    postgres_dsn: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with fresh_database(postgres_dsn) as dsn:
+        code, out = await asyncio.to_thread(run, "inspect", dsn, "--account", ALICE)
+        assert code == 2 and out == ""
+        err = capsys.readouterr().err
+        assert "holds no tracker schema" in err
+        assert str(urlsplit(dsn).password) not in err
+        assert await pg_tables(dsn) == []  # read-only: no schema made
+
+
+async def test_a_bad_password_is_an_error_that_does_not_show_it(
+    postgres_dsn: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parts = urlsplit(postgres_dsn)
+    wrong = "wrong-s3cret-pw"
+    dsn = urlunsplit(
+        parts._replace(netloc=f"{parts.username}:{wrong}@{parts.hostname}:{parts.port}")
+    )
+    code, out = await asyncio.to_thread(run, "inspect", dsn)
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "cannot connect" in err and f"{parts.hostname}:{parts.port}" in err
+    assert wrong not in err and wrong not in out
+
+
+def test_only_inspect_takes_a_dsn(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in ("export", "delete-failed"):
+        assert run(command, "postgresql://u:pw@127.0.0.1:1/db", answer="y\n")[0] == 2
+        err = capsys.readouterr().err
+        assert "inspect reads PostgreSQL" in err and "pw@" not in err

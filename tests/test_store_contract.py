@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from hypothesis import strategies as st
 from xmpp_sm_tracker import (
     DeliveryState,
     MemoryStore,
+    SQLiteDatabase,
     SQLiteStore,
     StoreError,
     TrackedMessage,
@@ -35,6 +37,10 @@ __all__ = ["STORES", "record"]
 STORES: dict[str, Callable[[Path, pytest.FixtureRequest], TrackerStore]] = {
     "memory": lambda tmp, request: MemoryStore(),
     "sqlite": lambda tmp, request: SQLiteStore(tmp / "contract.sqlite"),
+    # One file for many accounts: a view, beside a neighbour with the same ids (below).
+    "sqlite-database": lambda tmp, request: SQLiteDatabase(tmp / "shared.sqlite").store(
+        "alice@example.org"
+    ),
     # One database for the session; a new account per test sees none of the others.
     "postgres": lambda tmp, request: PostgresStore(
         request.getfixturevalue("postgres_dsn"), account=f"{uuid.uuid4().hex}@example.org"
@@ -76,13 +82,31 @@ def ids(records: list[TrackedMessage]) -> list[str]:
     return [r.id for r in records]
 
 
+@asynccontextmanager
+async def beside_a_neighbour(database: SQLiteDatabase) -> AsyncIterator[None]:
+    """A neighbour account in the view's database holds records with the ids the tests
+    use, and an SM state: none of it may show through the view, nor be changed by it.
+    The database closes at the end."""
+    async with database:
+        neighbour = database.store("neighbour@example.org")
+        mine = [record(n, state) for n, state in enumerate(DeliveryState)]
+        await neighbour.upsert(mine)
+        await neighbour.save_sm_state({"version": 1, "neighbour": True})
+        yield
+        assert await neighbour.pending() == [r for r in mine if r.in_flight]
+        assert await neighbour.load_sm_state() == {"version": 1, "neighbour": True}
+
+
 @pytest_asyncio.fixture(params=list(STORES))
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[TrackerStore]:
     made = STORES[request.param](tmp_path, request)
-    yield made
-    await made.aclose()
-    if isinstance(made, PostgresStore):
-        await made.database.aclose()
+    async with AsyncExitStack() as stack:
+        if isinstance(made, SQLiteStore) and made.account:  # a view of a shared file
+            await stack.enter_async_context(beside_a_neighbour(made.database))
+        yield made
+        await made.aclose()
+        if isinstance(made, PostgresStore):
+            await made.database.aclose()
 
 
 # ------------------------------------------------------------------ records

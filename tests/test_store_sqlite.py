@@ -24,8 +24,7 @@ import aiosqlite
 import pytest
 
 from xmpp_sm_tracker import DeliveryState, SQLiteStore, StoreError, TrackedMessage
-from xmpp_sm_tracker.stores import sqlite as sqlite_module
-from xmpp_sm_tracker.stores import sqlite_file, sqlite_schema
+from xmpp_sm_tracker.stores import sqlite_engine, sqlite_file, sqlite_schema
 from xmpp_sm_tracker.stores.sqlite import MIGRATIONS, SCHEMA_VERSION
 
 from .test_store_contract import NESTED, record
@@ -102,8 +101,9 @@ async def test_no_call_scans_or_sorts_the_table(tmp_path: Path) -> None:
     await make_db(path, 50)
     statements: list[str] = []
     async with SQLiteStore(path) as store:
-        assert store._db is not None
-        await store._db.set_trace_callback(statements.append)
+        connection = store._engine.connection
+        assert connection is not None
+        await connection.set_trace_callback(statements.append)
         await store.get("m1")
         await store.pending()
         await store.failed()
@@ -122,7 +122,7 @@ async def test_no_call_scans_or_sorts_the_table(tmp_path: Path) -> None:
 
 async def test_synchronous_is_normal(tmp_path: Path) -> None:
     async with SQLiteStore(tmp_path / "n.sqlite") as store:
-        db = store._db
+        db = store._engine.connection
         assert db is not None
         async with db.execute("PRAGMA synchronous") as cursor:
             assert await cursor.fetchone() == (1,)  # NORMAL
@@ -261,7 +261,7 @@ async def test_version_two_is_one_more_function(
     monkeypatch.setattr(sqlite_file, "MIGRATIONS", [*MIGRATIONS, v2])
     async with SQLiteStore(path) as store:
         assert ids(await store.conversation("bob@example.org")) == ids(records)
-    assert user_version(path) == 2
+    assert user_version(path) == SCHEMA_VERSION + 1
     assert raw(path, "SELECT name FROM sqlite_master WHERE name = 'records_by_reason'")
 
 
@@ -284,7 +284,7 @@ async def test_a_failing_migration_leaves_the_file_as_it_was(
     with pytest.raises(StoreError if failure == "sql" else RuntimeError):
         await store.open()
     await store.aclose()
-    assert user_version(path) == 1
+    assert user_version(path) == SCHEMA_VERSION
     assert raw(path, "SELECT name FROM sqlite_master WHERE name = 'half_done'") == []
     monkeypatch.setattr(sqlite_file, "MIGRATIONS", MIGRATIONS)
     async with SQLiteStore(path) as store:
@@ -298,7 +298,7 @@ async def test_a_batch_failing_half_way_leaves_none_of_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "atomic.sqlite"
-    real_row = sqlite_module.row_of
+    real_row = sqlite_engine.row_of
     seen: list[str] = []
 
     def row_that_breaks_on_m3(r: TrackedMessage) -> tuple[Any, ...]:
@@ -309,12 +309,12 @@ async def test_a_batch_failing_half_way_leaves_none_of_it(
 
     async with SQLiteStore(path) as store:
         await store.upsert([record(0)])
-        monkeypatch.setattr(sqlite_module, "row_of", row_that_breaks_on_m3)
+        monkeypatch.setattr(sqlite_engine, "row_of", row_that_breaks_on_m3)
         with pytest.raises(RuntimeError, match="middle"):
             await store.upsert([record(1), record(2), record(3), record(4), record(0, S.ACKED)])
         assert seen == ["m1", "m2", "m3"]
         assert await store.pending() == [record(0)]
-        monkeypatch.setattr(sqlite_module, "row_of", real_row)
+        monkeypatch.setattr(sqlite_engine, "row_of", real_row)
         await store.upsert([record(5)])  # the connection is not stuck in a transaction
         assert ids(await store.pending()) == ["m0", "m5"]
     assert raw(path, "SELECT id FROM records ORDER BY id") == [("m0",), ("m5",)]
@@ -475,21 +475,22 @@ async def test_concurrent_upserts_all_land(tmp_path: Path, window: float) -> Non
         assert await store.load_sm_state() == {"version": 1}
 
 
-async def test_a_batch_window_shares_one_transaction(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    writes: list[int] = []
-    real = SQLiteStore._upsert_now
-
-    async def counting(self: SQLiteStore, records: list[TrackedMessage]) -> None:
-        writes.append(len(records))
-        await real(self, records)
-
-    monkeypatch.setattr(SQLiteStore, "_upsert_now", counting)
+async def test_a_batch_window_shares_one_transaction(tmp_path: Path) -> None:
     async with SQLiteStore(tmp_path / "b.sqlite", batch_window=0.02) as store:
+        before = store.database.transactions
         await asyncio.gather(*(store.upsert([record(n)]) for n in range(20)))
-        assert writes == [20]
+        assert store.database.transactions - before == 1
         assert ids(await store.pending()) == [f"m{n}" for n in range(20)]
+
+
+async def test_upserts_made_while_a_transaction_runs_share_the_next(tmp_path: Path) -> None:
+    async with SQLiteStore(tmp_path / "g.sqlite") as store:  # no window: group commit
+        before = store.database.transactions
+        first = asyncio.ensure_future(store.upsert([record(0)]))
+        await asyncio.sleep(0)  # its transaction is under way
+        await asyncio.gather(first, *(store.upsert([record(n)]) for n in range(1, 50)))
+        assert store.database.transactions - before == 2
+        assert len(await store.pending()) == 50
 
 
 async def test_one_bad_caller_in_a_window_fails_alone(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from .plugin import SMTracker, tracker_of
 from .stats import TrackerStats
 from .stores.base import AccountLeased, LeaseLost, SMState, StoreError, TrackerStore
 from .stores.memory import MemoryStore
-from .stores.sqlite import SQLiteStore
+from .stores.sqlite import SQLiteDatabase, SQLiteStore
 
 #: slixmpp's ``register_plugin(name, module=...)`` looks up ``getattr(module, name)``.
 sm_tracker = SMTracker
@@ -44,6 +44,7 @@ __all__ = [
     "SMState",
     "SMStateError",
     "SMTracker",
+    "SQLiteDatabase",
     "SQLiteStore",
     "StoreError",
     "TrackedMessage",

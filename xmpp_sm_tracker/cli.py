@@ -1,6 +1,8 @@
 """``xmpp-sm-tracker`` / ``python -m xmpp_sm_tracker``: look into a tracker database.
 
     xmpp-sm-tracker inspect alice.sqlite [--json]
+    xmpp-sm-tracker inspect fleet.sqlite --account alice@example.org
+    xmpp-sm-tracker inspect postgresql://user:password@host/db [--account JID]
     xmpp-sm-tracker export alice.sqlite [--state failed] > records.jsonl
     xmpp-sm-tracker delete-failed alice.sqlite [--conversation bob@example.org] [--yes]
 
@@ -8,7 +10,9 @@ It never creates a database: a missing path is an error, and so is a file that i
 not a tracker store, an empty one included (the file is left untouched). ``inspect``
 and ``export`` open it read-only and change nothing on disk, so they also work on the
 file of a tracker that is running; ``delete-failed`` writes, and is refused while a
-tracker has the file open.
+tracker has the file open. A file or database holding several accounts (a fleet)
+needs ``--account``; without it, the accounts are listed. ``inspect`` reads a
+PostgreSQL database in a read-only transaction and never prints its password.
 """
 
 from __future__ import annotations
@@ -22,14 +26,15 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from contextlib import AsyncExitStack
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 from .core.records import TrackedMessage
 from .core.states import DeliveryState
 from .stores.base import StoreError
-from .stores.sqlite import SQLiteStore
+from .stores.sqlite import SQLiteDatabase, SQLiteStore
 
 __all__ = ["main"]
 
@@ -70,7 +75,44 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f}s"
 
 
-async def _open(path: Path, *, read_only: bool) -> SQLiteStore:
+class _Inspected(Protocol):
+    """What ``inspect`` reads: one account's counts, in-flight and failed records."""
+
+    async def counts(self) -> list[tuple[str, str, int]]: ...
+
+    async def pending(self) -> list[TrackedMessage]: ...
+
+    async def failed(self) -> list[TrackedMessage]: ...
+
+
+def _is_dsn(db: str) -> bool:
+    return db.startswith(("postgresql://", "postgres://"))
+
+
+def _accounts_line(accounts: Sequence[str]) -> str:
+    if not accounts:
+        return "it holds no accounts"
+    named = ", ".join(_shown(a) if a else "'' (the file's own records)" for a in accounts)
+    return f"it holds {len(accounts)} accounts: {named}; name one with --account"
+
+
+def _pick(where: str, accounts: Sequence[str], wanted: str | None) -> str:
+    """The account to read: the one asked for, or the only one there is."""
+    if wanted is not None:
+        if wanted not in accounts:
+            raise CliError(
+                f"{where}: no records or SM state for {_shown(wanted)}; " + _accounts_line(accounts)
+            )
+        return wanted
+    if len(accounts) > 1:
+        raise CliError(f"{where}: {_accounts_line(accounts)}")
+    return accounts[0] if accounts else ""
+
+
+async def _open(
+    path: Path, account: str | None, stack: AsyncExitStack, *, read_only: bool
+) -> SQLiteStore:
+    """The store of ``account`` in the file (or of its only account), closed by ``stack``."""
     if not path.exists():
         raise CliError(f"{path}: no such file (inspect never creates a database)")
     if not path.is_file():
@@ -78,16 +120,49 @@ async def _open(path: Path, *, read_only: bool) -> SQLiteStore:
     if path.stat().st_size == 0:
         # A store opened read-write would make an empty file a store: not our call here.
         raise CliError(f"{path}: empty file, not a tracker database (left untouched)")
-    store = SQLiteStore(path, read_only=read_only)
+    database = SQLiteDatabase(path, read_only=read_only)
+    stack.push_async_callback(database.aclose)
     try:
-        await store.open()
-    except StoreError as exc:
-        await store.aclose()
+        await database.open()
+        chosen = _pick(str(path), await database.accounts(), account)
+        if chosen:
+            store = database.store(chosen)
+            await store.open()
+            return store
+        await database.aclose()  # the file's own account: opened as it always was
+        single = SQLiteStore(path, read_only=read_only)
+        stack.push_async_callback(single.aclose)
+        await single.open()
+        return single
+    except (StoreError, ValueError) as exc:
         raise CliError(str(exc)) from exc
-    return store
 
 
-async def _inspect(store: SQLiteStore, as_json: bool, out: TextIO) -> None:
+async def _open_postgres(
+    dsn: str, account: str | None, stack: AsyncExitStack
+) -> tuple[_Inspected, dict[str, str]]:
+    """A read-only snapshot of ``account`` in the database (or of its only account), and
+    where it is (the password left out)."""
+    try:
+        from .stores.postgres_inspect import PostgresInspector
+    except ModuleNotFoundError as exc:
+        raise CliError(
+            f"reading PostgreSQL needs {exc.name}: pip install 'xmpp_sm_tracker[postgres]'"
+        ) from None
+    inspector = PostgresInspector(dsn)
+    try:
+        await stack.enter_async_context(inspector)
+        accounts = await inspector.accounts()
+        if not accounts:
+            raise CliError(f"{inspector.server}: {_accounts_line(accounts)} (nothing to inspect)")
+        inspector.account = _pick(inspector.server, accounts, account)
+    except StoreError as exc:
+        raise CliError(str(exc)) from None
+    return inspector, {"database": inspector.server, "account": inspector.account}
+
+
+async def _inspect(store: _Inspected, where: dict[str, str], as_json: bool, out: TextIO) -> None:
+    """``where``: what was read (``file`` or ``database``) and the ``account``, if named."""
     counts = await store.counts()
     pending, failed = await store.pending(), await store.failed()
     by_state: dict[str, int] = defaultdict(int)
@@ -98,7 +173,7 @@ async def _inspect(store: SQLiteStore, as_json: bool, out: TextIO) -> None:
     if as_json:
         json.dump(
             {
-                "file": str(store.path),
+                **where,
                 "states": dict(by_state),
                 "conversations": by_conversation,
                 "pending": [_record_json(r) for r in pending],
@@ -111,7 +186,8 @@ async def _inspect(store: SQLiteStore, as_json: bool, out: TextIO) -> None:
         return
     now = time.time()
     total = sum(by_state.values())
-    out.write(f"{_shown(store.path)}: {total} messages\n\n")
+    title = " ".join(_shown(v) if k != "account" else f"({_shown(v)})" for k, v in where.items())
+    out.write(f"{title}: {total} messages\n\n")
     for known in DeliveryState:
         if by_state.get(known.value):
             out.write(f"  {known.value:<14} {by_state[known.value]:>8}\n")
@@ -156,16 +232,24 @@ async def _delete_failed(
 
 
 async def _run(args: argparse.Namespace, out: TextIO, answer: TextIO) -> None:
-    store = await _open(Path(args.db), read_only=args.command != "delete-failed")
-    try:
+    async with AsyncExitStack() as stack:
+        if _is_dsn(args.db):
+            if args.command != "inspect":
+                raise CliError(f"{args.command} works on SQLite files; inspect reads PostgreSQL")
+            inspector, where = await _open_postgres(args.db, args.account, stack)
+            await _inspect(inspector, where, args.json, out)
+            return
+        read_only = args.command != "delete-failed"
+        store = await _open(Path(args.db), args.account, stack, read_only=read_only)
         if args.command == "inspect":
-            await _inspect(store, args.json, out)
+            where = {"file": str(store.path)}
+            if store.account:
+                where["account"] = store.account
+            await _inspect(store, where, args.json, out)
         elif args.command == "export":
             await _export(store, args.state, out)
         else:
             await _delete_failed(store, args.conversation, args.yes, out, answer)
-    finally:
-        await store.aclose()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -176,15 +260,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     inspect = commands.add_parser("inspect", help="counts, pending and failed messages")
-    inspect.add_argument("db")
+    inspect.add_argument("db", help="an SQLite file, or a postgresql:// DSN")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     export = commands.add_parser("export", help="every record as JSON lines")
-    export.add_argument("db")
+    export.add_argument("db", help="an SQLite file")
     export.add_argument("--state", choices=[s.value for s in DeliveryState])
     delete = commands.add_parser("delete-failed", help="delete failed messages")
-    delete.add_argument("db")
+    delete.add_argument("db", help="an SQLite file")
     delete.add_argument("--conversation", help="only those to this bare JID")
     delete.add_argument("--yes", action="store_true", help="do not ask")
+    for command in (inspect, export, delete):
+        command.add_argument(
+            "--account", help="the account (bare JID) to read, where there are several"
+        )
     return parser
 
 

@@ -2,7 +2,7 @@
 
 from .base import AccountLeased, LeasedStore, LeaseLost, SMState, StoreError, TrackerStore
 from .memory import MemoryStore
-from .sqlite import SQLiteStore
+from .sqlite import SQLiteDatabase, SQLiteStore
 
 __all__ = [
     "AccountLeased",
@@ -10,6 +10,7 @@ __all__ = [
     "LeasedStore",
     "MemoryStore",
     "SMState",
+    "SQLiteDatabase",
     "SQLiteStore",
     "StoreError",
     "TrackerStore",

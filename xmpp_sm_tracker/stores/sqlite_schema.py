@@ -1,7 +1,9 @@
 """The SQLite store's schema: its migrations, and rows to records and back.
 
 Versioned with ``PRAGMA user_version``: ``MIGRATIONS[n]`` takes a database from
-version n to n + 1. Append a function for version 2; never edit one that shipped.
+version n to n + 1. Append a function for the next version; never edit one that shipped.
+Since version 2 every row is keyed by account (a bare JID; ``''`` for the one account of
+:class:`~.sqlite.SQLiteStore`), so one file holds a fleet (:class:`~.sqlite.SQLiteDatabase`).
 """
 
 from __future__ import annotations
@@ -84,8 +86,72 @@ async def _v1_first_schema(db: aiosqlite.Connection) -> None:
         await db.execute(statement)
 
 
+async def _v2_accounts(db: aiosqlite.Connection) -> None:
+    """Records and SM states keyed by account, so one file can hold a fleet.
+
+    The rows of version 1 become the default account ``''`` (:class:`SQLiteStore`'s),
+    each keeping its rowid: the order of first sight that breaks ties in every listing.
+    SQLite cannot change a primary key in place, so the tables are built anew.
+    """
+    for statement in (
+        """
+        CREATE TABLE records_v2 (
+            account TEXT NOT NULL,
+            id TEXT NOT NULL,
+            origin_id TEXT NOT NULL,
+            recipient TEXT NOT NULL,
+            conversation TEXT NOT NULL,
+            type TEXT NOT NULL,
+            body TEXT NOT NULL,
+            state TEXT NOT NULL,
+            xml TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            via_carbon INTEGER NOT NULL,
+            attempts INTEGER NOT NULL,
+            reason TEXT,
+            seq INTEGER,
+            PRIMARY KEY (account, id)
+        )
+        """,
+        """
+        INSERT INTO records_v2 (rowid, account, id, origin_id, recipient, conversation, type,
+            body, state, xml, created_at, updated_at, via_carbon, attempts, reason, seq)
+        SELECT rowid, '', id, origin_id, recipient, conversation, type, body, state, xml,
+            created_at, updated_at, via_carbon, attempts, reason, seq
+        FROM records
+        """,
+        "DROP TABLE records",  # its indexes go with it
+        "ALTER TABLE records_v2 RENAME TO records",
+        # As in version 1, with the account first: each matches one query's WHERE and
+        # ORDER BY (rowid is every index's last key), so no listing ever sorts.
+        """
+        CREATE INDEX records_in_flight ON records (account, created_at, COALESCE(seq, 0))
+        WHERE state IN ('hibernated', 'resent', 'sent')
+        """,
+        """
+        CREATE INDEX records_failed ON records (account, created_at, COALESCE(seq, 0))
+        WHERE state = 'failed'
+        """,
+        """
+        CREATE INDEX records_by_conversation
+        ON records (account, conversation, created_at, COALESCE(seq, 0))
+        """,
+        """
+        CREATE TABLE sm_state_v2 (
+            account TEXT PRIMARY KEY NOT NULL,
+            state TEXT NOT NULL
+        )
+        """,
+        "INSERT INTO sm_state_v2 (account, state) SELECT '', state FROM sm_state WHERE slot = 1",
+        "DROP TABLE sm_state",
+        "ALTER TABLE sm_state_v2 RENAME TO sm_state",
+    ):
+        await db.execute(statement)
+
+
 #: ``MIGRATIONS[n]`` takes a database from version n to n + 1. Append, never edit.
-MIGRATIONS: list[Migration] = [_v1_first_schema]
+MIGRATIONS: list[Migration] = [_v1_first_schema, _v2_accounts]
 #: The schema version this library writes.
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -106,13 +172,18 @@ FIELDS: Final = (
     "reason",
     "seq",
 )
-TABLES: Final = {"records": frozenset(FIELDS), "sm_state": frozenset({"slot", "state"})}
+TABLES: Final = {
+    "records": frozenset({"account", *FIELDS}),
+    "sm_state": frozenset({"account", "state"}),
+}
 # Only identifiers and fixed state literals are in the SQL text; values are bound parameters.
 COLUMNS: Final = ", ".join(FIELDS)
-SELECT: Final = f"SELECT {COLUMNS} FROM records"
+#: Every query is for one account: its first parameter.
+SELECT: Final = f"SELECT {COLUMNS} FROM records WHERE account = ?"
 UPSERT: Final = (
-    f"INSERT INTO records ({COLUMNS}) VALUES ({', '.join('?' * len(FIELDS))}) "
-    "ON CONFLICT(id) DO UPDATE SET " + ", ".join(f"{name} = excluded.{name}" for name in FIELDS[1:])
+    f"INSERT INTO records (account, {COLUMNS}) VALUES ({', '.join('?' * (len(FIELDS) + 1))}) "
+    "ON CONFLICT(account, id) DO UPDATE SET "
+    + ", ".join(f"{name} = excluded.{name}" for name in FIELDS[1:])
 )
 # rowid breaks ties like MemoryStore's dict: a replaced record keeps its first place.
 OLDEST_FIRST: Final = "ORDER BY created_at, COALESCE(seq, 0), rowid"
