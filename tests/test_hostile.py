@@ -1046,7 +1046,7 @@ _SQL_CALLS = {
     "_records",
     "_delete",
 }
-_SCHEMAS = ("sqlite_schema", "postgres_schema")
+_SCHEMAS = ("sqlite_schema", "postgres_schema", "postgres_lease")
 
 
 def _constant_names(tree: ast.Module) -> set[str]:

@@ -7,11 +7,20 @@ passes the shared contract suite (tests/test_store_contract.py).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, runtime_checkable
+from types import TracebackType
+from typing import Any, Protocol, Self, runtime_checkable
 
 from ..core.records import TrackedMessage
 
-__all__ = ["AccountLeased", "LeaseLost", "LeasedStore", "SMState", "StoreError", "TrackerStore"]
+__all__ = [
+    "AccountLeased",
+    "LeaseLost",
+    "LeasedStore",
+    "OpenClose",
+    "SMState",
+    "StoreError",
+    "TrackerStore",
+]
 
 #: The JSON-safe stream-management state given to ``sm.cache`` and taken by ``sm.load``.
 SMState = dict[str, Any]
@@ -76,3 +85,26 @@ class LeasedStore(Protocol):
 
     def on_lease_lost(self, listener: Callable[[LeaseLost], None]) -> None:
         """Call ``listener(error)`` when the lease is lost."""
+
+
+class OpenClose:
+    """``async with`` for anything with ``open()`` and ``aclose()``: the stores and the
+    databases behind them."""
+
+    async def open(self) -> None:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()

@@ -13,13 +13,12 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable, Sequence
-from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 
 from ..core.records import TrackedMessage
-from .base import AccountLeased, LeaseLost, SMState, StoreError
+from .base import AccountLeased, LeaseLost, OpenClose, SMState, StoreError
 from .postgres_db import PostgresDatabase
 from .postgres_lease import FENCE
 from .postgres_schema import (
@@ -32,7 +31,7 @@ from .postgres_schema import (
     SM_STATE,
     UPSERT,
 )
-from .sqlite_schema import MAX_LIMIT, record_of, row_of
+from .sqlite_schema import MAX_LIMIT, record_of, row_of, unencodable
 
 __all__ = ["AccountLeased", "LeaseLost", "PostgresDatabase", "PostgresStore"]
 
@@ -44,19 +43,7 @@ def _row(account: str, record: TrackedMessage) -> tuple[Any, ...]:
     return (account, *row[:10], bool(row[10]), *row[11:])
 
 
-def _unencodable(records: Sequence[TrackedMessage]) -> str | None:
-    """The id of the first record with text UTF-8 cannot encode (a lone surrogate)."""
-    for record in records:
-        for text in row_of(record):
-            if isinstance(text, str):
-                try:
-                    text.encode("utf-8")
-                except UnicodeEncodeError:
-                    return record.id
-    return None
-
-
-class PostgresStore:
+class PostgresStore(OpenClose):
     """Records and the SM state of one account in a PostgreSQL database.
 
     ``PostgresStore(dsn, account=...)`` opens a database of its own (a small pool it
@@ -117,18 +104,6 @@ class PostgresStore:
 
     def __repr__(self) -> str:
         return f"PostgresStore({self.server!r}, account={self.account!r})"
-
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     def error(self, what: str, exc: BaseException | None = None) -> StoreError:
         """A StoreError naming the server and account (never the password)."""
@@ -229,7 +204,7 @@ class PostgresStore:
             try:
                 await conn.executemany(UPSERT, rows)
             except (asyncpg.DataError, UnicodeEncodeError):
-                bad = _unencodable(records)
+                bad = unencodable(records)
                 if bad is None:
                     raise
                 # asyncpg's message quotes the whole text (a body): name the record instead.

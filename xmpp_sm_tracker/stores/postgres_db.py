@@ -17,8 +17,7 @@ import socket
 import uuid
 import warnings
 from collections.abc import Awaitable, Callable
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 try:
@@ -28,7 +27,7 @@ except ModuleNotFoundError as exc:  # pragma: no cover - only without the extra
         "PostgreSQL stores need asyncpg: pip install 'xmpp_sm_tracker[postgres]'", name=exc.name
     ) from exc
 
-from .base import StoreError
+from .base import OpenClose, StoreError
 from .postgres_batch import UpsertBatcher
 from .postgres_lease import LeaseKeeper
 from .postgres_schema import MIGRATIONS, SCHEMA_VERSION, TABLES, VERSION_TABLE
@@ -36,7 +35,7 @@ from .postgres_schema import MIGRATIONS, SCHEMA_VERSION, TABLES, VERSION_TABLE
 if TYPE_CHECKING:
     from .postgres import PostgresStore
 
-__all__ = ["PostgresDatabase"]
+__all__ = ["PostgresDatabase", "describe_dsn", "masked"]
 
 _T = TypeVar("_T")
 # Any int: only our own processes take it, around a migration.
@@ -54,7 +53,14 @@ def describe_dsn(dsn: str) -> tuple[str, str | None]:
         return "(a DSN that does not parse)", None
 
 
-class PostgresDatabase:
+def masked(text: str, password: str | None) -> str:
+    """``text`` with the DSN's password (as written, and URL-decoded) replaced by ***."""
+    for secret in filter(None, (password, unquote(password or ""))):
+        text = text.replace(secret, "***")
+    return text
+
+
+class PostgresDatabase(OpenClose):
     """A pool of connections to one database, shared by the stores of many accounts.
 
     ``dsn`` is a ``postgresql://user:password@host:port/database`` URL (asyncpg's, so
@@ -107,18 +113,6 @@ class PostgresDatabase:
     def __repr__(self) -> str:
         return f"PostgresDatabase({self.server!r})"
 
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
     def error(
         self, what: str, exc: BaseException | None = None, *, account: str | None = None
     ) -> StoreError:
@@ -131,9 +125,7 @@ class PostgresDatabase:
         """``error`` with the cause's text appended, the DSN's password masked."""
         if exc is None:
             return error
-        detail = f" ({type(exc).__name__}: {exc})"
-        for secret in filter(None, (self._password, unquote(self._password or ""))):
-            detail = detail.replace(secret, "***")
+        detail = masked(f" ({type(exc).__name__}: {exc})", self._password)
         return type(error)(f"{error}{detail}")
 
     # ---------------------------------------------------------------- accounts

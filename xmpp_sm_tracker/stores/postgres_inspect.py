@@ -11,14 +11,13 @@ Needs the ``postgres`` extra, like the store.
 
 from __future__ import annotations
 
-from types import TracebackType
-from typing import Any, Self
-from urllib.parse import unquote, urlsplit
+from typing import Any
 
 import asyncpg
 
 from ..core.records import TrackedMessage
-from .base import StoreError
+from .base import OpenClose, StoreError
+from .postgres_db import describe_dsn, masked
 from .postgres_schema import (
     IS_FAILED,
     IS_IN_FLIGHT,
@@ -34,7 +33,7 @@ from .sqlite_schema import record_of
 __all__ = ["PostgresInspector"]
 
 
-class PostgresInspector:
+class PostgresInspector(OpenClose):
     """A read-only snapshot of a tracker database: its accounts, and one account's
     counts, in-flight and failed records (set :attr:`account` first).
 
@@ -45,13 +44,7 @@ class PostgresInspector:
     def __init__(self, dsn: str, *, connect_timeout: float = 10.0) -> None:
         self._dsn = dsn
         self.connect_timeout = connect_timeout
-        try:
-            parts = urlsplit(dsn)
-            self.server = f"{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"
-            password = parts.password or ""
-        except ValueError:
-            self.server, password = "(a DSN that does not parse)", ""
-        self._secrets = [s for s in {password, unquote(password)} if s]
+        self.server, self._password = describe_dsn(dsn)
         #: The account whose records :meth:`counts`, :meth:`pending` and :meth:`failed` read.
         self.account = ""
         self._conn: asyncpg.Connection | None = None
@@ -61,11 +54,10 @@ class PostgresInspector:
         text = f"PostgreSQL database {self.server}: {what}"
         if exc is not None:
             text += f" ({type(exc).__name__}: {exc})"
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return StoreError(text)
+        return StoreError(masked(text, self._password))
 
-    async def __aenter__(self) -> Self:
+    async def open(self) -> None:
+        """Connect, start the read-only transaction, check the schema is ours."""
         try:
             conn = await asyncpg.connect(
                 self._dsn,
@@ -82,14 +74,9 @@ class PostgresInspector:
             self._conn = None
             conn.terminate()
             raise
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def aclose(self) -> None:
+        """Roll the snapshot back and disconnect."""
         conn, self._conn = self._conn, None
         if conn is not None:
             try:

@@ -19,13 +19,12 @@ import os
 import warnings
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final
 
 import aiosqlite
 
 from ..core.records import TrackedMessage
-from .base import SMState, StoreError
+from .base import OpenClose, SMState, StoreError
 from .sqlite_engine import Engine
 from .sqlite_file import DatabaseFile
 from .sqlite_schema import (
@@ -58,29 +57,11 @@ async def _rowcount(db: aiosqlite.Connection, sql: str, params: Sequence[Any]) -
     return cursor.rowcount
 
 
-class _OnEngine:
+class _OnEngine(OpenClose):
     """What a database and its views share: ``async with`` opens and closes, and the
     engine's settings."""
 
     _engine: Engine
-
-    async def open(self) -> None:
-        raise NotImplementedError
-
-    async def aclose(self) -> None:
-        raise NotImplementedError
-
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     @property
     def batch_window(self) -> float:

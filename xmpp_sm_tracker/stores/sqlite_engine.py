@@ -20,23 +20,11 @@ import aiosqlite
 from ..core.records import TrackedMessage
 from .base import StoreError
 from .sqlite_file import DatabaseFile, forget_connection, rollback
-from .sqlite_schema import UPSERT, row_of
+from .sqlite_schema import UPSERT, row_of, unencodable
 
 __all__ = ["Engine"]
 
 _T = TypeVar("_T")
-
-
-def _unencodable(records: Sequence[TrackedMessage]) -> str | None:
-    """The id of the first record with text UTF-8 cannot encode (a lone surrogate)."""
-    for record in records:
-        for text in row_of(record):
-            if isinstance(text, str):
-                try:
-                    text.encode("utf-8")
-                except UnicodeEncodeError:
-                    return record.id
-    return None
 
 
 def _new_future() -> asyncio.Future[None]:
@@ -236,7 +224,7 @@ class Engine:
                 await db.executemany(UPSERT, rows)
             except UnicodeEncodeError as exc:
                 # Its repr quotes the whole text (a body): name the record instead.
-                bad = next(filter(None, (_unencodable(recs) for _, recs in parts)), None)
+                bad = next(filter(None, (unencodable(recs) for _, recs in parts)), None)
                 raise self.file.error(
                     f"record {bad!r} holds a lone surrogate, which UTF-8 cannot store; "
                     "nothing of this batch was written"

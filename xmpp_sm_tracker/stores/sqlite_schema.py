@@ -9,7 +9,7 @@ Since version 2 every row is keyed by account (a bare JID; ``''`` for the one ac
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
 import aiosqlite
@@ -33,6 +33,7 @@ __all__ = [
     "Migration",
     "record_of",
     "row_of",
+    "unencodable",
 ]
 
 #: A step of the schema: takes a database from version n to n + 1 inside a transaction.
@@ -222,3 +223,16 @@ def record_of(row: sqlite3.Row | tuple[Any, ...]) -> TrackedMessage:
         mid, origin, to, kind, body, _STATES[state], xml, created, updated,
         bool(carbon), attempts, reason, seq,
     )  # fmt: skip
+
+
+def unencodable(records: Sequence[TrackedMessage]) -> str | None:
+    """The id of the first record with text UTF-8 cannot encode (a lone surrogate): a
+    database's error would quote the whole text (a body), ours names the record."""
+    for record in records:
+        for text in row_of(record):
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    return record.id
+    return None
