@@ -281,3 +281,19 @@ async def test_in_a_shared_write_one_bad_account_fails_alone(dsn: str) -> None:
         assert await stores[2].pending() == []
     rows = await sql(dsn, "SELECT account FROM sm_tracker_records ORDER BY account")
     assert [r["account"] for r in rows] == ["bot0@example.org", "bot3@example.org"]
+
+
+async def test_leases_taken_after_all_were_given_back_are_still_renewed(dsn: str) -> None:
+    """The renewals stop when a process has no lease left, and start again with the next."""
+    async with PostgresDatabase(dsn, lease_ttl=0.6) as database:
+        first = database.store(ALICE)
+        await first.open()
+        await first.aclose()  # the last lease given back: nothing to renew
+        await asyncio.sleep(0.5)
+        second = database.store(BOB)
+        await second.open()
+        await asyncio.sleep(1.5)  # more than twice the lease: only renewals keep it
+        with pytest.raises(AccountLeased):
+            await PostgresStore(dsn, account=BOB).open()
+        await second.upsert([record(1)])
+        assert second.lease_lost is None

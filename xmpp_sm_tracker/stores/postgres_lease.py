@@ -94,7 +94,7 @@ class LeaseKeeper:
             self._deadline = sent_at + self.ttl
         self._tokens[account] = token
         self._lost[account] = on_lost
-        if self._task is None:
+        if self._task is None or self._task.done():  # it ends when the last lease goes
             self._task = asyncio.get_running_loop().create_task(self._renew_forever())
         return token
 
