@@ -388,6 +388,32 @@ def test_tracked_while_down_is_hibernated_then_resent_once_counted(
     ]
 
 
+def test_resumed_in_two_halves_knows_the_resends_before_any_record_moves(
+    tracker: Tracker[Stanza],
+) -> None:
+    """The plugin writes the resends between the halves: the records move after."""
+    send_all(tracker, "m1", "m2", "m3")
+    tracker.link_lost()
+    tracker.resume_sent()
+    resumption = tracker.resume_counted(1)
+    assert tracker.sm_phase is SMPhase.ON
+    assert [(e.payload.name, e.seq) for e in resumption.result.resend] == [("m2", 2), ("m3", 3)]
+    assert {r.id: r.state for r in tracker.records.values()} == {
+        "m1": S.HIBERNATED,
+        "m2": S.HIBERNATED,
+        "m3": S.HIBERNATED,
+    }
+    events = tracker.resume_records(resumption)
+    assert show(events) == [
+        ("stanza:acked", "m1"),
+        ("message:acked", "m1", None, 1, 1),
+        ("stanza:resent", "m2"),
+        ("message:resent", "m2", None, 2, 2),
+        ("stanza:resent", "m3"),
+        ("message:resent", "m3", None, 2, 3),
+    ]
+
+
 def test_tracked_while_down_without_resumable_session_stays_sent(clock: Clock) -> None:
     tracker = new_tracker(clock)
     enable(tracker, resumable=False)

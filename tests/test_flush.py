@@ -9,6 +9,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+import pytest
 from slixmpp.plugins.xep_0198 import stanza as sm_stanza
 
 from xmpp_sm_tracker import TrackedMessage
@@ -35,8 +36,8 @@ class Journal(MemoryStore):
 class Client(WiredClient):
     """alice on a live SM session (nothing answers her), an sm.cache that counts."""
 
-    def __init__(self) -> None:
-        super().__init__(auto_reconnect=False, ack_at_burst_end=False)
+    def __init__(self, **config: Any) -> None:
+        super().__init__(auto_reconnect=False, ack_at_burst_end=False, **config)
         core = self.tracker.core
         core.sm_offered()
         core.enable_queued()
@@ -89,3 +90,33 @@ async def test_concurrent_flushes_share_one_write_and_one_state() -> None:
     await asyncio.gather(*(alice.tracker.flush() for _ in range(100)))
     assert store.batches == [50] and len(alice.states) == 1
     await alice.aclose()
+
+
+async def test_changes_that_keep_coming_wait_for_the_next_batch_a_flush_writes_at_once() -> None:
+    """The store pays per transaction: acks trickling in must not make one write each.
+    The first change after a quiet spell is written at once, later ones wait for
+    ``store_interval``; ``flush()`` (and a close) does not wait."""
+    alice = Client(store_interval=3600.0)
+    store = Journal(alice.journal)
+    await alice.tracker.attach(store)
+    alice.tracker._writer._last_write_at = float("-inf")  # a quiet spell
+    alice.xmpp.send_message(mto="bob@localhost", mbody="first", mtype="chat")
+    await alice.turns()
+    assert store.batches == [1]
+    for i in range(3):
+        alice.xmpp.send_message(mto="bob@localhost", mbody=f"next {i}", mtype="chat")
+        await alice.turns()
+    assert store.batches == [1]  # waiting for the interval, not one write per change
+    await alice.tracker.flush()
+    assert store.batches == [1, 3]
+    alice.xmpp.send_message(mto="bob@localhost", mbody="last", mtype="chat")
+    await alice.turns()
+    await asyncio.wait_for(alice.tracker._writer.aclose(), 10)  # no waiting for the interval
+    assert store.batches == [1, 3, 1]
+    await alice.aclose()
+
+
+def test_a_bad_store_interval_is_refused_at_registration() -> None:
+    for bad in (-1, "0.1", True, float("nan")):
+        with pytest.raises(ValueError, match="store_interval"):
+            Client(store_interval=bad)

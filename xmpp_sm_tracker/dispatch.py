@@ -86,6 +86,9 @@ class EventsOut:
         handles, reached, resender = self._handles, self._reached, self._resender
         retrying = self._core.retry_policy is not None
         handled = xmpp.event_handled
+        # Asked once per batch: handles are made only by awaited calls, never while
+        # events go out (a weak dictionary's len() costs a Python call per event).
+        watched = bool(handles)
         for event in events:
             payload = event.payload
             if isinstance(payload, TrackedMessage):
@@ -107,7 +110,7 @@ class EventsOut:
                     outbound.withhold_parked(payload.id)
                 if retrying:
                     resender.on_record(payload)
-                if handles:
+                if watched:
                     handles.observe(payload, retrying and resender.retry_pending(payload.id))
             name = event.name
             if isinstance(payload, SentText):

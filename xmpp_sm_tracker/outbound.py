@@ -44,6 +44,18 @@ def _refuse_lone_surrogates(xml: ET.Element) -> None:
     """Refuse a message with a lone surrogate (what ``json.loads('"\\ud83d"')`` gives):
     UTF-8 cannot encode it, so it could be neither written to the stream nor stored,
     and its record would block every later write. Names where, never the text."""
+    texts: list[str] = []
+    for element in xml.iter():
+        text, tail = element.text, element.tail
+        if text:
+            texts.append(text)
+        if tail:
+            texts.append(tail)
+        texts += element.attrib.values()
+    # One search over all of it (joined halves stay two code points in Python):
+    # every message passes here, and hardly any has one.
+    if _LONE_SURROGATE.search("".join(texts)) is None:
+        return
     for element in xml.iter():
         tag = element.tag.rpartition("}")[2]
         places = [(f"<{tag}> text", element.text), (f"text after <{tag}>", element.tail)]

@@ -106,6 +106,10 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         #: Seconds between two sm.cache calls while acks keep coming; session changes
         #: and lone messages are handed over at once.
         "cache_interval": 0.25,
+        #: Seconds between two writes of record changes to the store while changes keep
+        #: coming (bigger batches cost the store less per record); the first change
+        #: after a quiet spell is written at once, ``flush()`` writes everything now.
+        "store_interval": 0.05,
         #: Before resending what failed unanswered, look it up in our XEP-0313 archive.
         "reconcile_with_archive": True,
         #: Seconds before the oldest failed message to start the archive query at.
@@ -133,7 +137,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         self.events = TrackerEvents()
         self.events.add_listener("error", self._log_listener_error)
         self.store: TrackerStore = MemoryStore()
-        self._writer = StoreWriter(self.store)
+        self._writer = StoreWriter(self.store, min_interval=self.store_interval)
         #: ``sm.load(state)`` before connect, ``sm.cache(fn)`` to persist the SM state.
         bridge = StateBridge(xmpp, self.core)
         self.sm = SMStateHooks(
@@ -254,7 +258,7 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
         left_in_flight = await store.pending()
         old = self._writer
         self.store = store
-        self._writer = self._out.writer = StoreWriter(store)
+        self._writer = self._out.writer = StoreWriter(store, min_interval=self.store_interval)
         for snapshot in old.take_pending():  # queued changes go to the new store
             self._writer.put(snapshot)
         await old.aclose_quietly()
@@ -518,6 +522,9 @@ def _checked_settings(config: dict[str, Any]) -> AckPolicy:
     wait = config["room_rejoin_wait"]
     if isinstance(wait, bool) or not isinstance(wait, int | float) or not wait >= 0:
         raise ValueError(f"room_rejoin_wait must be a number of seconds >= 0, not {wait!r}")
+    interval = config["store_interval"]
+    if isinstance(interval, bool) or not isinstance(interval, int | float) or not interval >= 0:
+        raise ValueError(f"store_interval must be a number of seconds >= 0, not {interval!r}")
     window = config["max_unacked"]
     if window is not None and (
         isinstance(window, bool) or not isinstance(window, int) or window < 1

@@ -232,10 +232,20 @@ class SessionDriver:
             self.drop_session()
             return
         try:
-            events, resend = self.core.resumed(h)
+            resumption = self.core.resume_counted(h)
         except SMProtocolError as exc:
             self.protocol_error(exc)
             return
+        resend = resumption.result.resend
+        # Written here, synchronously and in one write, before the records move (10 000
+        # of them take a while, and the server can read meanwhile): nothing queued
+        # meanwhile can overtake them, and the server reads them in big chunks (one small
+        # write per stanza costs it a read each). A tracked message goes out as the text
+        # it went out as (kept with its entry), not serialized again.
+        if resend:
+            xmpp = self.xmpp
+            xmpp.send_raw("".join(wire_text(entry, xmpp) for entry in resend))
+        events = self.core.resume_records(resumption)
         self.xmpp.features.add("stream_management")
         if session.jid:
             self.xmpp.boundjid = JID(session.jid)  # a resumed stream keeps its resource
@@ -248,18 +258,10 @@ class SessionDriver:
                 result.missing,
                 result.ahead,
             )
-        # Written here, synchronously and in one write: nothing queued meanwhile can
-        # overtake them, and the server reads them in big chunks (one small write per
-        # stanza costs it a read each). A tracked message goes out as the text it went
-        # out as (kept with its entry), not serialized again.
-        if resend:
-            xmpp = self.xmpp
-            xmpp.send_raw("".join(wire_text(entry, xmpp) for entry in resend))
         self._ctx.emit(events)
         self._ctx.state_changed(urgent=True)
         if resend:
-            for _ in resend:
-                self._acks.clock.counted(self._ctx.now)
+            self._acks.clock.counted(self._ctx.now, stanzas=len(resend))
             self._acks.request(self._ctx.now)
         self.xmpp.end_session_on_disconnect = not self.core.session.can_resume
         self.xmpp.event("session_resumed", stanza)
@@ -323,12 +325,15 @@ class SessionDriver:
         self._acks.clock.reset()
         if left in CLOSED_BY_APP:
             return
-        self._ctx.emit(self.core.link_lost())
+        # The reconnect delay runs while the records hibernate (10 000 of them take a
+        # while); the timer fires once this handler is done, and finds out then whether
+        # a handler of those events closed the session or connected meanwhile.
         if left is LinkPhase.DROPPING:  # asked for by the app: at once, whatever the config
             _cancel(self._reconnect_timer)
             self._reconnect_timer = self.xmpp.loop.call_later(0, self._reconnect)
         elif self._config["auto_reconnect"]:
             self._schedule_reconnect()
+        self._ctx.emit(self.core.link_lost())
 
     def on_stream_error(self, error: Any) -> None:
         """A stream error answering ``<resume/>``: that session will not come back.

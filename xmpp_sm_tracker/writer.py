@@ -2,8 +2,12 @@
 
 Every event carries a fresh snapshot; writing each one on its own would cost a
 round trip per change. The writer keeps the newest snapshot per id and writes
-them in one ``upsert`` per event-loop turn. A failed write keeps the batch and
-is retried, so a flaky store delays records but never drops them.
+them in one ``upsert``: the first change after a quiet spell at the end of its
+event-loop turn, later ones at most every ``min_interval`` seconds while changes
+keep coming. A store pays per transaction (SQLite writes every page a batch
+touched, and ids are random): acks trickling in by tens made one small transaction
+each and cost three times as much per record as batches of hundreds. A failed write
+keeps the batch and is retried, so a flaky store delays records but never drops them.
 """
 
 from __future__ import annotations
@@ -30,13 +34,22 @@ def _described(exc: BaseException) -> str:
 class StoreWriter:
     """Coalesces snapshots by id and writes them in order, one batch at a time."""
 
-    def __init__(self, store: TrackerStore, retry_delay: float = 0.5) -> None:
+    def __init__(
+        self, store: TrackerStore, retry_delay: float = 0.5, min_interval: float = 0.0
+    ) -> None:
+        if not min_interval >= 0:
+            raise ValueError(f"min_interval must be >= 0 seconds, not {min_interval!r}")
         self.store = store
         self.retry_delay = retry_delay
+        #: Seconds between the starts of two background writes while changes keep coming.
+        self.min_interval = min_interval
         self._pending: dict[str, TrackedMessage] = {}
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._retry: asyncio.TimerHandle | None = None
+        #: When the last write started (loop time), and what wakes a paced writer early.
+        self._last_write_at = float("-inf")
+        self._wake: asyncio.Future[None] | None = None
         self.failures = 0
 
     @property
@@ -53,7 +66,9 @@ class StoreWriter:
     async def _background(self) -> None:
         try:
             await asyncio.sleep(0)  # let the rest of this burst join the batch
-            await self._write_all()
+            while self._pending:
+                await self._pace()
+                await self._write_all(once=True)
         except StoreError as exc:
             if isinstance(exc.__cause__, LeaseLost):
                 # Another process owns the account and its records now: never retry.
@@ -70,10 +85,30 @@ class StoreWriter:
         if self._pending and self._task is None:
             self._task = asyncio.ensure_future(self._background())
 
-    async def _write_all(self) -> None:
+    async def _pace(self) -> None:
+        """Wait until ``min_interval`` after the last write started (or a flush)."""
+        loop = asyncio.get_running_loop()
+        wait = self._last_write_at + self.min_interval - loop.time()
+        if wait <= 0:
+            return
+        wake = self._wake = loop.create_future()
+        timer = loop.call_later(wait, _set_done, wake)
+        try:
+            await wake
+        finally:
+            timer.cancel()
+            self._wake = None
+
+    def _hurry(self) -> None:
+        """A paced write waits no longer (a flush, a close, a hand-over)."""
+        if self._wake is not None:
+            _set_done(self._wake)
+
+    async def _write_all(self, *, once: bool = False) -> None:
         async with self._lock:
             while self._pending:
                 batch, self._pending = self._pending, {}
+                self._last_write_at = asyncio.get_running_loop().time()
                 try:
                     await self.store.upsert(list(batch.values()))
                 except Exception as exc:
@@ -85,6 +120,8 @@ class StoreWriter:
                         f"writing {len(batch)} records to {type(self.store).__name__} failed: "
                         f"{_described(exc)}"
                     ) from exc
+                if once:
+                    return
 
     async def flush(self) -> None:
         """Write everything queued so far; raises :class:`StoreError` if the store fails
@@ -92,6 +129,7 @@ class StoreWriter:
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None
+        self._hurry()
         try:
             await self._write_all()
         except StoreError as exc:
@@ -110,6 +148,7 @@ class StoreWriter:
             self._retry.cancel()
             self._retry = None
         pending, self._pending = list(self._pending.values()), {}
+        self._hurry()
         return pending
 
     async def aclose_quietly(self) -> None:
@@ -117,6 +156,7 @@ class StoreWriter:
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None
+        self._hurry()
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
 
@@ -145,3 +185,8 @@ class StoreWriter:
         except RuntimeError:  # no loop running (the app is shutting down): leave it
             log.warning("plugin ended outside the event loop: %r is left open", store)
             return None
+
+
+def _set_done(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

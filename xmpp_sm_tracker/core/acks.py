@@ -83,11 +83,12 @@ class AckClock:
         """The server sent something (a stanza, an ``<a/>``): the link is alive."""
         self._last_heard = now
 
-    def counted(self, now: float, *, last: bool = False) -> bool:
-        """A stanza was counted; True means "write an ``<r/>`` after it now".
+    def counted(self, now: float, *, last: bool = False, stanzas: int = 1) -> bool:
+        """A stanza (or ``stanzas`` of them) was counted; True means "write an ``<r/>``
+        after it now".
 
         ``last``: nothing else waits to be written after it (the end of a burst)."""
-        self._unasked += 1
+        self._unasked += stanzas
         if self._first_unasked_at is None:
             self._first_unasked_at = now
         policy = self.policy

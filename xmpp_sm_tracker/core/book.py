@@ -12,9 +12,9 @@ from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import Generic, TypeVar
 
-from .events import MESSAGE_EVENT, STANZA_EVENT, Event
+from .events import MESSAGE_EVENT, STANZA_EVENT, Event, new_event
 from .ledger import Entry
-from .records import KEEP, FailureReason, Keep, TrackedMessage
+from .records import KEEP, FailureReason, Keep, TrackedMessage, build_record
 from .retry import RetryPolicy
 from .rooms import REFLECTED, ReflectionIndex
 from .states import IN_FLIGHT, DeliveryState, next_state
@@ -79,47 +79,67 @@ class RecordBook(Generic[P]):
         """
         if message_id is None:
             return None
-        record = self._records.get(message_id)
+        records = self._records
+        record = records.get(message_id)
         if record is None:
             return None
-        state = next_state(record.state, signal)
+        current = record.state
+        state = next_state(current, signal)
         if state is None:
             if self._settled(record) and message_id not in self._late_ack_possible:
                 self._forget(message_id)  # a reinstated record goes back out
             return None
         if state is _S.RESENT and attempts is None:
             attempts = record.attempts + 1
-        if state is not _S.FAILED and isinstance(reason, Keep):
-            reason = None
-        moved = record.moved(state, self.clock(), attempts=attempts, reason=reason, seq=seq)
-        policy = self.retry_policy
+        if isinstance(reason, Keep):
+            reason = record.reason if state is _S.FAILED else None
+        # record.moved(...) spelled out: this runs for every record at every change.
+        moved = build_record(
+            message_id,
+            record.origin_id,
+            record.to,
+            record.type,
+            record.body,
+            state,
+            record.xml,
+            record.created_at,
+            self.clock(),
+            record.via_carbon,
+            record.attempts if attempts is None else attempts,
+            reason,
+            record.seq if isinstance(seq, Keep) else seq,
+        )
+        moved_in_flight = state in IN_FLIGHT
         if state is _S.FAILED:
+            policy = self.retry_policy
             if policy is not None and policy.exhausted(moved):
                 moved = moved.moved(state, moved.updated_at, reason=FailureReason.RETRIES_EXHAUSTED)
-            if record.state is _S.FAILED and (
-                moved.reason == record.reason or not record.retryable
-            ):
+            if current is _S.FAILED and (moved.reason == record.reason or not record.retryable):
                 # FAILED -> FAILED moves only when a failure without an answer (retryable)
                 # gets one: the same failure again, or after a refusal, is no news.
                 if message_id not in self._late_ack_possible:
                     self._forget(message_id)
                 return None
         else:
-            self._late_ack_possible.discard(message_id)
-        if state is _S.FAILED or (record.seq is None and record.in_flight and not moved.in_flight):
+            late = self._late_ack_possible
+            if late:
+                late.discard(message_id)
+        if state is _S.FAILED or (
+            record.seq is None and current in IN_FLIGHT and not moved_in_flight
+        ):
             # A failed message goes out again only through an explicit resend, and one
             # that settled while its copy still waits in the client's queue needs that
             # copy no more: any copy of it that reaches the filter is dropped.
             self._withheld.add(message_id)
-        if self._passes and not moved.in_flight:
+        if self._passes and not moved_in_flight:
             self._passes.discard(message_id)  # the resend's attempt is over
         if self._settled(moved) and message_id not in self._late_ack_possible:
             self._forget(message_id)
         else:
-            self._records[message_id] = moved
-        if record.type == "groupchat" and (state in REFLECTED or message_id not in self._records):
+            records[message_id] = moved
+        if record.type == "groupchat" and (state in REFLECTED or message_id not in records):
             self.reflections.discard(message_id)  # the room has it, or it left memory
-        return Event(MESSAGE_EVENT[state], moved)
+        return new_event((MESSAGE_EVENT[state], moved))
 
     def _forget(self, message_id: str) -> None:
         """A settled record leaves memory (the store keeps it)."""
@@ -145,21 +165,23 @@ class RecordBook(Generic[P]):
         """Events for ledger entries that all met the same fate, stanza event first."""
         stanza_event = STANZA_EVENT[state]
         events: list[Event] = []
+        append = events.append
         records = self._records
+        move = self._move
         for entry in entries:
-            events.append(Event(stanza_event, entry.payload))
+            append(new_event((stanza_event, entry.payload)))
             message_id = entry.message_id
             if message_id is None:
                 continue
             record = records.get(message_id)
             if record is None or record.seq != entry.seq:
                 continue  # not the copy its record waits on (any more)
-            if not record.in_flight:
+            if record.state not in IN_FLIGHT:
                 message_event = self._late_fate(record, state)
             else:
-                message_event = self._move(message_id, state, reason=reason)
+                message_event = move(message_id, state, reason=reason)
             if message_event is not None:
-                events.append(message_event)
+                append(message_event)
         return events
 
     def _late_fate(self, record: TrackedMessage, state: DeliveryState) -> Event | None:

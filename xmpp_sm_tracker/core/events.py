@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 from .states import DeliveryState
@@ -15,6 +17,7 @@ __all__ = [
     "STANZA_RESENT",
     "Event",
     "OutgoingMessage",
+    "new_event",
 ]
 
 _S = DeliveryState
@@ -42,6 +45,11 @@ class Event(NamedTuple):
 
     name: str
     payload: object
+
+
+#: ``new_event((name, payload))`` is ``Event(name, payload)`` without the named tuple's
+#: ``__new__`` in Python: the tracker makes two per record at every change.
+new_event: Callable[[tuple[str, object]], Event] = partial(tuple.__new__, Event)
 
 
 class OutgoingMessage(NamedTuple):

@@ -10,7 +10,8 @@ stanzas, runs timers and emits the events.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from .events import STANZA_RESENT, Event, OutgoingMessage
 from .facts import SessionFacts
@@ -21,12 +22,21 @@ from .records import FailureReason, TrackedMessage
 from .smstate import STATE_VERSION, RestoredState
 from .states import DeliveryState
 
-__all__ = ["Event", "OutgoingMessage", "SessionFacts", "Tracker"]
+__all__ = ["Event", "OutgoingMessage", "Resumption", "SessionFacts", "Tracker"]
 
 P = TypeVar("P")
 _S = DeliveryState
 #: The saved state keeps only stanzas a next process may resend (see smstate.RESTORABLE).
 _RESTORABLE_PREFIXES = ("<message", "<presence")
+
+
+@dataclass(frozen=True, slots=True)
+class Resumption(Generic[P]):
+    """Between the two halves of ``<resumed h>``: what the ledger decided, and which
+    entries were their records' current copies before the resends were renumbered."""
+
+    result: ResumeResult[P]
+    current: set[int]
 
 
 class Tracker(Outgoing[P]):
@@ -126,32 +136,49 @@ class Tracker(Outgoing[P]):
         """``<resumed h>`` came in: (events, entries to resend now, in order).
 
         Raises :class:`SMProtocolError` on a bad ``h``; the caller then drops the session.
+        The two halves, :meth:`resume_counted` then :meth:`resume_records`, let the
+        caller write the resends before the records move (10 000 records take a while).
+        """
+        resumption = self.resume_counted(h)
+        return self.resume_records(resumption), resumption.result.resend
+
+    def resume_counted(self, h: int) -> Resumption[P]:
+        """The counters' half of ``<resumed h>``: the ledger acks what ``h`` covers and
+        renumbers the rest, to be resent now (``.result.resend``) and handed to
+        :meth:`resume_records` right after. Raises :class:`SMProtocolError` on a bad ``h``.
         """
         # The copies their records wait on, told apart before the resends are renumbered.
         records = self._records
+        late = self._late_ack_possible
         current = {
             id(entry)
             for entry in self.ledger
             if entry.message_id is not None
             and (record := records.get(entry.message_id)) is not None
             and record.seq == entry.seq
-            and (record.in_flight or entry.message_id in self._late_ack_possible)
+            and (record.in_flight or entry.message_id in late)
         }
         result = self.ledger.resume(h, allow_ahead=self._session.restored)
         self._sm.handle(SMEvent.RESUMED)
         self.resumptions += 1
         self._session.restored = False
         self.last_resume = result
+        return Resumption(result, current)
+
+    def resume_records(self, resumption: Resumption[P]) -> list[Event]:
+        """The records' half of ``<resumed h>``: acked what it covers, RESENT the rest."""
+        result, current = resumption.result, resumption.current
         events = self._fate(result.acked, _S.ACKED)
+        move = self._move
         for entry in result.resend:
             events.append(Event(STANZA_RESENT, entry.payload))
             if id(entry) not in current:
                 continue
-            moved = self._move(entry.message_id, _S.RESENT, seq=entry.seq)
+            moved = move(entry.message_id, _S.RESENT, seq=entry.seq)
             if moved is not None:
                 events.append(moved)
         events += self._settle_adopted()
-        return events, result.resend
+        return events
 
     def resume_failed(self, h: int | None) -> list[Event]:
         """``<failed h>`` answered ``<resume/>``: ack what ``h`` covers, fail the rest.
