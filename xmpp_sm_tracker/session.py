@@ -24,7 +24,7 @@ from slixmpp.xmlstream.matcher import MatchMany, MatchXPath
 from . import stanzas
 from .acking import AckDriver
 from .context import Context
-from .core.ledger import SMProtocolError
+from .core.ledger import ResumeResult, SMProtocolError
 from .core.phases import CLOSED_BY_APP, LinkEvent, LinkPhase, SMPhase
 from .core.reconnect import backoff_delay
 from .core.records import FailureReason, TrackedMessage
@@ -249,15 +249,7 @@ class SessionDriver:
         self.xmpp.features.add("stream_management")
         if session.jid:
             self.xmpp.boundjid = JID(session.jid)  # a resumed stream keeps its resource
-        result = self.core.last_resume
-        if result is not None and (result.missing or result.ahead):
-            log.warning(
-                "the saved SM state did not hold %d unacked stanzas (iqs of the previous "
-                "process are never resent: nobody waits for their answer), and %d handled "
-                "stanzas were unknown to it",
-                result.missing,
-                result.ahead,
-            )
+        _warn_of_a_short_state(self.core.last_resume)
         self._ctx.emit(events)
         self._ctx.state_changed(urgent=True)
         if resend:
@@ -480,6 +472,18 @@ _XEP_0198_HANDLERS = (
 )
 _XEP_0198_FILTERS = (("in", "_handle_incoming"), ("out_sync", "_handle_outgoing"))
 _XEP_0198_EVENTS = (("disconnected", "disconnected"), ("session_end", "session_end"))
+
+
+def _warn_of_a_short_state(result: ResumeResult[Any] | None) -> None:
+    """A restored state that held less than the server's ``h`` says: logged, not fatal."""
+    if result is not None and (result.missing or result.ahead):
+        log.warning(
+            "the saved SM state did not hold %d unacked stanzas (iqs of the previous "
+            "process are never resent: nobody waits for their answer), and %d handled "
+            "stanzas were unknown to it",
+            result.missing,
+            result.ahead,
+        )
 
 
 def _cancel(handle: asyncio.TimerHandle | None) -> None:
