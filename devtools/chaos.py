@@ -35,6 +35,16 @@ The faults, each for a drawn ``duration``:
 * ``kill``: alice's process is SIGKILLed; a new one starts from her SQLite file
   (records and SM state), resumes if it still can, and sends the rest.
 
+With ``--store postgres`` alice keeps her records and SM state in a
+:class:`~xmpp_sm_tracker.stores.postgres.PostgresStore` instead (a private PostgreSQL
+cluster, a fresh database per schedule, the DSN handed to her processes in the
+environment, never on a command line), and a ``kill`` is a **failover**: the next
+process starts at once, as a standby, and waits in ``take_over()`` until the killed
+one's lease lapses (``--lease-ttl`` after its last renewal) before it attaches, loads
+the SM state and connects. The kill's drawn duration is not waited: the lease is the
+downtime. The records are read at the end through a read-only store, and the summary
+adds the takeover times (SIGKILL to lease taken).
+
 Besides the verdict, the summary counts what is allowed but worth seeing: messages
 that failed although bob had them (``failed`` means *not confirmed*), how many of
 those the archive check recognised, and which ones reached bob twice because the
@@ -69,23 +79,28 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TextIO, get_args
+from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import slixmpp
 
 from xmpp_sm_tracker.core.records import FailureReason, TrackedMessage
 from xmpp_sm_tracker.core.smstate import SMStateError
 from xmpp_sm_tracker.core.states import DeliveryState
 from xmpp_sm_tracker.plugin import SMTracker
-from xmpp_sm_tracker.stores.base import StoreError
+from xmpp_sm_tracker.stores.base import StoreError, TrackerStore
+from xmpp_sm_tracker.stores.postgres import PostgresStore
 from xmpp_sm_tracker.stores.sqlite import SQLiteStore
 from xmpp_sm_tracker.testing import FaultProxy
 from xmpp_sm_tracker.testing.client import connect_client, make_client, tracker_of, wait_for
+from xmpp_sm_tracker.testing.postgres import PostgresServer
 from xmpp_sm_tracker.testing.servers import SERVER_KINDS, ensure_server_installed, make_server
 
 from . import child_env
 
 __all__ = [
     "FAULT_KINDS",
+    "STORE_KINDS",
     "ChaosConfig",
     "ChaosSummary",
     "Fault",
@@ -93,6 +108,7 @@ __all__ = [
     "Observation",
     "Schedule",
     "ScheduleResult",
+    "StoreKind",
     "Violation",
     "check_invariants",
     "main",
@@ -115,6 +131,12 @@ _DURATIONS: Mapping[FaultKind, tuple[float, float]] = {
     "restart": (0.0, 1.0),
     "kill": (0.0, 3.0),
 }
+StoreKind = Literal["sqlite", "postgres"]
+#: Where alice keeps her records and SM state (``--store``).
+STORE_KINDS: tuple[StoreKind, ...] = get_args(StoreKind)
+#: The environment variable that hands the PostgreSQL DSN (with its password) to alice.
+_DSN_VARIABLE = "CHAOS_STORE_DSN"
+_ACCOUNT = "alice@localhost"
 _PASSWORD = "chaos-pass"
 _NICK = "Alice"
 _AT_LEAST_ACKED = frozenset(
@@ -305,6 +327,8 @@ class ScheduleResult:
     acked_not_received: int
     violations: list[Violation]
     seconds: float
+    #: Failovers (PostgreSQL): seconds from each SIGKILL to the lease taken by the next.
+    takeovers: list[float] = field(default_factory=list)
 
 
 def _outcome(state: str, reason: str | None) -> str:
@@ -380,6 +404,9 @@ class ChaosSummary:
     seconds: float
     #: The server the schedules ran against.
     server: str = "prosody"
+    #: Where alice kept her records: "sqlite" or "postgres" (then with her lease's ttl).
+    store: str = "sqlite"
+    lease_ttl: float | None = None
 
     @property
     def violations(self) -> list[Violation]:
@@ -409,6 +436,9 @@ class ChaosSummary:
             "acked_not_received": sum(r.acked_not_received for r in self.results),
             "notes": [note for r in self.results for note in r.notes],
             "violations": [asdict(v) for v in self.violations],
+            "store": self.store,
+            "lease_ttl": self.lease_ttl,
+            "takeovers": sorted(t for r in self.results for t in r.takeovers),
         }
 
     def render(self) -> str:
@@ -417,7 +447,9 @@ class ChaosSummary:
         seeds = data["seeds"]
         dupes: dict[str, int] = data["duplicates_after_resend"]
         lines = [
-            f"chaos on {self.server}: {data['schedules']} schedules "
+            f"chaos on {self.server}"
+            + (f" ({self.store} store)" if self.store != "sqlite" else "")
+            + f": {data['schedules']} schedules "
             f"(seeds {seeds[0]}..{seeds[-1]}), "
             f"{data['messages']} messages, {data['seconds']}s"
             if seeds
@@ -432,6 +464,7 @@ class ChaosSummary:
             f"  {'unconfirmed':<20} failed but received {data['failed_but_received']} "
             '("failed" means not confirmed), acked chat bob did not see live '
             f"{data['acked_not_received']}",
+            *([_takeovers(data["takeovers"], self.lease_ttl)] if self.store == "postgres" else []),
             "",
         ]
         lines += [f"  note: {note}" for note in data["notes"]]
@@ -446,6 +479,17 @@ class ChaosSummary:
         lines.append("")
         lines += [f"  replay: scripts/chaos --schedules 1 --seed {seed}" for seed in replay]
         return "\n".join(lines)
+
+
+def _takeovers(seconds: Sequence[float], lease_ttl: float | None) -> str:
+    title = f"  {'takeovers':<20} "
+    if not seconds:
+        return title + "none (no kill, or no successor took the lease)"
+    middle = seconds[len(seconds) // 2]
+    return (
+        title + f"{len(seconds)} (SIGKILL to lease taken, lease_ttl {lease_ttl:g} s): "
+        f"min {seconds[0]:.2f} s, median {middle:.2f} s, max {seconds[-1]:.2f} s"
+    )
 
 
 def _cells(counts: Mapping[str, int], order: Sequence[str] = ()) -> str:
@@ -560,6 +604,16 @@ class _Bob:
 # ---------------------------------------------------------------------- alice (child)
 
 
+def _open_store(
+    kind: str, where: str, *, lease_ttl: float, read_only: bool = False
+) -> SQLiteStore | PostgresStore:
+    """alice's store, for her processes and for the final check: her SQLite file
+    ``where``, or her account in the PostgreSQL database of the DSN ``where``."""
+    if kind == "postgres":
+        return PostgresStore(where, account=_ACCOUNT, read_only=read_only, lease_ttl=lease_ttl)
+    return SQLiteStore(where, read_only=read_only)
+
+
 class _Sender:
     """The parent's handle on one alice process: its output, its answers, and SIGKILL."""
 
@@ -568,6 +622,11 @@ class _Sender:
         self.stderr = stderr
         self.sent: dict[int, str] = {}
         self.done = asyncio.Event()
+        #: time.monotonic() of the SIGKILL of the last owner of the lease before it
+        #: (a failover; None when no owner was killed: the lease was free).
+        self.after_kill: float | None = None
+        #: time.monotonic() at which it took the account's lease (PostgreSQL only).
+        self.owned_at: float | None = None
         #: Answers to commands, in order; None once the process has gone.
         self.replies: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         self.reader = asyncio.ensure_future(self._read())
@@ -585,6 +644,8 @@ class _Sender:
                 self.sent[int(n)] = message_id
             elif word == "DONE":
                 self.done.set()
+            elif word == "OWNED":
+                self.owned_at = float(rest)
             elif word == "REPLY":
                 self.replies.put_nowait(json.loads(rest))
         self.replies.put_nowait(None)
@@ -626,9 +687,18 @@ class _Sender:
             await asyncio.wait_for(self.reader, 5)
         self.stderr.close()
 
+    @property
+    def takeover(self) -> float | None:
+        """Seconds from the SIGKILL of the lease's last owner to the lease taken."""
+        if self.after_kill is None or self.owned_at is None:
+            return None
+        return self.owned_at - self.after_kill
 
-async def _start_sender(config: dict[str, Any], log_path: Path) -> _Sender:
+
+async def _start_sender(config: dict[str, Any], log_path: Path, dsn: str | None) -> _Sender:
+    """An alice process; ``dsn`` (PostgreSQL) goes in its environment, not its argv."""
     stderr = log_path.open("a", encoding="utf-8")
+    secret = {_DSN_VARIABLE: dsn} if dsn is not None else {}
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -638,7 +708,7 @@ async def _start_sender(config: dict[str, Any], log_path: Path) -> _Sender:
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=stderr,
-        env=child_env(PYTHONUNBUFFERED="1"),
+        env=child_env(PYTHONUNBUFFERED="1", **secret),
     )
     return _Sender(proc, stderr)
 
@@ -658,7 +728,14 @@ async def _sender_main(config: dict[str, Any]) -> None:
     if config.get("debug"):
         for state in DeliveryState:
             tracker.events.on(f"message:{state.value}", _log_event(f"message:{state.value}"))
-    store = SQLiteStore(config["db"])
+    kind = config["store"]
+    where = os.environ[_DSN_VARIABLE] if kind == "postgres" else config["db"]
+    store = _open_store(kind, where, lease_ttl=config["lease_ttl"])
+    if isinstance(store, PostgresStore):
+        # A standby: wait for the killed owner's lease to lapse (at once the first time);
+        # only then touch its records, its SM state and its stream.
+        await store.take_over(poll=0.05, timeout=config["lease_ttl"] * 10 + 30)
+        print(f"OWNED {time.monotonic()!r}", flush=True)
     await tracker.attach(store)
     try:
         tracker.sm.load(await store.load_sm_state())
@@ -790,7 +867,7 @@ async def _until_quiet(tracker: SMTracker, seconds: float) -> bool:
 
 
 async def _settle(
-    tracker: SMTracker, store: SQLiteStore, conversations: Sequence[str], timeout: float
+    tracker: SMTracker, store: TrackerStore, conversations: Sequence[str], timeout: float
 ) -> dict[str, Any]:
     """Wait until nothing is in flight; every record as it stands then."""
     await _until_quiet(tracker, timeout)
@@ -838,14 +915,26 @@ class ChaosConfig:
     debug: bool = False
     #: Which server: "prosody" or "ejabberd" (xmpp_sm_tracker.testing.servers).
     server: str = "prosody"
+    #: Where alice keeps her records and SM state: "sqlite" or "postgres".
+    store: StoreKind = "sqlite"
+    #: PostgreSQL: the cluster to use (a database per schedule is made in it, so its
+    #: role must be allowed to create databases); None starts a private one.
+    dsn: str | None = None
+    #: PostgreSQL: alice's lease (s); a failover waits for the killed owner's to lapse.
+    lease_ttl: float = 2.0
 
 
 class _Worker:
-    """One server, one fault proxy in front of it, and bob: runs schedules in turn."""
+    """One server, one fault proxy in front of it, and bob: runs schedules in turn.
 
-    def __init__(self, base: Path, config: ChaosConfig) -> None:
+    With PostgreSQL, ``cluster`` is the DSN of the cluster in which each schedule gets
+    a database of its own (made and dropped through one admin connection)."""
+
+    def __init__(self, base: Path, config: ChaosConfig, cluster: str | None = None) -> None:
         self.base = base
         self.config = config
+        self.cluster = cluster
+        self.admin: asyncpg.Connection | None = None
         self.server = make_server(
             config.server, base / config.server, hibernation_time=config.hibernation_time
         )
@@ -866,8 +955,12 @@ class _Worker:
         await self.bob_link.start()
         self.bob = _Bob(self.bob_link.address)
         await self.bob.start()
+        if self.cluster is not None:
+            self.admin = await asyncpg.connect(self.cluster)
 
     async def aclose(self) -> None:
+        if self.admin is not None:
+            await self.admin.close()
         if self.bob is not None:
             await self.bob.aclose()
         for proxy in (self.proxy, self.bob_link):
@@ -884,11 +977,15 @@ class _Worker:
         tag = f"{schedule.seed}-{uuid.uuid4().hex[:6]}"
         room = f"chaos-{tag}@{self.server.muc_domain}"
         db = self.base / f"alice-{tag}.sqlite"
+        kind = self.config.store
+        dsn = await self._database(tag) if self.admin is not None else None
         await bob.use_room(room)
         config: dict[str, Any] = {
             "seed": schedule.seed,
             "room": room,
             "db": str(db),
+            "store": kind,
+            "lease_ttl": self.config.lease_ttl,
             "jid": f"alice@localhost/chaos-{tag}",
             "address": list(proxy.address),
             "life": 0,
@@ -896,7 +993,8 @@ class _Worker:
             "start": 0,
         }
         logs = self.base / f"alice-{tag}.log"
-        sender = await _start_sender(config, logs)
+        sender = await _start_sender(config, logs, dsn)
+        lives = [sender]
         sent: dict[int, str] = {}
         received_before: dict[str, int] = {}
         faults: Counter[str] = Counter()
@@ -908,15 +1006,23 @@ class _Worker:
                     await asyncio.sleep(delay)
                 faults[fault.kind] += 1
                 if fault.kind == "kill":
+                    killed_at = time.monotonic()
                     await sender.kill()
                     sent.update(sender.sent)
-                    await asyncio.sleep(fault.duration)
+                    if dsn is None:  # a failover starts at once: the lease is the wait
+                        await asyncio.sleep(fault.duration)
                     config = {
                         **config,
                         "life": config["life"] + 1,
                         "start": max(sent) + 1 if sent else 0,
                     }
-                    sender = await _start_sender(config, logs)
+                    killed = sender
+                    sender = await _start_sender(config, logs, dsn)
+                    # The lease it waits for: the killed one's, or if that one died
+                    # before it took it, the one its own predecessor waited for.
+                    owned = killed.owned_at is not None
+                    sender.after_kill = killed_at if owned else killed.after_kill
+                    lives.append(sender)
                 else:
                     await self._link_fault(fault)
             try:
@@ -947,10 +1053,16 @@ class _Worker:
             if not self.server.running:
                 await self.server.start()
         records: dict[str, TrackedMessage] = {}
-        async with SQLiteStore(db) as store:
-            for conversation in (room, "bob@localhost"):
-                for record in await store.conversation(conversation, limit=1_000_000):
-                    records[record.id] = record
+        try:  # the SQLite file as ever (writable: a killed sender may leave a WAL to recover)
+            async with _open_store(
+                kind, dsn or str(db), lease_ttl=self.config.lease_ttl, read_only=dsn is not None
+            ) as store:
+                for conversation in (room, "bob@localhost"):
+                    for record in await store.conversation(conversation, limit=1_000_000):
+                        records[record.id] = record
+        finally:
+            if dsn is not None:
+                await self._drop(dsn)
         obs = Observation(
             seed=schedule.seed,
             records=records,
@@ -965,7 +1077,26 @@ class _Worker:
         )
         result = _summarize(schedule, obs, faults, time.monotonic() - started)
         result.violations[:0] = harness
+        result.takeovers = [round(t, 3) for s in lives if (t := s.takeover) is not None]
+        for took in result.takeovers:
+            if took < self.config.lease_ttl / 3:  # renewed every third: >= 2/3 ttl left
+                result.notes.append(
+                    f"seed {schedule.seed}: lease taken {took:.2f} s after the SIGKILL, "
+                    f"sooner than a lease renewed every {self.config.lease_ttl / 3:.2f} s lapses"
+                )
         return result
+
+    async def _database(self, tag: str) -> str:
+        """A fresh database for one schedule in the cluster; its DSN."""
+        assert self.admin is not None and self.cluster is not None
+        name = f"chaos_{tag.replace('-', '_')}"
+        await self.admin.execute(f'CREATE DATABASE "{name}"')
+        return urlunsplit(urlsplit(self.cluster)._replace(path=f"/{name}"))
+
+    async def _drop(self, dsn: str) -> None:
+        assert self.admin is not None
+        name = urlsplit(dsn).path.lstrip("/")
+        await self.admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
     async def _link_fault(self, fault: Fault) -> None:
         proxy = self.proxy
@@ -1010,8 +1141,22 @@ class _Worker:
 async def run_chaos(
     config: ChaosConfig, progress: Callable[[ScheduleResult], None] | None = None
 ) -> ChaosSummary:
-    """Run ``config.schedules`` schedules with seeds ``seed, seed+1, ...``."""
+    """Run ``config.schedules`` schedules with seeds ``seed, seed+1, ...``; with
+    PostgreSQL and no ``config.dsn``, in a private cluster started for the run."""
+    if config.store == "postgres" and config.dsn is None:
+        with PostgresServer(database="chaos") as postgres:
+            return await _run_chaos(config, progress, postgres.dsn)
+    return await _run_chaos(config, progress, config.dsn)
+
+
+async def _run_chaos(
+    config: ChaosConfig,
+    progress: Callable[[ScheduleResult], None] | None,
+    cluster: str | None,
+) -> ChaosSummary:
     ensure_server_installed(config.server)
+    if config.store != "postgres":
+        cluster = None
     started = time.monotonic()
     own_dir = config.work_dir is None
     base = Path(tempfile.mkdtemp(prefix="sm-chaos-")) if own_dir else Path(config.work_dir or "")
@@ -1023,7 +1168,7 @@ async def run_chaos(
     async def work(index: int) -> None:
         folder = base / f"worker-{index}"
         folder.mkdir(parents=True, exist_ok=True)
-        worker = _Worker(folder, config)
+        worker = _Worker(folder, config, cluster)
         try:
             await worker.start()
             while not seeds.empty():
@@ -1046,7 +1191,14 @@ async def run_chaos(
         if own_dir:
             shutil.rmtree(base, ignore_errors=True)
     results.sort(key=lambda r: r.seed)
-    return ChaosSummary(results, time.monotonic() - started, config.server)
+    postgres = config.store == "postgres"
+    return ChaosSummary(
+        results,
+        time.monotonic() - started,
+        config.server,
+        store=config.store,
+        lease_ttl=config.lease_ttl if postgres else None,
+    )
 
 
 def _broken(schedule: Schedule, exc: Exception, seconds: float) -> ScheduleResult:
@@ -1071,9 +1223,10 @@ def _broken(schedule: Schedule, exc: Exception, seconds: float) -> ScheduleResul
 
 def _print_progress(result: ScheduleResult) -> None:
     verdict = f"{len(result.violations)} violations" if result.violations else "ok"
+    took = ", ".join(f"{t:.2f}s" for t in result.takeovers)
     print(
         f"seed {result.seed}: {result.messages} messages, {result.schedule or 'no faults'}: "
-        f"{verdict} ({result.seconds:.1f}s)",
+        f"{verdict} ({result.seconds:.1f}s" + (f", takeover {took})" if took else ")"),
         file=sys.stderr,
         flush=True,
     )
@@ -1085,6 +1238,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args[:1] == ["_sender"]:
         asyncio.run(_sender_main(json.loads(args[1])))
         return 0
+    parser = _parser()
+    ns = parser.parse_args(args)
+    if ns.schedules < 1 or ns.jobs < 1:
+        parser.error("--schedules and --jobs must be at least 1")
+    if ns.lease_ttl <= 0:
+        parser.error("--lease-ttl must be positive")
+    seed = ns.seed if ns.seed is not None else random.SystemRandom().randrange(1, 10**6)
+    if ns.keep is not None:
+        ns.keep.mkdir(parents=True, exist_ok=True)
+    config = ChaosConfig(
+        schedules=ns.schedules,
+        seed=seed,
+        jobs=ns.jobs,
+        hibernation_time=ns.hibernation,
+        work_dir=ns.keep,
+        debug=ns.debug,
+        server=ns.server,
+        store=ns.store,
+        lease_ttl=ns.lease_ttl,
+    )
+    logging.basicConfig(level=logging.ERROR, format="%(name)s %(levelname)s %(message)s")
+    summary = asyncio.run(run_chaos(config, None if ns.quiet else _print_progress))
+    if ns.json:
+        print(json.dumps(summary.as_dict(), indent=2))
+    else:
+        print(summary.render())
+    return 1 if summary.violations else 0
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scripts/chaos",
         description="Randomized fault schedules against a local server, invariants checked.",
@@ -1109,28 +1292,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--debug", action="store_true", help="with --keep: the senders log every stanza"
     )
-    ns = parser.parse_args(args)
-    if ns.schedules < 1 or ns.jobs < 1:
-        parser.error("--schedules and --jobs must be at least 1")
-    seed = ns.seed if ns.seed is not None else random.SystemRandom().randrange(1, 10**6)
-    if ns.keep is not None:
-        ns.keep.mkdir(parents=True, exist_ok=True)
-    config = ChaosConfig(
-        schedules=ns.schedules,
-        seed=seed,
-        jobs=ns.jobs,
-        hibernation_time=ns.hibernation,
-        work_dir=ns.keep,
-        debug=ns.debug,
-        server=ns.server,
+    parser.add_argument(
+        "--store",
+        choices=STORE_KINDS,
+        default="sqlite",
+        help="alice's store (default sqlite); postgres: a private cluster, and a kill "
+        "is a failover to a standby that waits for the killed one's lease",
     )
-    logging.basicConfig(level=logging.ERROR, format="%(name)s %(levelname)s %(message)s")
-    summary = asyncio.run(run_chaos(config, None if ns.quiet else _print_progress))
-    if ns.json:
-        print(json.dumps(summary.as_dict(), indent=2))
-    else:
-        print(summary.render())
-    return 1 if summary.violations else 0
+    parser.add_argument(
+        "--lease-ttl",
+        type=float,
+        default=2.0,
+        help="with --store postgres: alice's lease in seconds (default 2)",
+    )
+    return parser
 
 
 if __name__ == "__main__":

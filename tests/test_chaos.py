@@ -1,7 +1,8 @@
 """Chaos schedules: the generator, the invariant checker, the summary, and a short live run.
 
 The live run is small on purpose (three schedules that together meet every fault
-kind); a large one is ``scripts/chaos --schedules 200 --jobs 4``. The checker is
+kind, and two with kills on PostgreSQL, where a kill is a failover); a large one is
+``scripts/chaos --schedules 200 --jobs 4``. The checker is
 tested on its own first: a chaos run that finds nothing proves something only if
 the checker would have said so.
 """
@@ -23,6 +24,7 @@ from slixmpp.xmlstream import ET
 
 from devtools.chaos import (
     FAULT_KINDS,
+    STORE_KINDS,
     ChaosConfig,
     ChaosSummary,
     Observation,
@@ -30,6 +32,8 @@ from devtools.chaos import (
     ScheduleResult,
     Violation,
     _Bob,
+    _parser,
+    _start_sender,
     check_invariants,
     run_chaos,
 )
@@ -52,6 +56,15 @@ def covering_seed(count: int = 3) -> int:
         if kinds == set(FAULT_KINDS) and expiry:
             return seed
     raise AssertionError("no covering seed")
+
+
+def failover_seed(count: int = 2) -> int:
+    """The first seed whose ``count`` consecutive schedules each kill the sender."""
+    for seed in range(1, 10_000):
+        schedules = [Schedule.generate(seed + i) for i in range(count)]
+        if all(any(f.kind == "kill" for f in s.faults) for s in schedules):
+            return seed
+    raise AssertionError("no failover seed")
 
 
 # ---------------------------------------------------------------------- schedules
@@ -186,7 +199,7 @@ def test_the_summary_counts_and_names_the_seed_to_replay() -> None:
     )
     bad = ScheduleResult(
         **{
-            **{name: getattr(ok, name) for name in ScheduleResult.__slots__},
+            **vars_of(ok),
             "seed": 4,
             "violations": [Violation(4, "received-twice", "m1", "bob got it 2x")],
         }
@@ -200,6 +213,50 @@ def test_the_summary_counts_and_names_the_seed_to_replay() -> None:
     data = summary.as_dict()
     assert data["faults"] == {"cut": 2} and len(data["violations"]) == 1
     assert "violations: none" in ChaosSummary([ok], 1.0).render()
+    assert "takeovers" not in text and data["store"] == "sqlite" and data["takeovers"] == []
+
+    ok.takeovers, bad.takeovers = [1.9, 1.7], [1.8]
+    on_postgres = ChaosSummary([ok, bad], 9.5, store="postgres", lease_ttl=2.0)
+    text = on_postgres.render()
+    assert text.startswith("chaos on prosody (postgres store): 2 schedules")
+    assert "takeovers            3 (SIGKILL to lease taken, lease_ttl 2 s): " in text
+    assert "min 1.70 s, median 1.80 s, max 1.90 s" in text
+    assert on_postgres.as_dict()["takeovers"] == [1.7, 1.8, 1.9]
+    none = ChaosSummary([ScheduleResult(**{**vars_of(ok), "takeovers": []})], 1, store="postgres")
+    assert "takeovers            none" in none.render()
+
+
+def vars_of(result: ScheduleResult) -> dict[str, Any]:
+    return {name: getattr(result, name) for name in ScheduleResult.__slots__}
+
+
+def test_the_store_options_parse() -> None:
+    parser = _parser()
+    default = parser.parse_args([])
+    assert (default.store, default.lease_ttl) == ("sqlite", 2.0)
+    chosen = parser.parse_args(["--store", "postgres", "--lease-ttl", "1.5"])
+    assert (chosen.store, chosen.lease_ttl) == ("postgres", 1.5)
+    assert STORE_KINDS == ("sqlite", "postgres")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--store", "mysql"])
+    assert ChaosConfig().store == "sqlite"
+
+
+async def test_the_dsn_reaches_the_sender_in_its_environment_only(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    seen: dict[str, Any] = {}
+
+    async def spawn(*argv: str, **kwargs: Any) -> Any:
+        seen.update(argv=argv, env=kwargs["env"])
+        raise OSError("not started")
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", spawn)
+    dsn = "postgresql://role:s3cret@127.0.0.1:5/db"
+    with pytest.raises(OSError):
+        await _start_sender({"store": "postgres"}, tmp_path / "log", dsn)
+    assert seen["env"]["CHAOS_STORE_DSN"] == dsn
+    assert not any("s3cret" in arg for arg in seen["argv"])
 
 
 def test_bob_counts_live_copies_only() -> None:
@@ -267,6 +324,40 @@ async def test_chaos_schedules_keep_every_invariant(
     assert sum(data["final"].values()) == data["messages"]
 
 
+async def test_chaos_failovers_on_postgres_keep_every_invariant(
+    xmpp_server_kind: str, postgres_dsn: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each kill is a failover: the next sender waits for the killed one's lease."""
+    seed = failover_seed()
+    config = ChaosConfig(
+        schedules=2,
+        seed=seed,
+        hibernation_time=HIBERNATION,
+        server=xmpp_server_kind,
+        store="postgres",
+        dsn=postgres_dsn,
+        lease_ttl=2.0,
+    )
+    summary = await run_chaos(config)
+    with capsys.disabled():
+        print(f"\n{summary.render()}\n")
+    assert summary.violations == []
+    data = summary.as_dict()
+    assert data["store"] == "postgres" and data["lease_ttl"] == 2.0
+    assert data["schedules"] == 2 and data["faults"]["kill"] >= 2
+    settled = {"acked", "room_received", "failed", "delivered", "displayed"}
+    for outcome in [*data["first_settle"], *data["final"]]:
+        assert outcome.split(":", 1)[0] in settled, outcome
+    assert sum(data["final"].values()) == data["messages"]
+    # At least one kill hit an owner: its successor waited for the lease to lapse,
+    # which is lease_ttl after its last renewal (every third of it), so no sooner
+    # than about two thirds of it after the SIGKILL.
+    assert data["takeovers"], data
+    assert all(0 < t < 2.0 * 5 for t in data["takeovers"]), data["takeovers"]
+    assert max(data["takeovers"]) > 2.0 / 2, data["takeovers"]
+    assert "takeovers" in summary.render()
+
+
 def test_scripts_chaos_replays_one_seed_and_prints_json() -> None:
     seed = covering_seed()
     done = subprocess.run(
@@ -296,6 +387,7 @@ def test_the_chaos_module_runs_as_a_script_with_help() -> None:
         cwd=ROOT,
     )
     assert "--schedules" in done.stdout and "--seed" in done.stdout
+    assert "--store" in done.stdout and "--lease-ttl" in done.stdout
 
 
 # ---------------------------------------------------------------------- found by chaos
