@@ -94,6 +94,7 @@ class PostgresStore(OpenClose):
         self._lost: LeaseLost | None = None
         self._listeners: list[Callable[[LeaseLost], None]] = []
         self._opening = asyncio.Lock()
+        self._stop_waiting = asyncio.Event()  # set by aclose: a take_over waits no more
         if not read_only:
             database.claim(self)
 
@@ -137,7 +138,11 @@ class PostgresStore(OpenClose):
             if wait is None:
                 self._token = await leases.take(self.account, self._lease_lost)
             else:
-                self._token = await leases.wait_and_take(self.account, self._lease_lost, wait)
+                self._token = await leases.wait_and_take(
+                    self.account, self._lease_lost, wait, self._stop_waiting
+                )
+            if self._closed:  # closed while it took the lease: aclose gives it back
+                raise self.error("the store is closed")
 
     def on_lease_lost(self, listener: Callable[[LeaseLost], None]) -> None:
         """Call ``listener(error)`` if this store loses its account's lease."""
@@ -333,6 +338,7 @@ class PostgresStore(OpenClose):
         if self._closed:
             return
         self._closed = True
+        self._stop_waiting.set()
         async with self._opening:
             if self._token is not None:
                 self._token = None

@@ -16,6 +16,7 @@ lets a standby in) and tells its stores, whose tracker then stops touching the s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -99,14 +100,21 @@ class LeaseKeeper:
         return token
 
     async def wait_and_take(
-        self, account: str, on_lost: Callable[[LeaseLost], None], poll: float
-    ) -> int:
-        """Take the lease as soon as it is free or lapsed (a standby's wait)."""
-        while True:
+        self,
+        account: str,
+        on_lost: Callable[[LeaseLost], None],
+        poll: float,
+        stop: asyncio.Event,
+    ) -> int | None:
+        """Take the lease as soon as it is free or lapsed (a standby's wait); None once
+        ``stop`` is set (the store closed while it waited)."""
+        while not stop.is_set():
             try:
                 return await self.take(account, on_lost)
             except AccountLeased:
-                await asyncio.sleep(poll)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), poll)
+        return None
 
     async def give_back(self, account: str) -> None:
         """Let the lease go now, so a standby need not wait for it to lapse."""
