@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from tests.helpers.pgdb import fresh_database
+from tests.test_store_contract import record
 from xmpp_sm_tracker import AccountLeased, StoreError
 from xmpp_sm_tracker.stores.postgres import PostgresDatabase, PostgresStore
 
@@ -77,3 +78,59 @@ async def test_closing_a_database_whose_store_waits_for_a_lease_does_not_hang(ds
         await asyncio.wait_for(database.aclose(), 5)
         with pytest.raises(StoreError, match="closed"):
             await asyncio.wait_for(waiting, 5)
+
+
+async def test_a_late_give_back_does_not_end_the_lease_the_same_process_took_again(
+    dsn: str,
+) -> None:
+    """Store A of an account closes while store B of the same account (same process)
+    opens; A's give-back reaches the server after B's take: B's lease must stay."""
+    async with PostgresDatabase(dsn) as database:
+        first = database.store(ALICE)
+        await first.open()
+        taken_again = asyncio.Event()
+        hook_transactions(database, "giving back", before=taken_again.wait)
+        closing = asyncio.ensure_future(first.aclose())
+        await asyncio.sleep(0.05)
+        second = database.store(ALICE)
+        await second.open()
+        taken_again.set()
+        await closing
+        assert await still_owned(dsn, ALICE), "the old store's give-back ended the new lease"
+        await second.upsert([record(1)])
+
+
+async def test_a_store_closed_while_taking_its_lease_leaves_the_next_store_alone(
+    dsn: str,
+) -> None:
+    """Store A is closed while its take is on the way; store B of the same account opens
+    meanwhile. One lease per account in a process: B is told, or B owns it; never two
+    stores holding tokens for one account, and never B's lease given back by A."""
+    async with PostgresDatabase(dsn) as database:
+        first = database.store(ALICE)
+        gate, calls = asyncio.Event(), []
+
+        async def first_waits() -> None:
+            calls.append(1)
+            if len(calls) == 1:
+                await gate.wait()
+
+        hook_transactions(database, "taking", before=first_waits)
+        opening = asyncio.ensure_future(first.open())
+        await asyncio.sleep(0.05)
+        closing = asyncio.ensure_future(first.aclose())
+        await asyncio.sleep(0.05)
+        second = database.store(ALICE)
+        opened = asyncio.ensure_future(second.open())
+        await asyncio.sleep(0.1)
+        gate.set()
+        await asyncio.gather(opening, closing, opened, return_exceptions=True)
+        if opened.exception() is None:
+            await second.upsert([record(1)])
+            assert await still_owned(dsn, ALICE)
+        else:
+            assert isinstance(opened.exception(), StoreError)
+            await second.aclose()
+            third = database.store(ALICE)
+            await third.upsert([record(1)])
+            assert await still_owned(dsn, ALICE)

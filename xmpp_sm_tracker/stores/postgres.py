@@ -340,9 +340,9 @@ class PostgresStore(OpenClose):
         self._closed = True
         self._stop_waiting.set()
         async with self._opening:
-            if self._token is not None:
-                self._token = None
-                await self.database.leases.give_back(self.account)
+            token, self._token = self._token, None
+            if token is not None:
+                await self.database.leases.give_back(self.account, token)
         self.database.release(self)
         if self._own_database:
             await self.database.aclose()

@@ -51,7 +51,9 @@ UPDATE {LEASES} SET expires_at = now() + make_interval(secs => $2)
 WHERE owner = $1 AND account = ANY($3::text[])
 RETURNING account, token
 """
-_GIVE_BACK = f"UPDATE {LEASES} SET expires_at = now() WHERE account = $1 AND owner = $2"
+_GIVE_BACK = f"""
+UPDATE {LEASES} SET expires_at = now() WHERE account = $1 AND owner = $2 AND token = $3
+"""
 #: Run first in every write transaction: the lease must still be ours, and stays so
 #: until the transaction ends.
 FENCE = f"SELECT 1 FROM {LEASES} WHERE account = $1 AND owner = $2 AND token = $3 FOR SHARE"
@@ -65,6 +67,7 @@ class LeaseKeeper:
         self.owner = owner
         self.ttl = ttl
         self._tokens: dict[str, int] = {}
+        self._taking: set[str] = set()  # accounts whose take is on its way
         self._lost: dict[str, Callable[[LeaseLost], None]] = {}
         self._deadline = 0.0  # time.monotonic() by which the leases must be renewed
         self._task: asyncio.Task[None] | None = None
@@ -78,11 +81,19 @@ class LeaseKeeper:
 
     async def take(self, account: str, on_lost: Callable[[LeaseLost], None]) -> int:
         """Take ``account``'s lease, or raise :class:`AccountLeased` naming who has it."""
+        if account in self._tokens or account in self._taking:
+            # The database cannot tell two stores of one owner apart: the second take
+            # would succeed and the two would give back and lose each other's lease.
+            raise StoreError(f"{account} already has a store holding its lease in {self.owner}")
         sent_at = time.monotonic()
-        rows = await self.database.transaction(
-            f"taking the lease of {account}",
-            lambda conn: conn.fetch(_TAKE, account, self.owner, self.ttl),
-        )
+        self._taking.add(account)
+        try:
+            rows = await self.database.transaction(
+                f"taking the lease of {account}",
+                lambda conn: conn.fetch(_TAKE, account, self.owner, self.ttl),
+            )
+        finally:
+            self._taking.discard(account)
         if not rows:
             holder = await self.database.read(_HOLDER, account)
             who, left = (holder[0][0], holder[0][1]) if holder else ("someone", 0.0)
@@ -116,15 +127,16 @@ class LeaseKeeper:
                     await asyncio.wait_for(stop.wait(), poll)
         return None
 
-    async def give_back(self, account: str) -> None:
-        """Let the lease go now, so a standby need not wait for it to lapse."""
-        self._lost.pop(account, None)
-        if self._tokens.pop(account, None) is None:
-            return
+    async def give_back(self, account: str, token: int) -> None:
+        """Let the lease ``token`` of ``account`` go now, so a standby need not wait for
+        it to lapse (a lease taken since, with a newer token, stays)."""
+        if self._tokens.get(account) == token:
+            del self._tokens[account]
+            self._lost.pop(account, None)
         try:
             await self.database.transaction(
                 f"giving back the lease of {account}",
-                lambda conn: conn.execute(_GIVE_BACK, account, self.owner),
+                lambda conn: conn.execute(_GIVE_BACK, account, self.owner, token),
             )
         except StoreError as exc:
             log.warning("%s; it lapses by itself in at most %.0f s", exc, self.ttl)
@@ -172,8 +184,8 @@ class LeaseKeeper:
 
     async def aclose(self) -> None:
         """Give back every lease and stop renewing."""
-        for account in list(self._tokens):
-            await self.give_back(account)
+        for account, token in list(self._tokens.items()):
+            await self.give_back(account, token)
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
