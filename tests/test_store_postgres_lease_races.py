@@ -11,7 +11,7 @@ import pytest
 
 from tests.helpers.pgdb import fresh_database
 from tests.test_store_contract import record
-from xmpp_sm_tracker import AccountLeased, StoreError
+from xmpp_sm_tracker import AccountLeased, LeaseLost, StoreError
 from xmpp_sm_tracker.stores.postgres import PostgresDatabase, PostgresStore
 
 ALICE = "alice@example.org"
@@ -134,3 +134,48 @@ async def test_a_store_closed_while_taking_its_lease_leaves_the_next_store_alone
             third = database.store(ALICE)
             await third.upsert([record(1)])
             assert await still_owned(dsn, ALICE)
+
+
+async def test_a_renewal_answered_after_a_re_take_does_not_lose_the_new_lease(dsn: str) -> None:
+    """A renewal reaches the server, its answer is late; meanwhile the account's store is
+    closed and opened again (a new token): the new store keeps its lease."""
+    async with PostgresDatabase(dsn, lease_ttl=0.9) as database:
+        first = database.store(ALICE)
+        await first.open()
+        renewed, go_on = asyncio.Event(), asyncio.Event()
+
+        async def late() -> None:
+            renewed.set()
+            await go_on.wait()
+
+        hook_transactions(database, "renewing", after=late)
+        await asyncio.wait_for(renewed.wait(), 5)
+        await first.aclose()
+        second = database.store(ALICE)
+        told: list[LeaseLost] = []
+        second.on_lease_lost(told.append)
+        await second.open()
+        go_on.set()
+        await asyncio.sleep(0.1)
+        assert told == [] and second.lease_lost is None
+        await second.upsert([record(1)])
+
+
+async def test_a_renewal_in_flight_does_not_bring_a_given_back_lease_back(dsn: str) -> None:
+    """A renewal sent before a store closed reaches the server after the give-back: the
+    account stays free for a standby (a clean close gives it back at once)."""
+    async with PostgresDatabase(dsn, lease_ttl=3) as database:
+        store = database.store(ALICE)
+        await store.open()
+        started, given_back = asyncio.Event(), asyncio.Event()
+
+        async def slow() -> None:
+            started.set()
+            await given_back.wait()
+
+        hook_transactions(database, "renewing", before=slow)
+        await asyncio.wait_for(started.wait(), 5)
+        await store.aclose()
+        given_back.set()
+        await asyncio.sleep(0.2)  # the renewal has been through
+        assert not await still_owned(dsn, ALICE), "the renewal revived a given-back lease"

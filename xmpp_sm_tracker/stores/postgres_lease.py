@@ -46,10 +46,14 @@ _HOLDER = f"""
 SELECT owner, GREATEST(EXTRACT(EPOCH FROM expires_at - now()), 0)::float8
 FROM {LEASES} WHERE account = $1
 """
+# Only the leases we hold, by token, that have not lapsed or been given back (checked
+# when the row is reached: a give-back committed while this waited for the row stays).
 _RENEW = f"""
-UPDATE {LEASES} SET expires_at = now() + make_interval(secs => $2)
-WHERE owner = $1 AND account = ANY($3::text[])
-RETURNING account, token
+UPDATE {LEASES} AS lease SET expires_at = now() + make_interval(secs => $2)
+FROM unnest($3::text[], $4::bigint[]) AS mine (account, token)
+WHERE lease.owner = $1 AND lease.account = mine.account AND lease.token = mine.token
+    AND lease.expires_at > clock_timestamp()
+RETURNING lease.account, lease.token
 """
 _GIVE_BACK = f"""
 UPDATE {LEASES} SET expires_at = now() WHERE account = $1 AND owner = $2 AND token = $3
@@ -150,12 +154,13 @@ class LeaseKeeper:
 
     async def _renew(self) -> None:
         sent_at = time.monotonic()
-        accounts = list(self._tokens)
+        sent = dict(self._tokens)
+        accounts, tokens = list(sent), list(sent.values())
         try:
             rows = await asyncio.wait_for(
                 self.database.transaction(
                     "renewing leases",
-                    lambda conn: conn.fetch(_RENEW, self.owner, self.ttl, accounts),
+                    lambda conn: conn.fetch(_RENEW, self.owner, self.ttl, accounts, tokens),
                 ),
                 timeout=max(0.1, self._deadline - sent_at),
             )
@@ -166,8 +171,14 @@ class LeaseKeeper:
                 log.warning("renewing leases failed, trying again: %s", exc)
             return
         self._deadline = sent_at + self.ttl
-        renewed = {str(row[0]): int(row[1]) for row in rows}
-        gone = [a for a in accounts if renewed.get(a) != self._tokens.get(a)]
+        renewed = {(str(row[0]), int(row[1])) for row in rows}
+        # A lease given back or taken again while this renewal was on its way is not the
+        # one it renewed: only a lease still held by the token sent can be gone.
+        gone = [
+            account
+            for account, token in sent.items()
+            if (account, token) not in renewed and self._tokens.get(account) == token
+        ]
         self._lose(gone, "another process took it over")
 
     def _lose(self, accounts: list[str], why: str) -> None:
