@@ -22,8 +22,6 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import asyncpg
-
 from .base import AccountLeased, LeaseLost, StoreError
 from .postgres_schema import LEASES
 
@@ -73,7 +71,9 @@ class LeaseKeeper:
         self._tokens: dict[str, int] = {}
         self._taking: set[str] = set()  # accounts whose take is on its way
         self._lost: dict[str, Callable[[LeaseLost], None]] = {}
-        self._deadline = 0.0  # time.monotonic() by which the leases must be renewed
+        #: time.monotonic() by which each lease must be renewed: sent_at + ttl of the last
+        #: take or renewal that worked, before the database's own expiry.
+        self._deadlines: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
 
     def token(self, account: str) -> int:
@@ -106,9 +106,8 @@ class LeaseKeeper:
                 "renewed): a store attaches only to an account no live process owns"
             )
         token = int(rows[0][0])
-        if not self._tokens:
-            self._deadline = sent_at + self.ttl
         self._tokens[account] = token
+        self._deadlines[account] = sent_at + self.ttl
         self._lost[account] = on_lost
         if self._task is None or self._task.done():  # it ends when the last lease goes
             self._task = asyncio.get_running_loop().create_task(self._renew_forever())
@@ -137,6 +136,7 @@ class LeaseKeeper:
         if self._tokens.get(account) == token:
             del self._tokens[account]
             self._lost.pop(account, None)
+            self._deadlines.pop(account, None)
         try:
             await self.database.transaction(
                 f"giving back the lease of {account}",
@@ -147,44 +147,63 @@ class LeaseKeeper:
 
     async def _renew_forever(self) -> None:
         while self._tokens:
-            await asyncio.sleep(self.ttl / 3)
-            if not self._tokens:
-                break
-            await self._renew()
+            now = time.monotonic()
+            wake = min(now + self.ttl / 3, *self._deadlines.values())
+            await asyncio.sleep(max(0.0, wake - now))
+            # A deadline that came while renewals failed: let go now, not at the next try.
+            now = time.monotonic()
+            overdue = [a for a, deadline in self._deadlines.items() if deadline <= now]
+            self._lose(overdue, "could not renew the lease in time")
+            if self._tokens:
+                await self._renew()
 
     async def _renew(self) -> None:
         sent_at = time.monotonic()
         sent = dict(self._tokens)
         accounts, tokens = list(sent), list(sent.values())
-        try:
-            rows = await asyncio.wait_for(
-                self.database.transaction(
-                    "renewing leases",
-                    lambda conn: conn.fetch(_RENEW, self.owner, self.ttl, accounts, tokens),
-                ),
-                timeout=max(0.1, self._deadline - sent_at),
+        deadline = min(self._deadlines[account] for account in sent)
+        renewing = asyncio.get_running_loop().create_task(
+            self.database.transaction(
+                "renewing leases",
+                lambda conn: conn.fetch(_RENEW, self.owner, self.ttl, accounts, tokens),
             )
-        except (TimeoutError, StoreError, asyncpg.PostgresError) as exc:
-            if time.monotonic() >= self._deadline:
-                self._lose(accounts, f"could not renew the lease in time ({exc})")
-            else:
-                log.warning("renewing leases failed, trying again: %s", exc)
+        )
+        try:
+            # Not wait_for: it waits for the cancelled renewal to end, and cancelling a
+            # query the server cannot be reached for may take long past the deadline.
+            await asyncio.wait({renewing}, timeout=max(0.0, deadline - sent_at))
+        except asyncio.CancelledError:
+            renewing.cancel()
+            raise
+        if not renewing.done():
+            renewing.cancel()
+            renewing.add_done_callback(_retrieve)
+            log.warning("renewing leases: no answer by the deadline")
+            return  # _renew_forever lets the overdue leases go at once
+        failure = renewing.exception()
+        if failure is not None:
+            if not isinstance(failure, Exception):
+                raise failure
+            log.warning("renewing leases failed, trying again: %s", failure)
             return
-        self._deadline = sent_at + self.ttl
-        renewed = {(str(row[0]), int(row[1])) for row in rows}
+        renewed = {(str(row[0]), int(row[1])) for row in renewing.result()}
         # A lease given back or taken again while this renewal was on its way is not the
         # one it renewed: only a lease still held by the token sent can be gone.
-        gone = [
-            account
-            for account, token in sent.items()
-            if (account, token) not in renewed and self._tokens.get(account) == token
-        ]
+        gone = []
+        for account, token in sent.items():
+            if self._tokens.get(account) != token:
+                continue
+            if (account, token) in renewed:
+                self._deadlines[account] = max(self._deadlines[account], sent_at + self.ttl)
+            else:
+                gone.append(account)
         self._lose(gone, "another process took it over")
 
     def _lose(self, accounts: list[str], why: str) -> None:
         for account in accounts:
             if self._tokens.pop(account, None) is None:
                 continue
+            self._deadlines.pop(account, None)
             on_lost = self._lost.pop(account)
             error = LeaseLost(f"lost the lease of {account}: {why}")
             log.error("%s; stopping its tracker", error)
@@ -201,3 +220,9 @@ class LeaseKeeper:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+
+
+def _retrieve(task: asyncio.Task[object]) -> None:
+    """Fetch the outcome of a renewal given up on, so asyncio does not log it."""
+    if not task.cancelled():
+        task.exception()
