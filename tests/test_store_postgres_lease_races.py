@@ -11,8 +11,10 @@ import pytest
 
 from tests.helpers.pgdb import fresh_database
 from tests.test_store_contract import record
+from tests.test_store_postgres_leases import sql
 from xmpp_sm_tracker import AccountLeased, LeaseLost, StoreError
 from xmpp_sm_tracker.stores.postgres import PostgresDatabase, PostgresStore
+from xmpp_sm_tracker.stores.postgres_schema import LEASES
 
 ALICE = "alice@example.org"
 
@@ -179,3 +181,18 @@ async def test_a_renewal_in_flight_does_not_bring_a_given_back_lease_back(dsn: s
         given_back.set()
         await asyncio.sleep(0.2)  # the renewal has been through
         assert not await still_owned(dsn, ALICE), "the renewal revived a given-back lease"
+
+
+async def test_a_loss_is_told_once_and_a_late_listener_is_told_too(dsn: str) -> None:
+    async with PostgresStore(dsn, account=ALICE, lease_ttl=0.6) as owner:
+        told: list[LeaseLost] = []
+        owner.on_lease_lost(told.append)
+        await owner.upsert([record(1)])
+        await sql(dsn, f"UPDATE {LEASES} SET owner = 'standby', token = token + 1")
+        with pytest.raises(LeaseLost):
+            await owner.upsert([record(2)])  # learnt from a write
+        await asyncio.sleep(0.6)  # renewals come and find it gone too
+        assert len(told) == 1 and owner.lease_lost is told[0]
+        late: list[LeaseLost] = []
+        owner.on_lease_lost(late.append)  # e.g. tracker.attach() after the loss
+        assert late == [told[0]]

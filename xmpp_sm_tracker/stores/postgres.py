@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -36,6 +37,8 @@ from .sqlite_schema import MAX_LIMIT, record_of, row_of, unencodable
 __all__ = ["AccountLeased", "LeaseLost", "PostgresDatabase", "PostgresStore"]
 
 _T = TypeVar("_T")
+
+log = logging.getLogger(__name__)
 
 
 def _row(account: str, record: TrackedMessage) -> tuple[Any, ...]:
@@ -145,14 +148,29 @@ class PostgresStore(OpenClose):
                 raise self.error("the store is closed")
 
     def on_lease_lost(self, listener: Callable[[LeaseLost], None]) -> None:
-        """Call ``listener(error)`` if this store loses its account's lease."""
+        """Call ``listener(error)`` if this store loses its account's lease (at once if it
+        has lost it already)."""
         self._listeners.append(listener)
+        if self._lost is not None:
+            self._tell(listener, self._lost)
 
     def _lease_lost(self, error: LeaseLost) -> None:
+        """The lease is gone (learnt from a renewal or a refused write): said once."""
+        if self._lost is not None:
+            return
         self._lost = error
-        self._token = None
-        for listener in self._listeners:
+        token, self._token = self._token, None
+        if token is not None:  # learnt from a write: the keeper stops renewing it
+            self.database.leases.forget(self.account, token)
+        for listener in list(self._listeners):
+            self._tell(listener, error)
+
+    @staticmethod
+    def _tell(listener: Callable[[LeaseLost], None], error: LeaseLost) -> None:
+        try:
             listener(error)
+        except Exception:
+            log.exception("a lease-lost listener failed")
 
     @property
     def lease_lost(self) -> LeaseLost | None:

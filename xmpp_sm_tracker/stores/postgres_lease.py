@@ -145,6 +145,13 @@ class LeaseKeeper:
         except StoreError as exc:
             log.warning("%s; it lapses by itself in at most %.0f s", exc, self.ttl)
 
+    def forget(self, account: str, token: int) -> None:
+        """Stop renewing a lease another process has taken (a write was refused)."""
+        if self._tokens.get(account) == token:
+            del self._tokens[account]
+            self._lost.pop(account, None)
+            self._deadlines.pop(account, None)
+
     async def _renew_forever(self) -> None:
         while self._tokens:
             now = time.monotonic()
