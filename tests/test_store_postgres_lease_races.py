@@ -4,8 +4,10 @@ or a re-take in the same process, loss reported twice). On the real PostgreSQL."
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -15,6 +17,7 @@ from tests.test_store_postgres_leases import sql
 from xmpp_sm_tracker import AccountLeased, LeaseLost, StoreError
 from xmpp_sm_tracker.stores.postgres import PostgresDatabase, PostgresStore
 from xmpp_sm_tracker.stores.postgres_schema import LEASES
+from xmpp_sm_tracker.testing import FaultProxy
 
 ALICE = "alice@example.org"
 
@@ -196,3 +199,23 @@ async def test_a_loss_is_told_once_and_a_late_listener_is_told_too(dsn: str) -> 
         late: list[LeaseLost] = []
         owner.on_lease_lost(late.append)  # e.g. tracker.attach() after the loss
         assert late == [told[0]]
+
+
+async def test_closing_a_fleet_while_the_database_is_unreachable_does_not_take_minutes(
+    dsn: str,
+) -> None:
+    """PostgreSQL gone silent (a partition) at exit: the leases cannot be given back,
+    each try waits for command_timeout; one try for all, not one per account."""
+    parts = urlsplit(dsn)
+    async with FaultProxy(parts.hostname or "127.0.0.1", parts.port or 5432) as proxy:
+        userinfo = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
+        via = urlunsplit(parts._replace(netloc=f"{userinfo}{proxy.host}:{proxy.port}"))
+        database = PostgresDatabase(via, connect_timeout=1, command_timeout=2, lease_ttl=60)
+        stores = [database.store(f"bot{n}@example.org") for n in range(10)]
+        await asyncio.gather(*(store.open() for store in stores))
+        proxy.blackhole()
+        started = time.monotonic()
+        await asyncio.wait_for(database.aclose(), 60)
+        took = time.monotonic() - started
+        assert took < 8, f"closing took {took:.1f} s"  # was command_timeout per account
+        assert all(store.closed for store in stores)

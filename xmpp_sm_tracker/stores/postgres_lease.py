@@ -54,7 +54,9 @@ WHERE lease.owner = $1 AND lease.account = mine.account AND lease.token = mine.t
 RETURNING lease.account, lease.token
 """
 _GIVE_BACK = f"""
-UPDATE {LEASES} SET expires_at = now() WHERE account = $1 AND owner = $2 AND token = $3
+UPDATE {LEASES} AS lease SET expires_at = now()
+FROM unnest($2::text[], $3::bigint[]) AS mine (account, token)
+WHERE lease.owner = $1 AND lease.account = mine.account AND lease.token = mine.token
 """
 #: Run first in every write transaction: the lease must still be ours, and stays so
 #: until the transaction ends.
@@ -132,15 +134,18 @@ class LeaseKeeper:
 
     async def give_back(self, account: str, token: int) -> None:
         """Let the lease ``token`` of ``account`` go now, so a standby need not wait for
-        it to lapse (a lease taken since, with a newer token, stays)."""
-        if self._tokens.get(account) == token:
-            del self._tokens[account]
-            self._lost.pop(account, None)
-            self._deadlines.pop(account, None)
+        it to lapse (a lease taken since, with a newer token, stays; one lost, or given
+        back already with all the others, is not ours to give)."""
+        if self._tokens.get(account) != token:
+            return
+        self.forget(account, token)
+        await self._give_back(f"giving back the lease of {account}", {account: token})
+
+    async def _give_back(self, what: str, leases: dict[str, int]) -> None:
+        accounts, tokens = list(leases), list(leases.values())
         try:
             await self.database.transaction(
-                f"giving back the lease of {account}",
-                lambda conn: conn.execute(_GIVE_BACK, account, self.owner, token),
+                what, lambda conn: conn.execute(_GIVE_BACK, self.owner, accounts, tokens)
             )
         except StoreError as exc:
             log.warning("%s; it lapses by itself in at most %.0f s", exc, self.ttl)
@@ -220,13 +225,17 @@ class LeaseKeeper:
                 log.exception("a lease-lost callback for %s failed", account)
 
     async def aclose(self) -> None:
-        """Give back every lease and stop renewing."""
-        for account, token in list(self._tokens.items()):
-            await self.give_back(account, token)
+        """Stop renewing and give back every lease, all in one statement (a database
+        that does not answer costs one command_timeout at exit, not one per account)."""
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        leases, self._tokens = self._tokens, {}
+        self._lost.clear()
+        self._deadlines.clear()
+        if leases:
+            await self._give_back(f"giving back {len(leases)} leases", leases)
 
 
 def _retrieve(task: asyncio.Task[object]) -> None:
