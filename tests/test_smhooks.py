@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from xmpp_sm_tracker.smhooks import SMStateHooks
+from xmpp_sm_tracker.stores.base import LeaseLost
 
 
 class Source:
@@ -114,6 +115,29 @@ async def test_a_raising_fn_is_logged_and_called_again(caplog: pytest.LogCapture
     assert "disk full" in caplog.text
     assert hooks.errors == 1
     assert len(calls) == 2 and calls[1] == {"version": 1, "n": 0}
+
+
+async def test_a_lost_lease_is_not_retried_on_a_timer(caplog: pytest.LogCaptureFixture) -> None:
+    """``fn`` is a leased store's save_sm_state and the lease went to another process:
+    every retry would fail the same way (a traceback a second, for ever)."""
+    source = Source()
+    hooks = SMStateHooks(source.export, source.load, retry_delay=0.01)
+    calls: list[Any] = []
+
+    def lost(state: dict[str, Any] | None) -> None:
+        calls.append(state)
+        raise LeaseLost("alice@example.org: another process owns the account now")
+
+    with caplog.at_level(logging.ERROR):
+        hooks.cache(lost)
+        await settle(hooks)
+        await asyncio.sleep(0.1)
+    assert len(calls) == 1 and hooks.errors == 1
+    assert "another process owns the account" in caplog.text
+    source.version += 1
+    hooks.changed()  # a later change still calls it (a store attached anew may work)
+    await settle(hooks)
+    assert len(calls) == 2
 
 
 async def test_load_none_keeps_a_fresh_session() -> None:

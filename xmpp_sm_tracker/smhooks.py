@@ -8,8 +8,8 @@ long as the last hand-over took (``max_share``): the state holds every unacked s
 so a hand-over costs O(in flight), and with 100 000 in flight one every 0.25 s would
 leave the event loop no time for anything else. The last call always has the latest
 state; session changes (enabled, resumed, ended) go out at once. A failing ``fn`` is
-logged and called again with the next change (or after ``retry_delay``); it never
-touches the stream.
+logged and called again with the next change (or after ``retry_delay``; not for
+:class:`LeaseLost`, which would fail the same way for ever); it never touches the stream.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .core.smstate import SMStateError
-from .stores.base import SMState
+from .stores.base import LeaseLost, SMState
 
 __all__ = ["CacheFn", "SMStateError", "SMStateHooks"]
 
@@ -130,6 +130,11 @@ class SMStateHooks:
             result: Any = fn(state)
             if inspect.isawaitable(result):
                 await result
+        except LeaseLost as exc:
+            # Another process owns the account: a retry would fail the same way for ever.
+            self.errors += 1
+            log.error("sm.cache callback: %s; not retried (the account is not ours)", exc)
+            return
         except Exception:
             self.errors += 1
             log.exception("sm.cache callback raised; it is called again with the next change")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -36,6 +37,8 @@ from .sqlite_schema import MAX_LIMIT, record_of, row_of, unencodable
 __all__ = ["AccountLeased", "LeaseLost", "PostgresDatabase", "PostgresStore"]
 
 _T = TypeVar("_T")
+
+log = logging.getLogger(__name__)
 
 
 def _row(account: str, record: TrackedMessage) -> tuple[Any, ...]:
@@ -94,6 +97,7 @@ class PostgresStore(OpenClose):
         self._lost: LeaseLost | None = None
         self._listeners: list[Callable[[LeaseLost], None]] = []
         self._opening = asyncio.Lock()
+        self._stop_waiting = asyncio.Event()  # set by aclose: a take_over waits no more
         if not read_only:
             database.claim(self)
 
@@ -137,17 +141,36 @@ class PostgresStore(OpenClose):
             if wait is None:
                 self._token = await leases.take(self.account, self._lease_lost)
             else:
-                self._token = await leases.wait_and_take(self.account, self._lease_lost, wait)
+                self._token = await leases.wait_and_take(
+                    self.account, self._lease_lost, wait, self._stop_waiting
+                )
+            if self._closed:  # closed while it took the lease: aclose gives it back
+                raise self.error("the store is closed")
 
     def on_lease_lost(self, listener: Callable[[LeaseLost], None]) -> None:
-        """Call ``listener(error)`` if this store loses its account's lease."""
+        """Call ``listener(error)`` if this store loses its account's lease (at once if it
+        has lost it already)."""
         self._listeners.append(listener)
+        if self._lost is not None:
+            self._tell(listener, self._lost)
 
     def _lease_lost(self, error: LeaseLost) -> None:
+        """The lease is gone (learnt from a renewal or a refused write): said once."""
+        if self._lost is not None:
+            return
         self._lost = error
-        self._token = None
-        for listener in self._listeners:
+        token, self._token = self._token, None
+        if token is not None:  # learnt from a write: the keeper stops renewing it
+            self.database.leases.forget(self.account, token)
+        for listener in list(self._listeners):
+            self._tell(listener, error)
+
+    @staticmethod
+    def _tell(listener: Callable[[LeaseLost], None], error: LeaseLost) -> None:
+        try:
             listener(error)
+        except Exception:
+            log.exception("a lease-lost listener failed")
 
     @property
     def lease_lost(self) -> LeaseLost | None:
@@ -333,10 +356,11 @@ class PostgresStore(OpenClose):
         if self._closed:
             return
         self._closed = True
+        self._stop_waiting.set()
         async with self._opening:
-            if self._token is not None:
-                self._token = None
-                await self.database.leases.give_back(self.account)
+            token, self._token = self._token, None
+            if token is not None:
+                await self.database.leases.give_back(self.account, token)
         self.database.release(self)
         if self._own_database:
             await self.database.aclose()

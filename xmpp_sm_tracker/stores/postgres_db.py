@@ -325,9 +325,10 @@ class PostgresDatabase(OpenClose):
         if self._closing:
             return
         self._closing = True  # no new stores; the leases still go back through the pool
+        await self.leases.aclose()  # all at once: one round trip, not one per store
         for store in list(self._accounts.values()):
             await store.aclose()
-        await self.leases.aclose()
+        await self.leases.aclose()  # a take that was on its way when closing began
         self._closed = True
         pool, self._pool = self._pool, None
         if pool is not None:

@@ -16,12 +16,11 @@ lets a standby in) and tells its stores, whose tracker then stops touching the s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
-
-import asyncpg
 
 from .base import AccountLeased, LeaseLost, StoreError
 from .postgres_schema import LEASES
@@ -45,12 +44,20 @@ _HOLDER = f"""
 SELECT owner, GREATEST(EXTRACT(EPOCH FROM expires_at - now()), 0)::float8
 FROM {LEASES} WHERE account = $1
 """
+# Only the leases we hold, by token, that have not lapsed or been given back (checked
+# when the row is reached: a give-back committed while this waited for the row stays).
 _RENEW = f"""
-UPDATE {LEASES} SET expires_at = now() + make_interval(secs => $2)
-WHERE owner = $1 AND account = ANY($3::text[])
-RETURNING account, token
+UPDATE {LEASES} AS lease SET expires_at = now() + make_interval(secs => $2)
+FROM unnest($3::text[], $4::bigint[]) AS mine (account, token)
+WHERE lease.owner = $1 AND lease.account = mine.account AND lease.token = mine.token
+    AND lease.expires_at > clock_timestamp()
+RETURNING lease.account, lease.token
 """
-_GIVE_BACK = f"UPDATE {LEASES} SET expires_at = now() WHERE account = $1 AND owner = $2"
+_GIVE_BACK = f"""
+UPDATE {LEASES} AS lease SET expires_at = now()
+FROM unnest($2::text[], $3::bigint[]) AS mine (account, token)
+WHERE lease.owner = $1 AND lease.account = mine.account AND lease.token = mine.token
+"""
 #: Run first in every write transaction: the lease must still be ours, and stays so
 #: until the transaction ends.
 FENCE = f"SELECT 1 FROM {LEASES} WHERE account = $1 AND owner = $2 AND token = $3 FOR SHARE"
@@ -64,8 +71,11 @@ class LeaseKeeper:
         self.owner = owner
         self.ttl = ttl
         self._tokens: dict[str, int] = {}
+        self._taking: set[str] = set()  # accounts whose take is on its way
         self._lost: dict[str, Callable[[LeaseLost], None]] = {}
-        self._deadline = 0.0  # time.monotonic() by which the leases must be renewed
+        #: time.monotonic() by which each lease must be renewed: sent_at + ttl of the last
+        #: take or renewal that worked, before the database's own expiry.
+        self._deadlines: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
 
     def token(self, account: str) -> int:
@@ -77,11 +87,19 @@ class LeaseKeeper:
 
     async def take(self, account: str, on_lost: Callable[[LeaseLost], None]) -> int:
         """Take ``account``'s lease, or raise :class:`AccountLeased` naming who has it."""
+        if account in self._tokens or account in self._taking:
+            # The database cannot tell two stores of one owner apart: the second take
+            # would succeed and the two would give back and lose each other's lease.
+            raise StoreError(f"{account} already has a store holding its lease in {self.owner}")
         sent_at = time.monotonic()
-        rows = await self.database.transaction(
-            f"taking the lease of {account}",
-            lambda conn: conn.fetch(_TAKE, account, self.owner, self.ttl),
-        )
+        self._taking.add(account)
+        try:
+            rows = await self.database.transaction(
+                f"taking the lease of {account}",
+                lambda conn: conn.fetch(_TAKE, account, self.owner, self.ttl),
+            )
+        finally:
+            self._taking.discard(account)
         if not rows:
             holder = await self.database.read(_HOLDER, account)
             who, left = (holder[0][0], holder[0][1]) if holder else ("someone", 0.0)
@@ -90,70 +108,114 @@ class LeaseKeeper:
                 "renewed): a store attaches only to an account no live process owns"
             )
         token = int(rows[0][0])
-        if not self._tokens:
-            self._deadline = sent_at + self.ttl
         self._tokens[account] = token
+        self._deadlines[account] = sent_at + self.ttl
         self._lost[account] = on_lost
         if self._task is None or self._task.done():  # it ends when the last lease goes
             self._task = asyncio.get_running_loop().create_task(self._renew_forever())
         return token
 
     async def wait_and_take(
-        self, account: str, on_lost: Callable[[LeaseLost], None], poll: float
-    ) -> int:
-        """Take the lease as soon as it is free or lapsed (a standby's wait)."""
-        while True:
+        self,
+        account: str,
+        on_lost: Callable[[LeaseLost], None],
+        poll: float,
+        stop: asyncio.Event,
+    ) -> int | None:
+        """Take the lease as soon as it is free or lapsed (a standby's wait); None once
+        ``stop`` is set (the store closed while it waited)."""
+        while not stop.is_set():
             try:
                 return await self.take(account, on_lost)
             except AccountLeased:
-                await asyncio.sleep(poll)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), poll)
+        return None
 
-    async def give_back(self, account: str) -> None:
-        """Let the lease go now, so a standby need not wait for it to lapse."""
-        self._lost.pop(account, None)
-        if self._tokens.pop(account, None) is None:
+    async def give_back(self, account: str, token: int) -> None:
+        """Let the lease ``token`` of ``account`` go now, so a standby need not wait for
+        it to lapse (a lease taken since, with a newer token, stays; one lost, or given
+        back already with all the others, is not ours to give)."""
+        if self._tokens.get(account) != token:
             return
+        self.forget(account, token)
+        await self._give_back(f"giving back the lease of {account}", {account: token})
+
+    async def _give_back(self, what: str, leases: dict[str, int]) -> None:
+        accounts, tokens = list(leases), list(leases.values())
         try:
             await self.database.transaction(
-                f"giving back the lease of {account}",
-                lambda conn: conn.execute(_GIVE_BACK, account, self.owner),
+                what, lambda conn: conn.execute(_GIVE_BACK, self.owner, accounts, tokens)
             )
         except StoreError as exc:
             log.warning("%s; it lapses by itself in at most %.0f s", exc, self.ttl)
 
+    def forget(self, account: str, token: int) -> None:
+        """Stop renewing a lease another process has taken (a write was refused)."""
+        if self._tokens.get(account) == token:
+            del self._tokens[account]
+            self._lost.pop(account, None)
+            self._deadlines.pop(account, None)
+
     async def _renew_forever(self) -> None:
         while self._tokens:
-            await asyncio.sleep(self.ttl / 3)
-            if not self._tokens:
-                break
-            await self._renew()
+            now = time.monotonic()
+            wake = min(now + self.ttl / 3, *self._deadlines.values())
+            await asyncio.sleep(max(0.0, wake - now))
+            # A deadline that came while renewals failed: let go now, not at the next try.
+            now = time.monotonic()
+            overdue = [a for a, deadline in self._deadlines.items() if deadline <= now]
+            self._lose(overdue, "could not renew the lease in time")
+            if self._tokens:
+                await self._renew()
 
     async def _renew(self) -> None:
         sent_at = time.monotonic()
-        accounts = list(self._tokens)
-        try:
-            rows = await asyncio.wait_for(
-                self.database.transaction(
-                    "renewing leases",
-                    lambda conn: conn.fetch(_RENEW, self.owner, self.ttl, accounts),
-                ),
-                timeout=max(0.1, self._deadline - sent_at),
+        sent = dict(self._tokens)
+        accounts, tokens = list(sent), list(sent.values())
+        deadline = min(self._deadlines[account] for account in sent)
+        renewing = asyncio.get_running_loop().create_task(
+            self.database.transaction(
+                "renewing leases",
+                lambda conn: conn.fetch(_RENEW, self.owner, self.ttl, accounts, tokens),
             )
-        except (TimeoutError, StoreError, asyncpg.PostgresError) as exc:
-            if time.monotonic() >= self._deadline:
-                self._lose(accounts, f"could not renew the lease in time ({exc})")
-            else:
-                log.warning("renewing leases failed, trying again: %s", exc)
+        )
+        try:
+            # Not wait_for: it waits for the cancelled renewal to end, and cancelling a
+            # query the server cannot be reached for may take long past the deadline.
+            await asyncio.wait({renewing}, timeout=max(0.0, deadline - sent_at))
+        except asyncio.CancelledError:
+            renewing.cancel()
+            raise
+        if not renewing.done():
+            renewing.cancel()
+            renewing.add_done_callback(_retrieve)
+            log.warning("renewing leases: no answer by the deadline")
+            return  # _renew_forever lets the overdue leases go at once
+        failure = renewing.exception()
+        if failure is not None:
+            if not isinstance(failure, Exception):
+                raise failure
+            log.warning("renewing leases failed, trying again: %s", failure)
             return
-        self._deadline = sent_at + self.ttl
-        renewed = {str(row[0]): int(row[1]) for row in rows}
-        gone = [a for a in accounts if renewed.get(a) != self._tokens.get(a)]
+        renewed = {(str(row[0]), int(row[1])) for row in renewing.result()}
+        # A lease given back or taken again while this renewal was on its way is not the
+        # one it renewed: only a lease still held by the token sent can be gone.
+        gone = []
+        for account, token in sent.items():
+            if self._tokens.get(account) != token:
+                continue
+            if (account, token) in renewed:
+                self._deadlines[account] = max(self._deadlines[account], sent_at + self.ttl)
+            else:
+                gone.append(account)
         self._lose(gone, "another process took it over")
 
     def _lose(self, accounts: list[str], why: str) -> None:
         for account in accounts:
             if self._tokens.pop(account, None) is None:
                 continue
+            self._deadlines.pop(account, None)
             on_lost = self._lost.pop(account)
             error = LeaseLost(f"lost the lease of {account}: {why}")
             log.error("%s; stopping its tracker", error)
@@ -163,10 +225,20 @@ class LeaseKeeper:
                 log.exception("a lease-lost callback for %s failed", account)
 
     async def aclose(self) -> None:
-        """Give back every lease and stop renewing."""
-        for account in list(self._tokens):
-            await self.give_back(account)
+        """Stop renewing and give back every lease, all in one statement (a database
+        that does not answer costs one command_timeout at exit, not one per account)."""
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        leases, self._tokens = self._tokens, {}
+        self._lost.clear()
+        self._deadlines.clear()
+        if leases:
+            await self._give_back(f"giving back {len(leases)} leases", leases)
+
+
+def _retrieve(task: asyncio.Task[object]) -> None:
+    """Fetch the outcome of a renewal given up on, so asyncio does not log it."""
+    if not task.cancelled():
+        task.exception()
