@@ -1091,7 +1091,8 @@ class _Worker:
         assert self.admin is not None and self.cluster is not None
         name = f"chaos_{tag.replace('-', '_')}"
         await self.admin.execute(f'CREATE DATABASE "{name}"')
-        return urlunsplit(urlsplit(self.cluster)._replace(path=f"/{name}"))
+        parts = urlsplit(self.cluster)
+        return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
 
     async def _drop(self, dsn: str) -> None:
         assert self.admin is not None

@@ -19,11 +19,17 @@ import pytest
 from tests.helpers.child_sender import DSN_VARIABLE, LEASE_TTL
 from tests.helpers.pgdb import fresh_database
 from tests.test_live_restart import Child, start_bob, start_child
-from xmpp_sm_tracker import AccountLeased, LinkPhase
+from xmpp_sm_tracker import AccountLeased, DeliveryState, LinkPhase
 from xmpp_sm_tracker.stores.postgres import PostgresStore
 from xmpp_sm_tracker.stores.postgres_schema import LEASES
 from xmpp_sm_tracker.testing import FaultProxy, LocalXMPPServer
-from xmpp_sm_tracker.testing.client import connect_client, make_client, tracker_of, wait_for
+from xmpp_sm_tracker.testing.client import (
+    EventLog,
+    connect_client,
+    make_client,
+    tracker_of,
+    wait_for,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 COUNT = 200
@@ -147,3 +153,47 @@ async def test_an_owner_that_lost_its_lease_lets_go_of_the_stream_for_the_new_ow
         await asyncio.sleep(0.2)
         await successor.aclose()
         await store.aclose()
+
+
+async def test_a_tracker_that_let_go_neither_fails_nor_resumes_what_it_held(
+    server: LocalXMPPServer, dsn: str
+) -> None:
+    """After its lease went elsewhere, the app's own disconnect() or connect() must not
+    fail the messages the new owner will settle, nor take the stream back."""
+    async with FaultProxy(server.host, server.c2s_port) as proxy:
+        alice = make_client("alice@localhost/gone", "pass", tracker_config={"ack_delay": 0.05})
+        tracker = tracker_of(alice)
+        log = EventLog()
+        log.attach(alice, ["message:acked", "message:failed", "message:resent"])
+        store = PostgresStore(dsn, account="alice@localhost", lease_ttl=LEASE_TTL)
+        await tracker.attach(store)
+        tracker.sm.cache(store.save_sm_state)
+        await connect_client(alice, proxy.address)
+        await wait_for(lambda: tracker.managed)
+        proxy.blackhole()
+        for i in range(3):
+            await tracker.send_message("bob@localhost", f"held {i}")
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(f"UPDATE {LEASES} SET owner = 'standby', token = token + 1")
+        finally:
+            await conn.close()
+        await wait_for(lambda: tracker.lease_lost is not None, timeout=LEASE_TTL * 2)
+        await wait_for(lambda: alice.transport is None, timeout=5)
+        proxy.heal()
+        alice.disconnect()  # the app's own close, link already down
+        await asyncio.sleep(0.3)
+        assert log.count("message:failed") == 0
+        states = {r.state for r in tracker.core.records.values()}
+        assert states == {DeliveryState.HIBERNATED} or states == {DeliveryState.SENT}, states
+
+        alice.connect(*proxy.address)  # the app tries again: no stream management
+        try:
+            await wait_for(lambda: tracker.session_live, timeout=10)
+            await asyncio.sleep(0.5)
+            assert not tracker.managed
+            assert log.count("message:resent") == log.count("message:failed") == 0
+        finally:
+            alice.disconnect(wait=0.5)
+            await asyncio.sleep(0.2)
+            await store.aclose()

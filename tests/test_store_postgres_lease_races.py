@@ -219,3 +219,25 @@ async def test_closing_a_fleet_while_the_database_is_unreachable_does_not_take_m
         took = time.monotonic() - started
         assert took < 8, f"closing took {took:.1f} s"  # was command_timeout per account
         assert all(store.closed for store in stores)
+
+
+async def test_a_standby_keeps_waiting_through_a_moment_without_the_database(dsn: str) -> None:
+    """A standby is for when things go wrong: a database it cannot reach for a moment
+    is a reason to keep waiting, not to give up."""
+    parts = urlsplit(dsn)
+    async with FaultProxy(parts.hostname or "127.0.0.1", parts.port or 5432) as proxy:
+        userinfo = parts.netloc.rsplit("@", 1)[0] + "@"
+        via = urlunsplit((parts.scheme, f"{userinfo}{proxy.host}:{proxy.port}", parts.path, "", ""))
+        owner = PostgresStore(dsn, account=ALICE)
+        await owner.open()
+        standby = PostgresStore(via, account=ALICE, connect_timeout=1, command_timeout=2)
+        waiting = asyncio.ensure_future(standby.take_over(poll=0.1))
+        await asyncio.sleep(0.5)
+        proxy.blackhole()  # the standby's database is gone for a moment
+        await asyncio.sleep(3.0)  # longer than its command_timeout: a try failed
+        assert not waiting.done()
+        await owner.aclose()  # the owner ends meanwhile
+        proxy.heal()
+        await asyncio.wait_for(waiting, 15)  # and the standby takes over, not raises
+        async with standby:
+            await standby.upsert([record(1)])

@@ -75,6 +75,7 @@ class SessionDriver:
         self._reconnect_timer: asyncio.TimerHandle | None = None
         self._negotiation_timer: asyncio.TimerHandle | None = None
         self._reconnect_attempt = 0
+        self._let_go = False  # the account's lease went to another process
         self._locations = Locations(ctx.xmpp, ctx.config)
         # slixmpp's disconnect() does not end an SM session cleanly, and its reconnect()
         # closes the stream (which ends the session on the server): both are wrapped.
@@ -127,7 +128,7 @@ class SessionDriver:
         xmpp, core = self.xmpp, self.core
         if "stream_management" in xmpp.features:
             return False
-        refusal = _not_trusted_for_sm(xmpp)
+        refusal = _not_trusted_for_sm(xmpp, self._let_go)
         if refusal:
             # XEP-0198 §5: TLS and authentication come first. Whoever offers <sm/>
             # earlier would get our resumption id and could forge <resumed h>.
@@ -328,12 +329,9 @@ class SessionDriver:
         self._ctx.emit(self.core.link_lost())
 
     def on_stream_error(self, error: Any) -> None:
-        """A stream error answering ``<resume/>``: that session will not come back.
-
-        Asking again would meet the same error on every reconnect (aioxmpp #382): the
-        SM state is dropped instead, what it did not confirm fails ``resume-failed``,
-        and the next connection starts a fresh session.
-        """
+        """A stream error answering ``<resume/>``: asking again would meet it on every
+        reconnect (aioxmpp #382), so the SM state goes, what it did not confirm fails
+        ``resume-failed``, and the next connection starts a fresh session."""
         if self.core.sm_phase is not SMPhase.RESUMING:
             if error is not None and stanzas.says_stanza_too_big(error.xml):
                 _fail_the_stanza_too_big(self._ctx, self._acks.last_ack_at)
@@ -431,7 +429,8 @@ class SessionDriver:
         xmpp = self.xmpp
         if xmpp.transport is None:
             xmpp.cancel_connection_attempt()
-            self.on_session_end(None)
+            if not self._let_go:  # else the new owner resumes what is unacked
+                self.on_session_end(None)
         else:
             if not ignore_send_queue:
                 self._acks.request(xmpp.loop.time())
@@ -443,13 +442,15 @@ class SessionDriver:
     def let_go(self) -> None:
         """Another process owns the account now (lease lost): stop like a close, but leave
         the server's session for it to resume (no ``<a/>``, ``</stream>`` or reconnect)."""
+        self._let_go = True
         self._ctx.link.handle(LinkEvent.CLOSE)
         _cancel(self._reconnect_timer)
         self._reconnect_timer = None
         self.xmpp.end_session_on_disconnect = False
         if self.xmpp.transport is None:
             self.xmpp.cancel_connection_attempt()
-        else:
+        else:  # suspended here too: nothing counted, no <r/> on a later connection
+            self._ctx.emit(self.core.link_lost())
             self.xmpp.abort()
 
     # ---------------------------------------------------------------- timers
@@ -491,8 +492,10 @@ def _cancel(handle: asyncio.TimerHandle | None) -> None:
         handle.cancel()
 
 
-def _not_trusted_for_sm(xmpp: Any) -> str:
+def _not_trusted_for_sm(xmpp: Any, let_go: bool) -> str:
     """Why this stream may not carry ``<enable/>`` or ``<resume/>`` yet ("" if it may)."""
+    if let_go:
+        return "the account's lease went to another process: its stream is not ours"
     if not getattr(xmpp, "authenticated", False):
         return "the server offered <sm/> before authentication"
     transport = xmpp.transport

@@ -128,8 +128,11 @@ class LeaseKeeper:
             try:
                 return await self.take(account, on_lost)
             except AccountLeased:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), poll)
+                pass
+            except StoreError as exc:  # the database away for a moment: keep waiting
+                log.warning("a standby for %s keeps waiting: %s", account, exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), poll)
         return None
 
     async def give_back(self, account: str, token: int) -> None:
