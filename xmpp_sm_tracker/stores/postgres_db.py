@@ -71,8 +71,9 @@ class PostgresDatabase(OpenClose):
     outright loses its accounts that long after, and a standby may take them over.
     ``owner`` names this process in the lease table (host, pid and a random part by
     default); give your own only if it is unique per process: two processes under one
-    name would take each other's live leases. A statement that takes longer than ``command_timeout`` seconds (a hung
-    server) is a :class:`StoreError`; a broken connection is replaced on the next call.
+    name would take each other's live leases. A statement that takes longer than
+    ``command_timeout`` seconds (a hung server) is a :class:`StoreError`; a broken
+    connection is replaced on the next call.
     The password in ``dsn`` never appears in an error.
     """
 
