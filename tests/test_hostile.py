@@ -1243,6 +1243,8 @@ async def test_no_password_and_no_body_in_logs_at_info_and_above(
     proxy.cut()
     await wait_for(lambda: erin.count("message:failed") == 1, timeout=10)
     await wait_for(lambda: erin.tracker.session_live, timeout=10)
+    # slixmpp starts the session before <enabled/> comes: wait for the new stream's id.
+    await wait_for(lambda: erin.tracker.core.session.sm_id is not None, timeout=10)
     stream_ids.add(erin.tracker.core.session.sm_id)
     await erin.tracker.resend_failed()
     erin.send(room_jid(server), "secret body 3", "groupchat")  # bounces
