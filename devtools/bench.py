@@ -74,14 +74,14 @@ from xmpp_sm_tracker.testing.prosody import installed_prosody_version
 
 from . import child_env
 from .bench_fleet import (
+    FLEET_KINDS,
     FLEET_PASSWORD,
     disconnect_client,
     fill_store,
+    fleet_database,
     fleet_names,
     fleet_run,
-    postgres_database,
     recover_run,
-    sqlite_database,
     store_changes_run,
 )
 from .bench_wire import SCALE_OPS, scale_run
@@ -1400,16 +1400,8 @@ async def _fleet_parts(
     server.register_many(fleet_names(config.fleet_accounts), FLEET_PASSWORD)
     async with server:
         for i in range(config.repeat):
-            for kind in ("bare", "sqlite", "postgres"):
-                database = (
-                    sqlite_database(workdir / f"fleet{i}.sqlite")
-                    if kind == "sqlite"
-                    else postgres_database(dsn)
-                    if kind == "postgres"
-                    else None
-                )
-                if kind == "sqlite" and database is None:
-                    continue
+            for kind in FLEET_KINDS:
+                database = fleet_database(kind, workdir / f"fleet{i}.sqlite", dsn)
                 try:
                     run = await fleet_run(
                         server, kind, config.fleet_accounts, config.fleet_messages, database, say
@@ -1660,7 +1652,7 @@ def _store_cells(config: BenchConfig, runs: dict[str, list[dict[str, Any]]], cel
 def _fleet_cells(config: BenchConfig, runs: list[dict[str, Any]], cell: _Cell) -> None:
     """The fleet: bare slixmpp beside the tracker on one shared SQLite / PostgreSQL store."""
     a, m = config.fleet_accounts, config.fleet_messages
-    kinds = ("bare", "sqlite", "postgres")
+    kinds = FLEET_KINDS
 
     def of(kind: str, field: str) -> list[float]:
         return [float(r[field]) for r in runs if r["variant"] == kind and r[field] is not None]

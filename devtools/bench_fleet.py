@@ -13,10 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import importlib
 import time
 import tracemalloc
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,6 +24,8 @@ import slixmpp
 from xmpp_sm_tracker.core.records import TrackedMessage
 from xmpp_sm_tracker.core.states import DeliveryState
 from xmpp_sm_tracker.stores.base import TrackerStore
+from xmpp_sm_tracker.stores.postgres import PostgresDatabase
+from xmpp_sm_tracker.stores.sqlite import SQLiteDatabase
 from xmpp_sm_tracker.testing import ProsodyServer
 from xmpp_sm_tracker.testing.client import connect_client, make_client, tracker_of, wait_for
 from xmpp_sm_tracker.writer import StoreWriter
@@ -35,11 +36,10 @@ __all__ = [
     "bench_records",
     "disconnect_client",
     "fill_store",
+    "fleet_database",
     "fleet_names",
     "fleet_run",
-    "postgres_database",
     "recover_run",
-    "sqlite_database",
     "store_changes_run",
 ]
 
@@ -271,23 +271,10 @@ async def _close(xmpp: slixmpp.ClientXMPP, tracked: bool) -> None:
         await tracker_of(xmpp).flush()
 
 
-def sqlite_database(path: Path) -> SharedDatabase | None:
-    """``SQLiteDatabase(path)`` when this installation has it, else None."""
-    try:
-        module = importlib.import_module("xmpp_sm_tracker.stores.sqlite")
-    except ImportError:
-        return None
-    database: SharedDatabase = module.SQLiteDatabase(path)
-    return database
-
-
-def postgres_database(dsn: str) -> SharedDatabase:
-    """A PostgresDatabase with a pool big enough for a fleet."""
-    from xmpp_sm_tracker.stores.postgres import PostgresDatabase
-
-    return PostgresDatabase(dsn, max_connections=10)
-
-
-def kinds_to_run(have: Sequence[str]) -> list[str]:
-    """The fleet kinds, in the table's order, among those available."""
-    return [kind for kind in FLEET_KINDS if kind in have]
+def fleet_database(kind: str, sqlite_path: Path, dsn: str) -> SharedDatabase | None:
+    """The one store a fleet run shares: None for bare slixmpp."""
+    if kind == "sqlite":
+        return SQLiteDatabase(sqlite_path)
+    if kind == "postgres":
+        return PostgresDatabase(dsn, max_connections=10)
+    return None

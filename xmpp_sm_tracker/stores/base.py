@@ -6,6 +6,7 @@ passes the shared contract suite (tests/test_store_contract.py).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, Protocol, Self, runtime_checkable
@@ -20,6 +21,8 @@ __all__ = [
     "SMState",
     "StoreError",
     "TrackerStore",
+    "sm_state_of_text",
+    "sm_state_text",
 ]
 
 #: The JSON-safe stream-management state given to ``sm.cache`` and taken by ``sm.load``.
@@ -85,6 +88,28 @@ class LeasedStore(Protocol):
 
     def on_lease_lost(self, listener: Callable[[LeaseLost], None]) -> None:
         """Call ``listener(error)`` when the lease is lost."""
+
+
+def sm_state_text(state: SMState, error: Callable[[str, BaseException], StoreError]) -> str:
+    """The SM state as the compact JSON text a store keeps; ``error(what, cause)`` when
+    it is not JSON-safe."""
+    try:
+        return json.dumps(state, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise error("the SM state is not JSON-safe", exc) from exc
+
+
+def sm_state_of_text(
+    text: str, error: Callable[[str, BaseException | None], StoreError]
+) -> SMState:
+    """A kept SM state back from its text (a fresh dict); ``error`` when it is not one."""
+    try:
+        state = json.loads(text)
+    except ValueError as exc:
+        raise error("the saved SM state is not valid JSON", exc) from exc
+    if not isinstance(state, dict):
+        raise error("the saved SM state is not a JSON object", None)
+    return state
 
 
 class OpenClose:

@@ -11,7 +11,6 @@ Needs the ``postgres`` extra: ``pip install 'xmpp_sm_tracker[postgres]'``.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -19,7 +18,15 @@ from typing import Any, TypeVar
 import asyncpg
 
 from ..core.records import TrackedMessage
-from .base import AccountLeased, LeaseLost, OpenClose, SMState, StoreError
+from .base import (
+    AccountLeased,
+    LeaseLost,
+    OpenClose,
+    SMState,
+    StoreError,
+    sm_state_of_text,
+    sm_state_text,
+)
 from .postgres_db import PostgresDatabase
 from .postgres_lease import FENCE
 from .postgres_schema import (
@@ -188,18 +195,20 @@ class PostgresStore(OpenClose):
 
         async def fenced(conn: asyncpg.Connection) -> _T:
             if await conn.fetchval(FENCE, self.account, owner, token) is None:
-                raise LeaseLost(
-                    f"PostgreSQL store {self.server} ({self.account}): {what} refused: "
-                    "another process owns the account now"
-                )
+                raise self._refused(what)
             return await work(conn)
 
         try:
             return await self.database.transaction(what, fenced, account=self.account)
         except LeaseLost as exc:
-            if self._lost is None:
-                self._lease_lost(exc)
+            self._lease_lost(exc)
             raise
+
+    def _refused(self, what: str) -> LeaseLost:
+        return LeaseLost(
+            f"PostgreSQL store {self.server} ({self.account}): {what} refused: "
+            "another process owns the account now"
+        )
 
     async def _read(self, sql: str, *params: Any) -> list[Any]:
         await self._ready(wait=None)
@@ -216,10 +225,11 @@ class PostgresStore(OpenClose):
 
     async def upsert(self, records: Sequence[TrackedMessage]) -> None:
         """Insert or replace records by id in one transaction, all or nothing."""
+        what = f"writing {len(records)} records"
+        if self.read_only:
+            raise self.error(f"{what}: the store is read-only")
+        await self._ready(wait=None)  # an error on a closed or unusable store, even for none
         if not records:
-            await self._ready(wait=None)  # still an error on a closed or unusable store
-            if self.read_only:
-                raise self.error("writing records: the store is read-only")
             return
         rows = [_row(self.account, record) for record in records]
 
@@ -236,10 +246,6 @@ class PostgresStore(OpenClose):
                     "nothing of this batch was written"
                 ) from None
 
-        what = f"writing {len(records)} records"
-        if self.read_only:
-            raise self.error(f"{what}: the store is read-only")
-        await self._ready(wait=None)
         assert self._token is not None
         try:
             await self.database.batcher.upsert(
@@ -248,10 +254,7 @@ class PostgresStore(OpenClose):
         except LeaseLost as exc:
             if self._lost is not None:
                 raise
-            error = LeaseLost(
-                f"PostgreSQL store {self.server} ({self.account}): {what} refused: "
-                "another process owns the account now"
-            )
+            error = self._refused(what)
             self._lease_lost(error)
             raise error from exc
 
@@ -322,10 +325,7 @@ class PostgresStore(OpenClose):
             sql = f"DELETE FROM {SM_STATE} WHERE account = $1"
             await self._delete(sql, "forgetting the SM state")
             return
-        try:
-            text = json.dumps(state, separators=(",", ":"), allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise self.error("the SM state is not JSON-safe", exc) from exc
+        text = sm_state_text(state, self.error)
 
         async def keep(conn: asyncpg.Connection) -> None:
             await conn.execute(
@@ -340,15 +340,7 @@ class PostgresStore(OpenClose):
     async def load_sm_state(self) -> SMState | None:
         """The SM state saved last (a fresh dict every time), or None."""
         rows = await self._read(f"SELECT state FROM {SM_STATE} WHERE account = $1", self.account)
-        if not rows:
-            return None
-        try:
-            state = json.loads(rows[0][0])
-        except ValueError as exc:
-            raise self.error("the saved SM state is not valid JSON", exc) from exc
-        if not isinstance(state, dict):
-            raise self.error("the saved SM state is not a JSON object")
-        return state
+        return sm_state_of_text(rows[0][0], self.error) if rows else None
 
     async def aclose(self) -> None:
         """Give the lease back (a standby may take over at once) and, for a store that

@@ -78,13 +78,6 @@ class LeaseKeeper:
         self._deadlines: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
 
-    def token(self, account: str) -> int:
-        """Our token for ``account``; :class:`LeaseLost` when it is not ours."""
-        token = self._tokens.get(account)
-        if token is None:
-            raise LeaseLost(f"{self.owner} does not own {account} (any more)")
-        return token
-
     async def take(self, account: str, on_lost: Callable[[LeaseLost], None]) -> int:
         """Take ``account``'s lease, or raise :class:`AccountLeased` naming who has it."""
         if account in self._tokens or account in self._taking:
@@ -216,10 +209,11 @@ class LeaseKeeper:
 
     def _lose(self, accounts: list[str], why: str) -> None:
         for account in accounts:
-            if self._tokens.pop(account, None) is None:
+            token = self._tokens.get(account)
+            if token is None:
                 continue
-            self._deadlines.pop(account, None)
-            on_lost = self._lost.pop(account)
+            on_lost = self._lost[account]
+            self.forget(account, token)
             error = LeaseLost(f"lost the lease of {account}: {why}")
             log.error("%s; stopping its tracker", error)
             try:

@@ -14,7 +14,6 @@ nothing even if the process dies half way through it.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Awaitable, Callable, Sequence
@@ -24,7 +23,7 @@ from typing import Any, Final
 import aiosqlite
 
 from ..core.records import TrackedMessage
-from .base import OpenClose, SMState, StoreError
+from .base import OpenClose, SMState, StoreError, sm_state_of_text, sm_state_text
 from .sqlite_engine import Engine
 from .sqlite_file import DatabaseFile
 from .sqlite_schema import (
@@ -330,10 +329,7 @@ class SQLiteStore(_OnEngine):
             sql = "DELETE FROM sm_state WHERE account = ?"
             await self._delete("forgetting the SM state", sql)
             return
-        try:
-            text = json.dumps(state, separators=(",", ":"), allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise self.error("the SM state is not JSON-safe", exc) from exc
+        text = sm_state_text(state, self.error)
 
         async def keep(db: aiosqlite.Connection) -> int:
             cursor = await db.execute(
@@ -348,15 +344,7 @@ class SQLiteStore(_OnEngine):
     async def load_sm_state(self) -> SMState | None:
         """The SM state saved last (a fresh dict every time), or None."""
         rows = await self._read("SELECT state FROM sm_state WHERE account = ?")
-        if not rows:
-            return None
-        try:
-            state = json.loads(rows[0][0])
-        except ValueError as exc:
-            raise self.error("the saved SM state is not valid JSON", exc) from exc
-        if not isinstance(state, dict):
-            raise self.error("the saved SM state is not a JSON object")
-        return state
+        return sm_state_of_text(rows[0][0], self.error) if rows else None
 
     async def aclose(self) -> None:
         """Write what is still batched, then close (the file too, when it is this

@@ -61,7 +61,6 @@ __all__ = [
 ]
 
 _DEFAULT_EJABBERDCTL = "/usr/sbin/ejabberdctl"
-_POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
 #: Tables kept in RAM: MAM (1:1 and rooms) and offline messages.
 _RAM_TABLES = ("archive_msg", "archive_prefs", "offline_msg")
 _LOG_LEVELS: Mapping[str, str] = {
@@ -127,15 +126,7 @@ def ensure_ejabberd_installed() -> Path:
             "ejabberd is not installed (no /usr/sbin/ejabberdctl) and apt-get is "
             "unavailable; install ejabberd 23.01 manually."
         )
-    guard = not _POLICY_RC_D.exists()
-    if guard:
-        _POLICY_RC_D.write_text("#!/bin/sh\n# xmpp_sm_tracker: no service starts\nexit 101\n")
-        _POLICY_RC_D.chmod(0o755)
-    try:
-        apt_install("ejabberd", EjabberdError)
-    finally:
-        if guard:
-            _POLICY_RC_D.unlink(missing_ok=True)
+    apt_install("ejabberd", EjabberdError, no_services=True)
     _stop_system_instance()
     if not Path(_DEFAULT_EJABBERDCTL).exists():
         raise EjabberdError("apt-get reported success but no ejabberdctl was found")

@@ -34,7 +34,6 @@ from .server import HOST, TAIL_CHARS, ServerError, apt_install, free_port, read_
 __all__ = ["PostgresError", "PostgresServer", "ensure_postgres_installed", "postgres_bin_dir"]
 
 _LIB = Path("/usr/lib/postgresql")
-_POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
 #: The unprivileged system user that owns the cluster when the tests run as root.
 RUN_AS = "xmpp-sm-pg"
 _LIVE: weakref.WeakSet[PostgresServer] = weakref.WeakSet()
@@ -75,15 +74,7 @@ def ensure_postgres_installed() -> Path:
             "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb) and apt-get "
             "is unavailable; install PostgreSQL manually."
         )
-    guard = not _POLICY_RC_D.exists()
-    if guard:
-        _POLICY_RC_D.write_text("#!/bin/sh\n# xmpp_sm_tracker: no service starts\nexit 101\n")
-        _POLICY_RC_D.chmod(0o755)
-    try:
-        apt_install("postgresql", PostgresError)
-    finally:
-        if guard:
-            _POLICY_RC_D.unlink(missing_ok=True)
+    apt_install("postgresql", PostgresError, no_services=True)
     _stop_system_clusters()
     found = postgres_bin_dir()
     if found is None:

@@ -132,8 +132,27 @@ def dpkg_version(package: str) -> str | None:
     return version
 
 
-def apt_install(package: str, error: type[ServerError]) -> None:
-    """``apt-get update`` and ``apt-get install -y package`` (root needed)."""
+_POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
+
+
+def apt_install(package: str, error: type[ServerError], *, no_services: bool = False) -> None:
+    """``apt-get update`` and ``apt-get install -y package`` (root needed).
+
+    ``no_services``: a temporary ``policy-rc.d`` keeps the system service the package
+    brings from starting (on all interfaces, on the standard ports) while it installs.
+    """
+    guard = no_services and not _POLICY_RC_D.exists()
+    if guard:
+        _POLICY_RC_D.write_text("#!/bin/sh\n# xmpp_sm_tracker: no service starts\nexit 101\n")
+        _POLICY_RC_D.chmod(0o755)
+    try:
+        _apt_get(package, error)
+    finally:
+        if guard:
+            _POLICY_RC_D.unlink(missing_ok=True)
+
+
+def _apt_get(package: str, error: type[ServerError]) -> None:
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", package]):
         try:
