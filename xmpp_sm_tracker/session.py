@@ -243,9 +243,8 @@ class SessionDriver:
         # meanwhile can overtake them, and the server reads them in big chunks (one small
         # write per stanza costs it a read each). A tracked message goes out as the text
         # it went out as (kept with its entry), not serialized again.
-        if resend:
-            xmpp = self.xmpp
-            xmpp.send_raw("".join(wire_text(entry, xmpp) for entry in resend))
+        xmpp = self.xmpp
+        self._acks.write_burst([wire_text(entry, xmpp) for entry in resend], self._ctx.now)
         events = self.core.resume_records(resumption)
         self.xmpp.features.add("stream_management")
         if session.jid:
@@ -253,9 +252,6 @@ class SessionDriver:
         _warn_of_a_short_state(self.core.last_resume)
         self._ctx.emit(events)
         self._ctx.state_changed(urgent=True)
-        if resend:
-            self._acks.clock.counted(self._ctx.now, stanzas=len(resend))
-            self._acks.request(self._ctx.now)
         self.xmpp.end_session_on_disconnect = not self.core.session.can_resume
         self.xmpp.event("session_resumed", stanza)
 
