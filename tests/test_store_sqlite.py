@@ -302,7 +302,7 @@ async def test_a_batch_failing_half_way_leaves_none_of_it(
     seen: list[str] = []
 
     def row_that_breaks_on_m3(r: TrackedMessage) -> tuple[Any, ...]:
-        seen.append(r.id)  # proves m1 and m2 were already bound in the transaction
+        seen.append(r.id)  # proves m1 and m2 were already built in the transaction
         if r.id == "m3":
             raise RuntimeError("crash in the middle of the batch")
         return real_row(r)
@@ -327,6 +327,43 @@ async def test_a_record_sqlite_refuses_fails_the_whole_batch(tmp_path: Path) -> 
         with pytest.raises(StoreError, match=r"atomic\.sqlite.*rolled back"):
             await store.upsert([record(1), record(2), bad, record(4)])
         assert ids(await store.pending()) == ["m0"]
+
+
+async def test_a_batch_of_many_statements_lands_whole_and_in_order(tmp_path: Path) -> None:
+    # Rows go out ROWS_PER_UPSERT to a statement: the split must not show, not in what
+    # lands, not in the order of first sight, not when an id comes twice in one batch.
+    size = sqlite_schema.ROWS_PER_UPSERT
+    n = 2 * size + 7
+    batch = [record(i) for i in range(n)]
+    batch[size + 3] = record(0, S.ACKED)  # m0 again, in another statement: it wins
+    async with SQLiteStore(tmp_path / "many.sqlite") as store:
+        await store.upsert(batch)
+        assert await store.get("m0") == record(0, S.ACKED)
+        pending = ids(await store.pending())
+        assert pending == [f"m{i}" for i in range(1, n) if i != size + 3]
+        later = [record(i, S.FAILED) for i in range(n, n + size)]  # exactly one statement
+        bad = record(n + size, body=None)  # NOT NULL, in the batch's last statement
+        with pytest.raises(StoreError, match="rolled back"):
+            await store.upsert([*later, *batch[:size], bad])
+        assert ids(await store.pending()) == pending and await store.failed() == []
+        await store.upsert(later)
+        assert ids(await store.failed()) == ids(later)
+    rowids = raw(tmp_path / "many.sqlite", "SELECT id FROM records ORDER BY rowid")
+    assert [row[0] for row in rowids][:3] == ["m0", "m1", "m2"]
+
+
+def test_upsert_statements_cover_every_row_once_in_order() -> None:
+    size = sqlite_schema.ROWS_PER_UPSERT
+    for n in (1, size - 1, size, size + 1, 3 * size + 5):
+        rows = [(f"a{i}", i) for i in range(n)]
+        flat: list[Any] = []
+        for sql, runs in sqlite_schema.upsert_statements(rows):
+            per_row = 1 + len(sqlite_schema.FIELDS)
+            assert all(len(run) == 2 * (sql.count("?") // per_row) for run in runs)
+            flat += [value for run in runs for value in run]
+        assert flat == [value for row in rows for value in row]
+    with pytest.raises(ValueError, match="1 to"):
+        sqlite_schema.upsert_sql(size + 1)
 
 
 async def test_a_cancelled_upsert_is_all_or_nothing(tmp_path: Path) -> None:

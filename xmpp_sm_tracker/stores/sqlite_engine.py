@@ -20,7 +20,7 @@ import aiosqlite
 from ..core.records import TrackedMessage
 from .base import StoreError
 from .sqlite_file import DatabaseFile, forget_connection, rollback
-from .sqlite_schema import UPSERT, row_of, unencodable
+from .sqlite_schema import row_of, unencodable, upsert_statements
 
 __all__ = ["Engine"]
 
@@ -217,11 +217,12 @@ class Engine:
         size = sum(len(records) for _, records in parts)
 
         async def work(db: aiosqlite.Connection) -> None:
-            # Rows are built lazily inside the transaction, so an exception from any
-            # record (or the process dying) leaves none of this batch behind.
-            rows = ((account, *row_of(r)) for account, records in parts for r in records)
+            # Rows are built inside the transaction, so an exception from any record
+            # (or the process dying) leaves none of this batch behind.
+            rows = [(account, *row_of(r)) for account, records in parts for r in records]
             try:
-                await db.executemany(UPSERT, rows)
+                for sql, runs in upsert_statements(rows):
+                    await db.executemany(sql, runs)
             except UnicodeEncodeError as exc:
                 # Its repr quotes the whole text (a body): name the record instead.
                 bad = next(filter(None, (unencodable(recs) for _, recs in parts)), None)

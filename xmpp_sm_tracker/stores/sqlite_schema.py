@@ -8,8 +8,10 @@ Since version 2 every row is keyed by account (a bare JID; ``''`` for the one ac
 
 from __future__ import annotations
 
+import functools
 import sqlite3
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from itertools import chain
 from typing import Any, Final
 
 import aiosqlite
@@ -26,14 +28,16 @@ __all__ = [
     "MIGRATIONS",
     "NEWEST_FIRST",
     "OLDEST_FIRST",
+    "ROWS_PER_UPSERT",
     "SCHEMA_VERSION",
     "SELECT",
     "TABLES",
-    "UPSERT",
     "Migration",
     "record_of",
     "row_of",
     "unencodable",
+    "upsert_sql",
+    "upsert_statements",
 ]
 
 #: A step of the schema: takes a database from version n to n + 1 inside a transaction.
@@ -181,11 +185,41 @@ TABLES: Final = {
 COLUMNS: Final = ", ".join(FIELDS)
 #: Every query is for one account: its first parameter.
 SELECT: Final = f"SELECT {COLUMNS} FROM records WHERE account = ?"
-UPSERT: Final = (
-    f"INSERT INTO records (account, {COLUMNS}) VALUES ({', '.join('?' * (len(FIELDS) + 1))}) "
-    "ON CONFLICT(account, id) DO UPDATE SET "
-    + ", ".join(f"{name} = excluded.{name}" for name in FIELDS[1:])
+_ROW: Final = f"({', '.join('?' * (len(FIELDS) + 1))})"
+_ON_CONFLICT: Final = "ON CONFLICT(account, id) DO UPDATE SET " + ", ".join(
+    f"{name} = excluded.{name}" for name in FIELDS[1:]
 )
+#: Rows one upsert statement writes. The sqlite3 module lets go of the GIL for each
+#: statement it runs and must take it back after: a statement per row, under a busy
+#: event loop, made the worker thread wait for the GIL once per row (5-7× the CPU per
+#: row, measured). 50 rows of 15 values stay below SQLite's oldest limit of 999.
+ROWS_PER_UPSERT: Final = 50
+
+
+@functools.cache
+def upsert_sql(rows: int) -> str:
+    """Insert or replace ``rows`` rows (account first, then :data:`FIELDS`) in one
+    statement; a later row with the same id wins, as if written after."""
+    if not 1 <= rows <= ROWS_PER_UPSERT:
+        raise ValueError(f"an upsert writes 1 to {ROWS_PER_UPSERT} rows, not {rows}")
+    values = ", ".join([_ROW] * rows)
+    return f"INSERT INTO records (account, {COLUMNS}) VALUES {values} {_ON_CONFLICT}"
+
+
+def upsert_statements(
+    rows: Sequence[tuple[Any, ...]],
+) -> Iterator[tuple[str, list[tuple[Any, ...]]]]:
+    """(statement, parameters per run) that upsert ``rows`` in order, at most
+    :data:`ROWS_PER_UPSERT` rows per run: for ``executemany``."""
+    size = ROWS_PER_UPSERT
+    whole = len(rows) - len(rows) % size
+    if whole:
+        chunks = [tuple(chain.from_iterable(rows[i : i + size])) for i in range(0, whole, size)]
+        yield upsert_sql(size), chunks
+    if whole < len(rows):
+        yield upsert_sql(len(rows) - whole), [tuple(chain.from_iterable(rows[whole:]))]
+
+
 # rowid breaks ties like MemoryStore's dict: a replaced record keeps its first place.
 OLDEST_FIRST: Final = "ORDER BY created_at, COALESCE(seq, 0), rowid"
 NEWEST_FIRST: Final = "ORDER BY created_at DESC, COALESCE(seq, 0) DESC, rowid DESC"
