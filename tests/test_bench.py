@@ -20,10 +20,12 @@ TRACKED = ("memory", "sqlite")
 
 def expected_metrics(config: BenchConfig) -> set[str]:
     """Every cell the table has for ``config``."""
-    keys = {f"{kind}.{v}" for kind in ("throughput", "server_cpu", "cpu", "lost") for v in ALL4}
+    kinds = ("throughput", "server_cpu", "live_cpu", "cpu", "lost")
+    keys = {f"{kind}.{v}" for kind in kinds for v in ALL4}
     keys |= {f"ratio.{v}" for v in ("bare_oid", *TRACKED)}
     keys |= {f"ratio.{v}_same_stanzas" for v in TRACKED}
-    keys |= {f"{kind}.{v}" for kind in ("cpu_ratio", "sm_cache.per_1000") for v in TRACKED}
+    ratios = ("live_cpu_ratio", "cpu_ratio", "sm_cache.per_1000")
+    keys |= {f"{kind}.{v}" for kind in ratios for v in TRACKED}
     keys |= {"latency.rtt"}
     keys |= {f"latency.{k}.{p}" for k in ("bare", "default", "every1") for p in ("p50", "p90")}
     for n in config.scale:
