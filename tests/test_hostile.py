@@ -1069,9 +1069,12 @@ def _constant_names(tree: ast.Module) -> set[str]:
 
 def _sql_is_static(node: ast.expr, constants: set[str], local_sql: set[str]) -> bool:
     """True when ``node`` can only be SQL text written by us: literals, module
-    constants, and f-strings of those (or of ``int(...)`` for PRAGMA values)."""
+    constants (or an entry of a module's table of statements), and f-strings of those
+    (or of ``int(...)`` for PRAGMA values)."""
     if isinstance(node, ast.Constant):
         return isinstance(node.value, str)
+    if isinstance(node, ast.Subscript):
+        return isinstance(node.value, ast.Name) and node.value.id in constants
     if isinstance(node, ast.Name):
         return node.id in constants or node.id in local_sql
     if isinstance(node, ast.JoinedStr):

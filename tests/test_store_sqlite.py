@@ -352,18 +352,18 @@ async def test_a_batch_of_many_statements_lands_whole_and_in_order(tmp_path: Pat
     assert [row[0] for row in rowids][:3] == ["m0", "m1", "m2"]
 
 
-def test_upsert_statements_cover_every_row_once_in_order() -> None:
+def test_upsert_runs_cover_every_row_once_in_order() -> None:
     size = sqlite_schema.ROWS_PER_UPSERT
+    per_row = 1 + len(sqlite_schema.FIELDS)
+    assert sorted(sqlite_schema.UPSERT_ROWS) == list(range(1, size + 1))
     for n in (1, size - 1, size, size + 1, 3 * size + 5):
-        rows = [(f"a{i}", i) for i in range(n)]
+        rows = [tuple(f"r{i}c{c}" for c in range(per_row)) for i in range(n)]
         flat: list[Any] = []
-        for sql, runs in sqlite_schema.upsert_statements(rows):
-            per_row = 1 + len(sqlite_schema.FIELDS)
-            assert all(len(run) == 2 * (sql.count("?") // per_row) for run in runs)
+        for count, runs in sqlite_schema.upsert_runs(rows):
+            marks = sqlite_schema.UPSERT_ROWS[count].count("?")
+            assert marks == count * per_row and all(len(run) == marks for run in runs)
             flat += [value for run in runs for value in run]
         assert flat == [value for row in rows for value in row]
-    with pytest.raises(ValueError, match="1 to"):
-        sqlite_schema.upsert_sql(size + 1)
 
 
 async def test_a_cancelled_upsert_is_all_or_nothing(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ import aiosqlite
 from ..core.records import TrackedMessage
 from .base import StoreError
 from .sqlite_file import DatabaseFile, forget_connection, rollback
-from .sqlite_schema import row_of, unencodable, upsert_statements
+from .sqlite_schema import UPSERT_ROWS, row_of, unencodable, upsert_runs
 
 __all__ = ["Engine"]
 
@@ -221,8 +221,8 @@ class Engine:
             # (or the process dying) leaves none of this batch behind.
             rows = [(account, *row_of(r)) for account, records in parts for r in records]
             try:
-                for sql, runs in upsert_statements(rows):
-                    await db.executemany(sql, runs)
+                for n, runs in upsert_runs(rows):
+                    await db.executemany(UPSERT_ROWS[n], runs)
             except UnicodeEncodeError as exc:
                 # Its repr quotes the whole text (a body): name the record instead.
                 bad = next(filter(None, (unencodable(recs) for _, recs in parts)), None)

@@ -8,7 +8,6 @@ Since version 2 every row is keyed by account (a bare JID; ``''`` for the one ac
 
 from __future__ import annotations
 
-import functools
 import sqlite3
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from itertools import chain
@@ -32,12 +31,12 @@ __all__ = [
     "SCHEMA_VERSION",
     "SELECT",
     "TABLES",
+    "UPSERT_ROWS",
     "Migration",
     "record_of",
     "row_of",
     "unencodable",
-    "upsert_sql",
-    "upsert_statements",
+    "upsert_runs",
 ]
 
 #: A step of the schema: takes a database from version n to n + 1 inside a transaction.
@@ -189,35 +188,28 @@ _ROW: Final = f"({', '.join('?' * (len(FIELDS) + 1))})"
 _ON_CONFLICT: Final = "ON CONFLICT(account, id) DO UPDATE SET " + ", ".join(
     f"{name} = excluded.{name}" for name in FIELDS[1:]
 )
-#: Rows one upsert statement writes. The sqlite3 module lets go of the GIL for each
-#: statement it runs and must take it back after: a statement per row, under a busy
+#: Rows one upsert statement writes at most. The sqlite3 module lets go of the GIL for
+#: each statement it runs and must take it back after: a statement per row, under a busy
 #: event loop, made the worker thread wait for the GIL once per row (5-7× the CPU per
 #: row, measured). 50 rows of 15 values stay below SQLite's oldest limit of 999.
 ROWS_PER_UPSERT: Final = 50
+#: The upsert of n rows (account first, then :data:`FIELDS`) in one statement, by n;
+#: a later row with the same id wins, as if written after.
+UPSERT_ROWS: Final = {
+    n: f"INSERT INTO records (account, {COLUMNS}) VALUES {', '.join([_ROW] * n)} {_ON_CONFLICT}"
+    for n in range(1, ROWS_PER_UPSERT + 1)
+}
 
 
-@functools.cache
-def upsert_sql(rows: int) -> str:
-    """Insert or replace ``rows`` rows (account first, then :data:`FIELDS`) in one
-    statement; a later row with the same id wins, as if written after."""
-    if not 1 <= rows <= ROWS_PER_UPSERT:
-        raise ValueError(f"an upsert writes 1 to {ROWS_PER_UPSERT} rows, not {rows}")
-    values = ", ".join([_ROW] * rows)
-    return f"INSERT INTO records (account, {COLUMNS}) VALUES {values} {_ON_CONFLICT}"
-
-
-def upsert_statements(
-    rows: Sequence[tuple[Any, ...]],
-) -> Iterator[tuple[str, list[tuple[Any, ...]]]]:
-    """(statement, parameters per run) that upsert ``rows`` in order, at most
-    :data:`ROWS_PER_UPSERT` rows per run: for ``executemany``."""
+def upsert_runs(rows: Sequence[tuple[Any, ...]]) -> Iterator[tuple[int, list[tuple[Any, ...]]]]:
+    """(n, parameters per run) that upsert ``rows`` in order when each ``runs`` goes to
+    ``executemany(UPSERT_ROWS[n], runs)``: at most :data:`ROWS_PER_UPSERT` rows a run."""
     size = ROWS_PER_UPSERT
     whole = len(rows) - len(rows) % size
     if whole:
-        chunks = [tuple(chain.from_iterable(rows[i : i + size])) for i in range(0, whole, size)]
-        yield upsert_sql(size), chunks
+        yield size, [tuple(chain.from_iterable(rows[i : i + size])) for i in range(0, whole, size)]
     if whole < len(rows):
-        yield upsert_sql(len(rows) - whole), [tuple(chain.from_iterable(rows[whole:]))]
+        yield len(rows) - whole, [tuple(chain.from_iterable(rows[whole:]))]
 
 
 # rowid breaks ties like MemoryStore's dict: a replaced record keeps its first place.
