@@ -302,7 +302,7 @@ async def test_a_batch_failing_half_way_leaves_none_of_it(
     seen: list[str] = []
 
     def row_that_breaks_on_m3(r: TrackedMessage) -> tuple[Any, ...]:
-        seen.append(r.id)  # proves m1 and m2 were already built in the transaction
+        seen.append(r.id)  # proves m1 and m2 were already bound in the transaction
         if r.id == "m3":
             raise RuntimeError("crash in the middle of the batch")
         return real_row(r)
@@ -359,7 +359,8 @@ def test_upsert_runs_cover_every_row_once_in_order() -> None:
     for n in (1, size - 1, size, size + 1, 3 * size + 5):
         rows = [tuple(f"r{i}c{c}" for c in range(per_row)) for i in range(n)]
         flat: list[Any] = []
-        for count, runs in sqlite_schema.upsert_runs(rows):
+        for count, lazy in sqlite_schema.upsert_runs(iter(rows), len(rows)):
+            runs = list(lazy)  # each run is taken before the next is asked for
             marks = sqlite_schema.UPSERT_ROWS[count].count("?")
             assert marks == count * per_row and all(len(run) == marks for run in runs)
             flat += [value for run in runs for value in run]

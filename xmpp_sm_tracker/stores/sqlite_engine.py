@@ -217,11 +217,11 @@ class Engine:
         size = sum(len(records) for _, records in parts)
 
         async def work(db: aiosqlite.Connection) -> None:
-            # Rows are built inside the transaction, so an exception from any record
-            # (or the process dying) leaves none of this batch behind.
-            rows = [(account, *row_of(r)) for account, records in parts for r in records]
+            # Rows are built lazily inside the transaction, so an exception from any
+            # record (or the process dying) leaves none of this batch behind.
+            rows = ((account, *row_of(r)) for account, records in parts for r in records)
             try:
-                for n, runs in upsert_runs(rows):
+                for n, runs in upsert_runs(rows, size):
                     await db.executemany(UPSERT_ROWS[n], runs)
             except UnicodeEncodeError as exc:
                 # Its repr quotes the whole text (a body): name the record instead.

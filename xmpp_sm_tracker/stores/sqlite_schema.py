@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from itertools import chain
+from itertools import chain, islice
 from typing import Any, Final
 
 import aiosqlite
@@ -201,15 +201,19 @@ UPSERT_ROWS: Final = {
 }
 
 
-def upsert_runs(rows: Sequence[tuple[Any, ...]]) -> Iterator[tuple[int, list[tuple[Any, ...]]]]:
-    """(n, parameters per run) that upsert ``rows`` in order when each ``runs`` goes to
-    ``executemany(UPSERT_ROWS[n], runs)``: at most :data:`ROWS_PER_UPSERT` rows a run."""
+def upsert_runs(
+    rows: Iterator[tuple[Any, ...]], count: int
+) -> Iterator[tuple[int, Iterator[tuple[Any, ...]]]]:
+    """(n, parameters per run) that upsert the ``count`` ``rows`` in order when each
+    ``runs`` goes to ``executemany(UPSERT_ROWS[n], runs)``, before the next is asked
+    for: at most :data:`ROWS_PER_UPSERT` rows a run. Lazy, so a batch of 100 000 is
+    never in memory twice over."""
     size = ROWS_PER_UPSERT
-    whole = len(rows) - len(rows) % size
+    whole, rest = divmod(count, size)
     if whole:
-        yield size, [tuple(chain.from_iterable(rows[i : i + size])) for i in range(0, whole, size)]
-    if whole < len(rows):
-        yield len(rows) - whole, [tuple(chain.from_iterable(rows[whole:]))]
+        yield size, (tuple(chain.from_iterable(islice(rows, size))) for _ in range(whole))
+    if rest:
+        yield rest, iter([tuple(chain.from_iterable(rows))])
 
 
 # rowid breaks ties like MemoryStore's dict: a replaced record keeps its first place.
