@@ -96,23 +96,25 @@ async def test_a_stanza_reaching_the_wire_while_resuming_waits_for_resumed(
 async def test_a_resend_is_one_write_that_asks_as_it_goes(alice: Client) -> None:
     # 10 000 resent with one <r/> at the end: every ack, and the work of moving 10 000
     # records, waited for the server to read the last one.
-    sent = [alice.message(f"m{i}") for i in range(250)]
+    k = BURST_ASK_EVERY
+    n = 2 * k + k // 2
+    sent = [alice.message(f"m{i}") for i in range(n)]
     for message in sent:
         message.send()
     await alice.turns()
     wire = alice.drop_and_reconnect()
     alice.server_says(f"<resumed xmlns='{SM_NS}' previd='sm-1' h='0'/>")
     [write] = [data for data in wire.out if "<message" in data]
-    assert write.count("<message") == 250
+    assert write.count("<message") == n
     chunks = write.split("<r xmlns='urn:xmpp:sm:3'/>")
-    assert [chunk.count("<message") for chunk in chunks] == [BURST_ASK_EVERY, 100, 50, 0]
+    assert [chunk.count("<message") for chunk in chunks] == [k, k, k // 2, 0]
     await alice.turns()
     assert sum(data.count("<r xmlns") for data in wire.out) == 3  # no other request
 
     # Each answer settles its part while the server still reads the rest.
-    alice.server_says(f"<a xmlns='{SM_NS}' h='100'/>")
+    alice.server_says(f"<a xmlns='{SM_NS}' h='{k}'/>")
     states = [alice.tracker.core.get(m["id"]) for m in sent]
     acked = [r is None or r.state is DeliveryState.ACKED for r in states]
-    assert acked == [True] * 100 + [False] * 150
-    alice.server_says(f"<a xmlns='{SM_NS}' h='250'/>")
+    assert acked == [True] * k + [False] * (n - k)
+    alice.server_says(f"<a xmlns='{SM_NS}' h='{n}'/>")
     assert len(alice.tracker.core.ledger) == 0
