@@ -52,6 +52,22 @@ def hook_transactions(
     database.transaction = transaction  # type: ignore[method-assign]
 
 
+class Pause:
+    """A hook for :func:`hook_transactions` that holds the transaction until
+    :meth:`release`; ``reached`` is set once one got there."""
+
+    def __init__(self) -> None:
+        self.reached = asyncio.Event()
+        self._go_on = asyncio.Event()
+
+    def release(self) -> None:
+        self._go_on.set()
+
+    async def __call__(self) -> None:
+        self.reached.set()
+        await self._go_on.wait()
+
+
 async def still_owned(dsn: str, account: str) -> bool:
     """True if another process cannot take ``account`` now."""
     other = PostgresStore(dsn, account=account)
@@ -147,20 +163,15 @@ async def test_a_renewal_answered_after_a_re_take_does_not_lose_the_new_lease(ds
     async with PostgresDatabase(dsn, lease_ttl=0.9) as database:
         first = database.store(ALICE)
         await first.open()
-        renewed, go_on = asyncio.Event(), asyncio.Event()
-
-        async def late() -> None:
-            renewed.set()
-            await go_on.wait()
-
+        late = Pause()  # the renewal reached the server; its answer waits
         hook_transactions(database, "renewing", after=late)
-        await asyncio.wait_for(renewed.wait(), 5)
+        await asyncio.wait_for(late.reached.wait(), 5)
         await first.aclose()
         second = database.store(ALICE)
         told: list[LeaseLost] = []
         second.on_lease_lost(told.append)
         await second.open()
-        go_on.set()
+        late.release()
         await asyncio.sleep(0.1)
         assert told == [] and second.lease_lost is None
         await second.upsert([record(1)])
@@ -172,16 +183,11 @@ async def test_a_renewal_in_flight_does_not_bring_a_given_back_lease_back(dsn: s
     async with PostgresDatabase(dsn, lease_ttl=3) as database:
         store = database.store(ALICE)
         await store.open()
-        started, given_back = asyncio.Event(), asyncio.Event()
-
-        async def slow() -> None:
-            started.set()
-            await given_back.wait()
-
+        slow = Pause()  # the renewal is sent; it reaches the server after the give-back
         hook_transactions(database, "renewing", before=slow)
-        await asyncio.wait_for(started.wait(), 5)
+        await asyncio.wait_for(slow.reached.wait(), 5)
         await store.aclose()
-        given_back.set()
+        slow.release()
         await asyncio.sleep(0.2)  # the renewal has been through
         assert not await still_owned(dsn, ALICE), "the renewal revived a given-back lease"
 

@@ -241,8 +241,9 @@ class SessionDriver:
         # Written here, synchronously and in one write, before the records move (10 000
         # of them take a while, and the server can read meanwhile): nothing queued
         # meanwhile can overtake them, and the server reads them in big chunks (one small
-        # write per stanza costs it a read each). A tracked message goes out as the text
-        # it went out as (kept with its entry), not serialized again.
+        # write per stanza costs it a read each), asked about as it goes (write_burst).
+        # A tracked message goes out as the text it went out as (kept with its entry),
+        # not serialized again.
         xmpp = self.xmpp
         self._acks.write_burst([wire_text(entry, xmpp) for entry in resend], self._ctx.now)
         events = self.core.resume_records(resumption)

@@ -99,8 +99,12 @@ class StoreWriter:
             timer.cancel()
             self._wake = None
 
-    def _hurry(self) -> None:
-        """A paced write waits no longer (a flush, a close, a hand-over)."""
+    def _now(self) -> None:
+        """Neither a retry timer nor a paced write waits any longer (a flush, a close,
+        a hand-over)."""
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
         if self._wake is not None:
             _set_done(self._wake)
 
@@ -126,10 +130,7 @@ class StoreWriter:
     async def flush(self) -> None:
         """Write everything queued so far; raises :class:`StoreError` if the store fails
         (and keeps retrying in the background, so nothing waits for the next change)."""
-        if self._retry is not None:
-            self._retry.cancel()
-            self._retry = None
-        self._hurry()
+        self._now()
         try:
             await self._write_all()
         except StoreError as exc:
@@ -144,19 +145,13 @@ class StoreWriter:
 
     def take_pending(self) -> list[TrackedMessage]:
         """Hand over what is queued (to another writer) and stop retrying it here."""
-        if self._retry is not None:
-            self._retry.cancel()
-            self._retry = None
+        self._now()
         pending, self._pending = list(self._pending.values()), {}
-        self._hurry()
         return pending
 
     async def aclose_quietly(self) -> None:
         """Stop: wait for a write in progress, keep quiet about its outcome."""
-        if self._retry is not None:
-            self._retry.cancel()
-            self._retry = None
-        self._hurry()
+        self._now()
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
 
