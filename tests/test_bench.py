@@ -91,6 +91,7 @@ def test_quick_bench_measures_everything_and_loses_nothing(
     assert len(result["runs"]["cpu"]) == variants * config.repeat
     for run in result["runs"]["resume"]:
         assert run["messages"] == config.resume_messages
+        assert run["unacked_at_cut"] >= run["messages"]  # the stall held every ack back
         assert run["hibernated"] == run["resent"] == run["acked_ids"] == run["messages"]
         assert run["failed"] == run["acked_twice"] == run["lost"] == run["duplicated"] == 0
     for run in result["runs"]["prosody"]:
