@@ -88,7 +88,7 @@ def test_quick_bench_measures_everything_and_loses_nothing(
     assert len(throughput) == variants * config.repeat
     for run in throughput:
         assert run["acked"] == run["bob_unique"] == run["bob_total"] == config.messages
-    assert len(result["runs"]["cpu"]) == variants * config.repeat
+    assert len(result["runs"]["cpu"]) == variants * config.repeat * config.cpu_runs_per_repeat
     for run in result["runs"]["resume"]:
         assert run["messages"] == config.resume_messages
         assert run["unacked_at_cut"] >= run["messages"]  # the stall held every ack back
