@@ -298,7 +298,7 @@ async def test_a_batch_failing_half_way_leaves_none_of_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "atomic.sqlite"
-    real_row = sqlite_engine.row_of
+    real_row = sqlite_engine.bound_row_of
     seen: list[str] = []
 
     def row_that_breaks_on_m3(r: TrackedMessage) -> tuple[Any, ...]:
@@ -309,12 +309,12 @@ async def test_a_batch_failing_half_way_leaves_none_of_it(
 
     async with SQLiteStore(path) as store:
         await store.upsert([record(0)])
-        monkeypatch.setattr(sqlite_engine, "row_of", row_that_breaks_on_m3)
+        monkeypatch.setattr(sqlite_engine, "bound_row_of", row_that_breaks_on_m3)
         with pytest.raises(RuntimeError, match="middle"):
             await store.upsert([record(1), record(2), record(3), record(4), record(0, S.ACKED)])
         assert seen == ["m1", "m2", "m3"]
         assert await store.pending() == [record(0)]
-        monkeypatch.setattr(sqlite_engine, "row_of", real_row)
+        monkeypatch.setattr(sqlite_engine, "bound_row_of", real_row)
         await store.upsert([record(5)])  # the connection is not stuck in a transaction
         assert ids(await store.pending()) == ["m0", "m5"]
     assert raw(path, "SELECT id FROM records ORDER BY id") == [("m0",), ("m5",)]
@@ -352,16 +352,24 @@ async def test_a_batch_of_many_statements_lands_whole_and_in_order(tmp_path: Pat
     assert [row[0] for row in rowids][:3] == ["m0", "m1", "m2"]
 
 
-def test_upsert_runs_cover_every_row_once_in_order() -> None:
+@pytest.mark.parametrize(
+    ("statements", "per_row"),
+    [
+        (sqlite_schema.UPSERT_ROWS, 1 + len(sqlite_schema.bound_row_of(record(1)))),
+        (sqlite_schema.MOVE_ROWS, len(sqlite_schema.move_of("", record(1)))),
+    ],
+    ids=["upsert", "move"],
+)
+def test_runs_cover_every_row_once_in_order(statements: dict[int, str], per_row: int) -> None:
     size = sqlite_schema.ROWS_PER_UPSERT
-    per_row = 1 + len(sqlite_schema.FIELDS)
-    assert sorted(sqlite_schema.UPSERT_ROWS) == list(range(1, size + 1))
+    assert sorted(statements) == list(range(1, size + 1))
+    assert size * per_row <= 999  # SQLite's oldest limit of parameters a statement
     for n in (1, size - 1, size, size + 1, 3 * size + 5):
         rows = [tuple(f"r{i}c{c}" for c in range(per_row)) for i in range(n)]
         flat: list[Any] = []
         for count, lazy in sqlite_schema.upsert_runs(iter(rows), len(rows)):
             runs = list(lazy)  # each run is taken before the next is asked for
-            marks = sqlite_schema.UPSERT_ROWS[count].count("?")
+            marks = statements[count].count("?")
             assert marks == count * per_row and all(len(run) == marks for run in runs)
             flat += [value for run in runs for value in run]
         assert flat == [value for row in rows for value in row]

@@ -311,7 +311,9 @@ class SQLiteStore(_OnEngine):
     async def delete(self, message_id: str) -> bool:
         """Delete one record; True if it existed."""
         sql = "DELETE FROM records WHERE account = ? AND id = ?"
-        return await self._delete("deleting a record", sql, (message_id,)) > 0
+        deleted = await self._delete("deleting a record", sql, (message_id,)) > 0
+        self._engine.forget(self.account, message_id)
+        return deleted
 
     async def delete_failed(self, conversation: str | None = None) -> int:
         """Delete FAILED records (all, or one conversation's); how many went."""

@@ -18,13 +18,29 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from ..core.records import TrackedMessage
+from ..core.states import IN_FLIGHT, DeliveryState
 from .base import StoreError
 from .sqlite_file import DatabaseFile, forget_connection, rollback
-from .sqlite_schema import UPSERT_ROWS, row_of, unencodable, upsert_runs
+from .sqlite_schema import (
+    MOVE_ROWS,
+    UPSERT_ROWS,
+    bound_row_of,
+    move_of,
+    only_moved,
+    unencodable,
+    upsert_runs,
+)
 
 __all__ = ["Engine"]
 
 _T = TypeVar("_T")
+#: (account, record) in the order a transaction writes them.
+_Rows = list[tuple[str, TrackedMessage]]
+#: ``UPDATE ... FROM`` (for :data:`MOVE_ROWS`) came with SQLite 3.33.
+_CAN_MOVE = sqlite3.sqlite_version_info >= (3, 33, 0)
+_SENT, _RESENT, _HIBERNATED = DeliveryState.SENT, DeliveryState.RESENT, DeliveryState.HIBERNATED
+if {_SENT, _RESENT, _HIBERNATED} != IN_FLIGHT:  # pragma: no cover
+    raise ImportError("sqlite_engine's in-flight states no longer match IN_FLIGHT")
 
 
 def _new_future() -> asyncio.Future[None]:
@@ -72,6 +88,9 @@ class Engine:
         self._timer: asyncio.TimerHandle | None = None
         self._flush_waiting = False  # a flush task will take the whole queue
         self._flushes: set[asyncio.Task[None]] = set()
+        # account -> id -> the in-flight snapshot last committed for it: its next change
+        # is most often a move to another state only, written narrowly (MOVE_ROWS).
+        self._written: dict[str, dict[str, TrackedMessage]] = {}
 
     @property
     def connection(self) -> aiosqlite.Connection | None:
@@ -214,15 +233,14 @@ class Engine:
 
     async def _upsert_locked(self, parts: Sequence[tuple[str, Sequence[TrackedMessage]]]) -> None:
         """Write (account, records) parts in one transaction; the caller holds ``_lock``."""
-        size = sum(len(records) for _, records in parts)
+        whole, moves = self._split(parts)
 
         async def work(db: aiosqlite.Connection) -> None:
-            # Rows are built lazily inside the transaction, so an exception from any
-            # record (or the process dying) leaves none of this batch behind.
-            rows = ((account, *row_of(r)) for account, records in parts for r in records)
             try:
-                for n, runs in upsert_runs(rows, size):
-                    await db.executemany(UPSERT_ROWS[n], runs)
+                await _upsert(db, whole)
+                if moves and await _move(db, moves) != len(moves):
+                    # A row we wrote is gone (deleted since): write those records whole.
+                    await _upsert(db, moves)
             except UnicodeEncodeError as exc:
                 # Its repr quotes the whole text (a body): name the record instead.
                 bad = next(filter(None, (unencodable(recs) for _, recs in parts)), None)
@@ -231,7 +249,45 @@ class Engine:
                     "nothing of this batch was written"
                 ) from exc
 
-        await self._locked_transaction(f"writing {size} records", work)
+        await self._locked_transaction(f"writing {len(whole) + len(moves)} records", work)
+        self._remember(parts)
+
+    def _split(self, parts: Sequence[tuple[str, Sequence[TrackedMessage]]]) -> tuple[_Rows, _Rows]:
+        """(records to write whole, records only moved to another state since we wrote
+        them). The moves are written after the rest: with each id once in the
+        transaction their order does not matter; an id that comes twice makes every
+        record of it a whole row, written in order (a later copy wins)."""
+        every = [(account, record) for account, records in parts for record in records]
+        if not _CAN_MOVE or not self._written or not _each_id_once(parts):
+            return every, []
+        whole: _Rows = []
+        moves: _Rows = []
+        for account, record in every:
+            written = self._written.get(account)
+            before = written.get(record.id) if written else None
+            if before is not None and only_moved(before, record):
+                moves.append((account, record))
+            else:
+                whole.append((account, record))
+        return whole, moves
+
+    def _remember(self, parts: Sequence[tuple[str, Sequence[TrackedMessage]]]) -> None:
+        """Keep the in-flight snapshots just committed; forget the settled ones."""
+        for account, records in parts:
+            written = self._written.setdefault(account, {})
+            for record in records:
+                state = record.state  # identity: an Enum's hash is Python code
+                if state is _SENT or state is _RESENT or state is _HIBERNATED:
+                    written[record.id] = record
+                else:
+                    written.pop(record.id, None)
+
+    def forget(self, account: str, message_id: str) -> None:
+        """The record was deleted: its next upsert writes it whole. (Without this the
+        move would find no row, and fall back to that, at the price of a statement.)"""
+        written = self._written.get(account)
+        if written is not None:
+            written.pop(message_id, None)
 
     # ---------------------------------------------------------------- closing
 
@@ -245,6 +301,7 @@ class Engine:
                 self._timer = None
             async with self._lock:
                 self.closed = True
+                self._written.clear()
                 db, self._db = self._db, None
                 try:
                     if db is not None:
@@ -256,3 +313,33 @@ class Engine:
     def error(self, what: str, exc: BaseException | None = None) -> StoreError:
         """A StoreError naming the file."""
         return self.file.error(what, exc)
+
+
+def _each_id_once(parts: Sequence[tuple[str, Sequence[TrackedMessage]]]) -> bool:
+    ids: dict[str, set[str]] = {}
+    count: dict[str, int] = {}
+    for account, records in parts:
+        ids.setdefault(account, set()).update([record.id for record in records])
+        count[account] = count.get(account, 0) + len(records)
+    return all(len(ids[account]) == n for account, n in count.items())
+
+
+async def _upsert(db: aiosqlite.Connection, rows: _Rows) -> None:
+    """Insert or replace ``rows`` whole, in order, :data:`ROWS_PER_UPSERT` a statement.
+
+    The rows are built lazily in the worker thread, inside the transaction, so an
+    exception from any record (or the process dying) leaves none of the batch behind.
+    """
+    bound = ((account, *bound_row_of(record)) for account, record in rows)
+    for n, runs in upsert_runs(bound, len(rows)):
+        await db.executemany(UPSERT_ROWS[n], runs)
+
+
+async def _move(db: aiosqlite.Connection, rows: _Rows) -> int:
+    """Write the new state and time of ``rows``; how many rows changed."""
+    bound = (move_of(account, record) for account, record in rows)
+    changed = 0
+    for n, runs in upsert_runs(bound, len(rows)):
+        cursor = await db.executemany(MOVE_ROWS[n], runs)
+        changed += cursor.rowcount
+    return changed
