@@ -217,11 +217,11 @@ _values = st.tuples(
 
 @given(_values)
 def test_the_fast_snapshot_builder_makes_exactly_the_dataclass(values: tuple[Any, ...]) -> None:
-    # records.build_record fills the slots directly for speed: it must be indistinguishable
-    # from the dataclass constructor, and the snapshot must stay frozen.
+    # records.build_record fills a twin's slots and then makes it a TrackedMessage, for
+    # speed: it must be indistinguishable from the dataclass constructor, and frozen.
     built, constructed = build_record(*values), TrackedMessage(*values)
-    assert built == constructed
-    assert type(built) is TrackedMessage
+    assert built == constructed and hash(built) == hash(constructed)
+    assert type(built) is TrackedMessage and repr(built) == repr(constructed)
     assert [getattr(built, f.name) for f in fields(TrackedMessage)] == list(values)
     with pytest.raises(FrozenInstanceError):
         built.state = DeliveryState.FAILED  # type: ignore[misc]

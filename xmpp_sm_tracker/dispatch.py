@@ -34,10 +34,16 @@ class TrackerEvents(AsyncIOEventEmitter):
 
     def has_listeners(self, event: str) -> bool:
         """Like ``bool(listeners(event))`` without copying the list under a lock."""
-        events = getattr(self, "_events", None)  # pyee's table; if it ever goes, ask it
-        if not isinstance(events, dict):
+        table = self.listener_table()
+        if table is None:
             return bool(self.listeners(event))
-        return bool(events.get(event))
+        return bool(table.get(event))
+
+    def listener_table(self) -> dict[str, Any] | None:
+        """pyee's live table of listeners by event name, to look up many events in
+        (None if this pyee keeps none: then ask :meth:`has_listeners`)."""
+        events = getattr(self, "_events", None)
+        return events if isinstance(events, dict) else None
 
 
 class EventsOut:
@@ -89,6 +95,10 @@ class EventsOut:
         # Asked once per batch: handles are made only by awaited calls, never while
         # events go out (a weak dictionary's len() costs a Python call per event).
         watched = bool(handles)
+        # Looked up per event (a listener added by a handler hears the next one), in
+        # pyee's live table itself when it has one: a method call per event costs more.
+        table = pyee.listener_table()
+        listens = pyee.has_listeners if table is None else table.get
         for event in events:
             payload = event.payload
             if isinstance(payload, TrackedMessage):
@@ -117,7 +127,7 @@ class EventsOut:
                 # A stanza again only for someone who listens (parsed from its text).
                 if not (
                     handled(name)
-                    or pyee.has_listeners(name)
+                    or listens(name)
                     or (name is STANZA_ACKED and handled("stanza_acked"))
                 ):
                     continue
@@ -133,7 +143,7 @@ class EventsOut:
                     xmpp.event(name, payload)
             elif handled(name):
                 xmpp.event(name, payload)
-            if pyee.has_listeners(name):
+            if listens(name):
                 pyee.emit(name, payload)
 
     def compact(self, stanza: Payload, text: str) -> Payload:

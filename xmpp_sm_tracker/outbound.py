@@ -52,9 +52,10 @@ def _refuse_lone_surrogates(xml: ET.Element) -> None:
         if tail:
             texts.append(tail)
         texts += element.attrib.values()
-    # One search over all of it (joined halves stay two code points in Python):
-    # every message passes here, and hardly any has one.
-    if _LONE_SURROGATE.search("".join(texts)) is None:
+    # One look over all of it (joined halves stay two code points in Python): every
+    # message passes here, and hardly any has one; most are ASCII, which has none.
+    joined = "".join(texts)
+    if joined.isascii() or _LONE_SURROGATE.search(joined) is None:
         return
     for element in xml.iter():
         tag = element.tag.rpartition("}")[2]

@@ -11,7 +11,6 @@ keep their object.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, TypeAlias
 from xml.etree import ElementTree as ET
 
@@ -24,11 +23,19 @@ from .core.ledger import Entry
 __all__ = ["Payload", "SentText", "as_stanza", "entry_text", "wire_text"]
 
 
-@dataclass(frozen=True, slots=True)
 class SentText:
-    """A tracked message as it was written (with the stream's namespace declared)."""
+    """A tracked message as it was written (with the stream's namespace declared).
 
-    text: str
+    A plain slotted class, never changed once made: one is made per message, and a
+    frozen dataclass's ``__init__`` goes through ``object.__setattr__``."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return f"SentText({self.text!r})"
 
 
 #: A ledger entry's payload in the plugin.
