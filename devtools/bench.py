@@ -86,6 +86,8 @@ from .bench_fleet import (
     recover_run,
     store_changes_run,
 )
+from .bench_instructions import VARIANTS as INSTRUCTION_VARIANTS
+from .bench_instructions import instructions_run, valgrind
 from .bench_wire import SCALE_OPS, scale_run
 
 __all__ = [
@@ -134,6 +136,7 @@ PARTS = (
     "throughput",
     "latency",
     "scale",
+    "instructions",
     "resume",
     "memory",
     "durable",
@@ -209,6 +212,8 @@ class BenchConfig:
     scale: tuple[int, ...] = (1000, 10_000)
     #: Messages timed per operation at each of those sizes.
     scale_batch: int = 1000
+    #: Messages sent and acked in each instruction count (valgrind, in process).
+    instruction_messages: int = 2000
     #: Durable sends (``tracker.send_message``) while nothing is acked.
     durable_sends: int = 4000
     #: Accounts in the fleet run (one process, one shared store) and messages each sends.
@@ -231,6 +236,7 @@ class BenchConfig:
             latency_wait=0.5,
             scale=(1000,),
             scale_batch=200,
+            instruction_messages=200,
             durable_sends=200,
             fleet_accounts=20,
             fleet_messages=5,
@@ -252,6 +258,7 @@ class BenchConfig:
             "latency_samples",
             "bare_latency_samples",
             "scale_batch",
+            "instruction_messages",
             "durable_sends",
             "fleet_accounts",
             "fleet_messages",
@@ -1215,6 +1222,7 @@ async def run_bench(
         "cpu": [],
         "latency": [],
         "scale": [],
+        "instructions": [],
         "resume": [],
         "prosody": [],
         "memory": [],
@@ -1233,6 +1241,8 @@ async def run_bench(
         profile = await _live_parts(config, base_dir, workdir, runs, have_sqlite, say)
     if "scale" in config.parts:
         await _scale_parts(config, workdir, runs, have_sqlite, say)
+    if "instructions" in config.parts:
+        await _instruction_parts(config, workdir, runs, have_sqlite, say)
     if "sqlite" in config.parts and have_sqlite:
         await _sqlite_parts(config, workdir, runs, say)
     if {"postgres", "fleet"} & set(config.parts):
@@ -1372,6 +1382,25 @@ async def _scale_parts(
                     store = store_class(workdir / f"scale{n}-{i}.sqlite")
                 run = await scale_run(variant, n, config.scale_batch, store, say)
                 runs["scale"].append(run)
+
+
+async def _instruction_parts(
+    config: BenchConfig,
+    workdir: Path,
+    runs: dict[str, list[dict[str, Any]]],
+    have_sqlite: bool,
+    say: Progress,
+) -> None:
+    """Instructions per message sent and acked, once per variant: they do not vary."""
+    if valgrind() is None:
+        say("instructions: valgrind is not installed (apt-get install valgrind)")
+        return
+    for variant in INSTRUCTION_VARIANTS:
+        if variant == "sqlite" and not have_sqlite:
+            continue
+        run = await instructions_run(variant, config.instruction_messages, workdir)
+        runs["instructions"].append(run)
+        say(f"instructions {variant:<8}: {run['per_message']:,.0f} a message")
 
 
 async def _sqlite_parts(
@@ -1553,6 +1582,7 @@ def _metrics(
                 _at_most(ceiling),
                 part="throughput",
             )
+    _instruction_cells(runs["instructions"], cell)
     row = "sm.cache calls per 1 000 stanzas under load"
     for v in ("memory", "sqlite"):
         samples = [
@@ -1763,6 +1793,31 @@ def _latency_cells(config: BenchConfig, runs: list[dict[str, Any]], cell: _Cell)
                 cell(key, row, columns, "ms", ms, target, check, part="latency", value=value)
 
 
+def _instruction_cells(runs: list[dict[str, Any]], cell: _Cell) -> None:
+    """Instructions per message, and the tracker's against bare with the same stanzas."""
+    note = "" if runs or valgrind() is not None else "valgrind not installed"
+    per = {r["variant"]: float(r["per_message"]) for r in runs}
+    row = "alice CPU instructions per message sent and acked (valgrind, in process)"
+    for v in INSTRUCTION_VARIANTS:
+        samples = [per[v]] if v in per else []
+        cell(f"instructions.{v}", row, v, "instr", samples, part="instructions", note=note)
+    row = "alice CPU instructions × bare with the same stanzas"
+    base = per.get("bare_oid")
+    for v, ceiling in (("memory", 1.25), ("sqlite", 1.5)):
+        samples = [per[v] / base] if v in per and base else []
+        cell(
+            f"instructions_ratio.{v}",
+            row,
+            v,
+            "×",
+            samples,
+            f"≤ {ceiling:.2f}",
+            _at_most(ceiling),
+            part="instructions",
+            note=note,
+        )
+
+
 def _scale_cells(config: BenchConfig, runs: list[dict[str, Any]], cell: _Cell) -> None:
     """CPU per message of each operation at each number in flight, and one sm.cache call."""
     for op in ("fill", *SCALE_OPS, "sm_state"):
@@ -1806,7 +1861,8 @@ def _setup_line(config: dict[str, Any]) -> str:
         f"lone messages: {config['latency_samples']} per tracked setting, "
         f"{config['bare_latency_samples']} bare, measured once; per-message costs in "
         f"process (no server) at {scale} in flight, {config['scale_batch']} timed after "
-        "a gc.collect()"
+        f"a gc.collect(); instructions: {config['instruction_messages']} messages sent and "
+        "acked in process, counted by valgrind (cachegrind)"
     )
 
 

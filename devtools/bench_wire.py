@@ -28,7 +28,7 @@ from slixmpp.xmlstream import ET
 
 from xmpp_sm_tracker.testing.client import tracker_of
 
-__all__ = ["SCALE_OPS", "scale_run"]
+__all__ = ["SCALE_OPS", "scale_run", "send_and_ack"]
 
 #: What a scale run measures, per message: in the table's order.
 SCALE_OPS = ("send", "ack", "reflection", "resume")
@@ -281,6 +281,22 @@ async def scale_run(
                 )
             )
         return result
+    finally:
+        await wire.aclose()
+
+
+async def send_and_ack(variant: str, n: int, warmup: int, store: Any = None) -> None:
+    """``warmup`` messages sent and acked, then ``n`` more: the work whose cost the
+    instruction counts (``bench_instructions``) take per message."""
+    wire = _Wire(variant)
+    try:
+        await wire.start(store)
+        await wire.send(warmup, "warm")
+        await wire.ack(warmup)
+        gc.collect()
+        if n:
+            await wire.send(n, "timed")
+            await wire.ack(n)
     finally:
         await wire.aclose()
 

@@ -33,6 +33,8 @@ def expected_metrics(config: BenchConfig) -> set[str]:
             keys |= {f"scale.{op}.{n}.{v}" for v in ("bare", *TRACKED)}
         for op in ("reflection", "resume", "sm_state"):
             keys |= {f"scale.{op}.{n}.{v}" for v in TRACKED}
+    keys |= {f"instructions.{v}" for v in ALL4}
+    keys |= {f"instructions_ratio.{v}" for v in TRACKED}
     keys |= {f"memory.{v}" for v in ("bare", *TRACKED)}
     keys |= {f"memory.over_bare.{v}" for v in TRACKED}
     keys |= {"durable.cache_calls", "durable.entries", "durable.first_ms", "durable.last_ms"}
@@ -106,6 +108,13 @@ def test_quick_bench_measures_everything_and_loses_nothing(
         if run["variant"] != "bare":  # every resent one acked, every reflection matched
             assert run["resumed"] == run["in_flight"]
             assert run["unreflected_after"] == run["in_flight"] - run["batch"]
+    # valgrind counted each variant once; a variant that does more per message counts
+    # more (a count of the start-up alone, or of the wrong run, would not).
+    counted = {run["variant"]: run["per_message"] for run in result["runs"]["instructions"]}
+    assert sorted(counted) == sorted(ALL4 if have_sqlite else ALL4[:3])
+    assert 0 < counted["bare"] < counted["bare_oid"] < counted["memory"]  # origin-id, tracking
+    if have_sqlite:
+        assert counted["memory"] < counted["sqlite"]  # and the rows it writes
     for run in result["runs"]["durable"]:
         assert run["unacked_after"] >= config.durable_sends  # nothing acked meanwhile
     for name in ("sqlite", "postgres"):
@@ -151,6 +160,7 @@ def test_unknown_parts_are_refused() -> None:
         "throughput",
         "latency",
         "scale",
+        "instructions",
         "resume",
         "memory",
         "durable",
