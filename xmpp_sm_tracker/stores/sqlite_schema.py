@@ -264,6 +264,7 @@ NEWEST_FIRST: Final = "ORDER BY created_at DESC, COALESCE(seq, 0) DESC, rowid DE
 IS_IN_FLIGHT: Final = "(state = 'hibernated' OR state = 'resent' OR state = 'sent')"
 IS_FAILED: Final = "state = 'failed'"
 _STATES: Final = {state.value: state for state in DeliveryState}
+_TEXT_OF: Final = {state: state.value for state in DeliveryState}  # .value is a Python call
 MAX_LIMIT: Final = 2**63 - 1  # SQLite's largest integer
 
 
@@ -296,7 +297,7 @@ def bound_row_of(record: TrackedMessage) -> tuple[Any, ...]:
         record.conversation,
         record.type,
         record.body,
-        record.state.value,
+        _TEXT_OF[record.state],
         record.xml,
         record.created_at,
         record.updated_at,
@@ -311,7 +312,7 @@ def bound_row_of(record: TrackedMessage) -> tuple[Any, ...]:
 
 def move_of(account: str, record: TrackedMessage) -> tuple[str, str, str, float]:
     """The parameters of one row of :data:`MOVE_ROWS`."""
-    return (account, record.id, record.state.value, record.updated_at)
+    return (account, record.id, _TEXT_OF[record.state], record.updated_at)
 
 
 def only_moved(before: TrackedMessage, after: TrackedMessage) -> bool:
