@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from ..core.records import TrackedMessage
-from ..core.states import IN_FLIGHT, DeliveryState
+from ..core.states import IN_FLIGHT
 from .base import StoreError
 from .sqlite_file import DatabaseFile, forget_connection, rollback
 from .sqlite_schema import (
@@ -38,9 +38,6 @@ _T = TypeVar("_T")
 _Rows = list[tuple[str, TrackedMessage]]
 #: ``UPDATE ... FROM`` (for :data:`MOVE_ROWS`) came with SQLite 3.33.
 _CAN_MOVE = sqlite3.sqlite_version_info >= (3, 33, 0)
-_SENT, _RESENT, _HIBERNATED = DeliveryState.SENT, DeliveryState.RESENT, DeliveryState.HIBERNATED
-if {_SENT, _RESENT, _HIBERNATED} != IN_FLIGHT:  # pragma: no cover
-    raise ImportError("sqlite_engine's in-flight states no longer match IN_FLIGHT")
 
 
 def _new_future() -> asyncio.Future[None]:
@@ -276,8 +273,7 @@ class Engine:
         for account, records in parts:
             written = self._written.setdefault(account, {})
             for record in records:
-                state = record.state  # identity: an Enum's hash is Python code
-                if state is _SENT or state is _RESENT or state is _HIBERNATED:
+                if record.state in IN_FLIGHT:
                     written[record.id] = record
                 else:
                     written.pop(record.id, None)
@@ -316,6 +312,7 @@ class Engine:
 
 
 def _each_id_once(parts: Sequence[tuple[str, Sequence[TrackedMessage]]]) -> bool:
+    """True when no account has the same id twice among ``parts``."""
     ids: dict[str, set[str]] = {}
     count: dict[str, int] = {}
     for account, records in parts:
