@@ -276,7 +276,7 @@ def row_of(record: TrackedMessage) -> tuple[Any, ...]:
         record.conversation,
         record.type,
         record.body,
-        record.state.value,
+        _TEXT_OF[record.state],
         record.xml,
         record.created_at,
         record.updated_at,
@@ -291,18 +291,7 @@ def bound_row_of(record: TrackedMessage) -> tuple[Any, ...]:
     """:func:`row_of` as :data:`UPSERT_ROWS` binds it: never a None (see ``_NULLABLE``)."""
     reason, seq = record.reason, record.seq
     return (
-        record.id,
-        record.origin_id,
-        record.to,
-        record.conversation,
-        record.type,
-        record.body,
-        _TEXT_OF[record.state],
-        record.xml,
-        record.created_at,
-        record.updated_at,
-        int(record.via_carbon),
-        record.attempts,
+        *row_of(record)[:-2],
         0 if reason is None else 1,  # an int: a bool, too, goes through the adapters
         "" if reason is None else reason,
         0 if seq is None else 1,
