@@ -197,3 +197,45 @@ async def test_a_tracker_that_let_go_neither_fails_nor_resumes_what_it_held(
             alice.disconnect(wait=0.5)
             await asyncio.sleep(0.2)
             await store.aclose()
+
+
+async def test_an_owner_acks_no_more_than_its_saved_state_so_the_heir_still_resumes(
+    server: LocalXMPPServer, dsn: str
+) -> None:
+    """A stanza comes in and the server asks for an ack just before the lease goes: the
+    <a h> must not count it before sm.cache has saved it, or the heir resumes with an h
+    below what the server saw and Prosody refuses ("acknowledged less stanzas")."""
+    bob = make_client("bob@localhost/poker", "pass", tracked=False)
+    await connect_client(bob, server.address)
+    alice = make_client("alice@localhost/first", "pass", tracker_config={"ack_delay": 0.05})
+    tracker = tracker_of(alice)
+    store = PostgresStore(dsn, account="alice@localhost", lease_ttl=LEASE_TTL)
+    successor = PostgresStore(dsn, account="alice@localhost", lease_ttl=LEASE_TTL)
+    await tracker.attach(store)
+    tracker.sm.cache(store.save_sm_state)
+    await connect_client(alice, server.address)
+    await wait_for(lambda: tracker.managed and tracker.sm.calls > 0)
+    await tracker.flush()
+    conn = await asyncpg.connect(dsn)
+    heir = make_client("alice@localhost/heir", "pass")
+    try:
+        handled = tracker.core.session.handled
+        await asyncio.sleep(0.3)  # the next save waits cache_interval after this one
+        bob.send_message(mto="alice@localhost/first", mbody="stray")
+        await wait_for(lambda: tracker.core.session.handled > handled, interval=0.001)
+        await conn.execute(f"UPDATE {LEASES} SET owner = 'standby', token = token + 1")
+        await wait_for(lambda: tracker.link_phase is LinkPhase.CLOSED, timeout=LEASE_TTL * 2)
+        await successor.take_over(timeout=10)
+        heir_tracker = tracker_of(heir)
+        await heir_tracker.attach(successor)
+        heir_tracker.sm.load(await successor.load_sm_state())
+        heir.connect(*server.address)
+        await wait_for(lambda: heir_tracker.managed, timeout=10)
+        assert heir.boundjid.resource == "first"  # resumed, not a fresh session
+    finally:
+        await conn.close()
+        heir.disconnect(wait=0.5)
+        bob.disconnect(wait=0.5)
+        await asyncio.sleep(0.2)
+        await successor.aclose()
+        await store.aclose()

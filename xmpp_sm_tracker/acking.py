@@ -34,8 +34,14 @@ class AckDriver:
         ctx: Context,
         clock: AckClock,
         on_protocol_error: Callable[[SMProtocolError], None],
+        durable: Callable[[str | None, int], int] = lambda _stream, handled: handled,
     ) -> None:
         self._ctx = ctx
+        #: The most an ``<a h>`` may say: what a next process resuming from the saved SM
+        #: state would say (an ``h`` below one the server has seen makes it refuse the
+        #: resumption: Prosody answers <failed/> "acknowledged less stanzas").
+        self._durable = durable
+        self._owed = False  # an <a/> said less than handled: say more once it is saved
         #: When to ask, and when silence means the link is dead (sans-I/O).
         self.clock = clock
         self._on_protocol_error = on_protocol_error
@@ -168,11 +174,27 @@ class AckDriver:
         self.clock.heard(self._ctx.now)
         self.send_ack()
 
-    def send_ack(self) -> None:
+    def send_ack(self, *, final: bool = False) -> None:
+        """``<a h>``: what we handled, or (while ``sm.cache`` is on) at most what the
+        saved state holds, the rest once it is saved. ``final``: the stream ends and
+        nothing will resume it, so all of it (what we do not ack, the server delivers
+        again)."""
         ctx = self._ctx
         if ctx.xmpp.transport is None or not ctx.core.counting_in:
             return
-        ctx.xmpp.send_raw(stanzas.ack(ctx.core.session.handled))
+        session = ctx.core.session
+        h = session.handled
+        if session.can_resume and not final:
+            h = self._durable(session.sm_id, h)
+        self._owed = h != session.handled
+        if self._owed:
+            ctx.state_changed()  # the <a/> it owes goes out once this state is saved
+        ctx.xmpp.send_raw(stanzas.ack(h))
+
+    def state_saved(self) -> None:
+        """``sm.cache`` took a state: an ``<a/>`` that said less than handled says more."""
+        if self._owed:
+            self.send_ack()
 
     def ack_before_footer(self) -> None:
         """Our last ``<a/>`` goes right before ``</stream:stream>`` (XEP-0198 §4), not
@@ -185,7 +207,7 @@ class AckDriver:
             if data == footer:
                 if xmpp.send_raw is send_raw:
                     xmpp.send_raw = write
-                self.send_ack()
+                self.send_ack(final=True)
             write(data)
 
         xmpp.send_raw = send_raw

@@ -160,7 +160,10 @@ class SMTracker(BasePlugin):  # type: ignore[misc]
             stats=self._stats,
         )
         self._ctx = ctx
-        self._acks = AckDriver(ctx, ack_clock, lambda exc: self._session.protocol_error(exc))
+        self._acks = AckDriver(
+            ctx, ack_clock, lambda exc: self._session.protocol_error(exc), self.sm.ackable
+        )
+        self.sm.on_saved = self._acks.state_saved
         #: Every stanza's verdict as it is written, and what is held back (sans-I/O).
         self.outbox: Outbox[StanzaBase] = Outbox()
         self.resender = Resender(_ResendHost(self))

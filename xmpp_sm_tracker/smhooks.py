@@ -65,6 +65,23 @@ class SMStateHooks:
         #: How many times ``fn`` ran, and how many of those raised.
         self.calls = 0
         self.errors = 0
+        #: (stream id, handled) of the state last loaded or handed to ``fn`` without an
+        #: error: the most a next process can resume with, so the most ``<a h>`` may say.
+        self.durable: tuple[str, int] | None = None
+        #: Called after ``fn`` took a state (an ``<a/>`` held back may go out now).
+        self.on_saved: Callable[[], None] | None = None
+
+    def ackable(self, stream_id: str | None, handled: int) -> int:
+        """The ``h`` an ``<a/>`` on a resumable stream may say: with ``fn`` set, no more
+        than the state saved last holds, or a next process (after a SIGKILL, or a lease
+        lost before this one heard of it) would resume with an ``h`` below what the
+        server saw, and the server refuses that: a fresh session, not a resumption."""
+        if self._fn is None:
+            return handled
+        durable = self.durable
+        if durable is None or durable[0] != stream_id:
+            return 0  # nothing of this stream saved yet (<enabled/> is saved at once)
+        return min(handled, durable[1])
 
     def load(self, state: SMState | None) -> None:
         """Restore a saved state before ``connect()``; None keeps a fresh session.
@@ -74,6 +91,7 @@ class SMStateHooks:
         """
         if state is not None:
             self._load(state)
+            self.durable = _durable(state)
 
     def cache(self, fn: CacheFn | None) -> None:
         """Call ``fn(state)`` (sync or async) on every change; None stops caching."""
@@ -141,6 +159,9 @@ class SMStateHooks:
             asyncio.get_running_loop().call_later(self.retry_delay, self.changed)
             return
         self._last_sent = state
+        self.durable = _durable(state)
+        if self.on_saved is not None:
+            self.on_saved()
 
     async def flush(self) -> None:
         """Wait until ``fn`` has seen the latest state (without waiting ``min_interval``)."""
@@ -149,3 +170,12 @@ class SMStateHooks:
             if self._task is None:
                 self._task = asyncio.ensure_future(self._run())
             await asyncio.shield(self._task)
+
+
+def _durable(state: SMState | None) -> tuple[str, int] | None:
+    if not isinstance(state, dict):
+        return None
+    stream_id, handled = state.get("stream_id"), state.get("handled")
+    if isinstance(stream_id, str) and isinstance(handled, int):
+        return stream_id, handled
+    return None
