@@ -173,6 +173,7 @@ class SMStateHooks:
 
 
 def _durable(state: SMState | None) -> tuple[str, int] | None:
+    """(stream id, handled) of a state this library exported; None for anything else."""
     if not isinstance(state, dict):
         return None
     stream_id, handled = state.get("stream_id"), state.get("handled")
