@@ -140,10 +140,9 @@ _FIELDS = (
     "id", "origin_id", "to", "type", "body", "state", "xml", "created_at", "updated_at",
     "via_carbon", "attempts", "reason", "seq",
 )  # fmt: skip
-if tuple(f.name for f in fields(TrackedMessage)) != _FIELDS or TrackedMessage.__slots__ != _FIELDS:
-    raise ImportError(
-        "records._FIELDS no longer matches TrackedMessage's fields"
-    )  # pragma: no cover
+_DATACLASS_FIELDS = tuple(f.name for f in fields(TrackedMessage))
+if not TrackedMessage.__slots__ == _FIELDS == _DATACLASS_FIELDS:  # pragma: no cover
+    raise ImportError("records._FIELDS no longer matches TrackedMessage's fields and slots")
 
 
 class _Draft:
