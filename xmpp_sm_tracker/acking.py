@@ -34,7 +34,7 @@ class AckDriver:
         ctx: Context,
         clock: AckClock,
         on_protocol_error: Callable[[SMProtocolError], None],
-        durable: Callable[[str | None, int], int] = lambda _stream, handled: handled,
+        durable: Callable[[str | None, int], int],
     ) -> None:
         self._ctx = ctx
         #: The most an ``<a h>`` may say: what a next process resuming from the saved SM
