@@ -128,6 +128,15 @@ async def test_synchronous_is_normal(tmp_path: Path) -> None:
             assert await cursor.fetchone() == (1,)  # NORMAL
 
 
+async def test_statement_journals_stay_in_memory(tmp_path: Path) -> None:
+    """A batch's statement journals would otherwise be written to a temporary file."""
+    async with SQLiteStore(tmp_path / "t.sqlite") as store:
+        db = store._engine.connection
+        assert db is not None
+        async with db.execute("PRAGMA temp_store") as cursor:
+            assert await cursor.fetchone() == (2,)  # MEMORY
+
+
 # ------------------------------------------------------------------ privacy
 
 
