@@ -310,11 +310,11 @@ async def test_a_batch_failing_half_way_leaves_none_of_it(
     real_row = sqlite_engine.bound_row_of
     seen: list[str] = []
 
-    def row_that_breaks_on_m3(r: TrackedMessage) -> tuple[Any, ...]:
+    def row_that_breaks_on_m3(account: str, r: TrackedMessage) -> tuple[Any, ...]:
         seen.append(r.id)  # proves m1 and m2 were already bound in the transaction
         if r.id == "m3":
             raise RuntimeError("crash in the middle of the batch")
-        return real_row(r)
+        return real_row(account, r)
 
     async with SQLiteStore(path) as store:
         await store.upsert([record(0)])
@@ -364,7 +364,7 @@ async def test_a_batch_of_many_statements_lands_whole_and_in_order(tmp_path: Pat
 @pytest.mark.parametrize(
     ("statements", "per_row"),
     [
-        (sqlite_schema.UPSERT_ROWS, 1 + len(sqlite_schema.bound_row_of(record(1)))),
+        (sqlite_schema.UPSERT_ROWS, len(sqlite_schema.bound_row_of("", record(1)))),
         (sqlite_schema.MOVE_ROWS, len(sqlite_schema.move_of("", record(1)))),
     ],
     ids=["upsert", "move"],

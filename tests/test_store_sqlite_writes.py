@@ -180,8 +180,21 @@ def test_no_value_is_bound_as_none() -> None:
     # The sqlite3 module looks every None (and bool) up in its adapters, raising and
     # clearing an AttributeError each time: the rows it binds hold neither.
     bare = record(1, S.FAILED, reason=None, seq=None)
-    for values in (sqlite_schema.bound_row_of(bare), sqlite_schema.move_of("", bare)):
+    for values in (sqlite_schema.bound_row_of("", bare), sqlite_schema.move_of("", bare)):
         assert all(type(v) in (str, int, float) for v in values), values
+
+
+@pytest.mark.parametrize(("reason", "seq"), [(None, None), ("cancel:gone", 7), ("", 0)])
+def test_a_bound_row_holds_the_values_of_a_row(reason: str | None, seq: int | None) -> None:
+    # bound_row_of spells the columns out for speed: it must not drift from row_of.
+    message = record(1, S.FAILED, reason=reason, seq=seq)
+    account, *values, reason_set, reason_text, seq_set, seq_value = sqlite_schema.bound_row_of(
+        "acct", message
+    )
+    assert account == "acct"
+    assert (*values, reason_text if reason_set else None, seq_value if seq_set else None) == (
+        sqlite_schema.row_of(message)
+    )
 
 
 async def test_writing_a_row_opens_no_temporary_table(tmp_path: Path) -> None:

@@ -254,18 +254,18 @@ class Engine:
         them). The moves are written after the rest: with each id once in the
         transaction their order does not matter; an id that comes twice makes every
         record of it a whole row, written in order (a later copy wins)."""
-        every = [(account, record) for account, records in parts for record in records]
         if not _CAN_MOVE or not self._written or not _each_id_once(parts):
-            return every, []
+            return [(account, record) for account, records in parts for record in records], []
         whole: _Rows = []
         moves: _Rows = []
-        for account, record in every:
-            written = self._written.get(account)
-            before = written.get(record.id) if written else None
-            if before is not None and only_moved(before, record):
-                moves.append((account, record))
-            else:
-                whole.append((account, record))
+        for account, records in parts:
+            written = self._written.get(account, {})
+            for record in records:
+                before = written.get(record.id)
+                if before is not None and only_moved(before, record):
+                    moves.append((account, record))
+                else:
+                    whole.append((account, record))
         return whole, moves
 
     def _remember(self, parts: Sequence[tuple[str, Sequence[TrackedMessage]]]) -> None:
@@ -327,7 +327,7 @@ async def _upsert(db: aiosqlite.Connection, rows: _Rows) -> None:
     The rows are built lazily in the worker thread, inside the transaction, so an
     exception from any record (or the process dying) leaves none of the batch behind.
     """
-    bound = ((account, *bound_row_of(record)) for account, record in rows)
+    bound = (bound_row_of(account, record) for account, record in rows)
     for n, runs in upsert_runs(bound, len(rows)):
         await db.executemany(UPSERT_ROWS[n], runs)
 

@@ -287,11 +287,26 @@ def row_of(record: TrackedMessage) -> tuple[Any, ...]:
     )
 
 
-def bound_row_of(record: TrackedMessage) -> tuple[Any, ...]:
-    """:func:`row_of` as :data:`UPSERT_ROWS` binds it: never a None (see ``_NULLABLE``)."""
+def bound_row_of(account: str, record: TrackedMessage) -> tuple[Any, ...]:
+    """One row of :data:`UPSERT_ROWS`: the account, then :func:`row_of`'s values with
+    the nullable ones as a flag and a value, never a None (see ``_NULLABLE``). Spelled
+    out, not built from row_of: it runs in the worker thread for every row written,
+    and each tuple it saves is one less for the garbage collector to count."""
     reason, seq = record.reason, record.seq
     return (
-        *row_of(record)[:-2],
+        account,
+        record.id,
+        record.origin_id,
+        record.to,
+        record.conversation,
+        record.type,
+        record.body,
+        _TEXT_OF[record.state],
+        record.xml,
+        record.created_at,
+        record.updated_at,
+        int(record.via_carbon),
+        record.attempts,
         0 if reason is None else 1,  # an int: a bool, too, goes through the adapters
         "" if reason is None else reason,
         0 if seq is None else 1,
