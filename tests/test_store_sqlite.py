@@ -120,21 +120,21 @@ async def test_no_call_scans_or_sorts_the_table(tmp_path: Path) -> None:
         assert "INDEX" in plan and "TEMP B-TREE" not in plan, (query, plan)
 
 
-async def test_synchronous_is_normal(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("pragma", "value"),
+    [
+        # NORMAL: with WAL, no fsync per commit; only a power cut can undo the last ones.
+        ("synchronous", 1),
+        # MEMORY: a 50-row statement's journal would otherwise spill to a temporary file.
+        ("temp_store", 2),
+    ],
+)
+async def test_connection_settings(tmp_path: Path, pragma: str, value: int) -> None:
     async with SQLiteStore(tmp_path / "n.sqlite") as store:
         db = store._engine.connection
         assert db is not None
-        async with db.execute("PRAGMA synchronous") as cursor:
-            assert await cursor.fetchone() == (1,)  # NORMAL
-
-
-async def test_statement_journals_stay_in_memory(tmp_path: Path) -> None:
-    """A batch's statement journals would otherwise be written to a temporary file."""
-    async with SQLiteStore(tmp_path / "t.sqlite") as store:
-        db = store._engine.connection
-        assert db is not None
-        async with db.execute("PRAGMA temp_store") as cursor:
-            assert await cursor.fetchone() == (2,)  # MEMORY
+        async with db.execute(f"PRAGMA {pragma}") as cursor:
+            assert await cursor.fetchone() == (value,)
 
 
 # ------------------------------------------------------------------ privacy

@@ -268,29 +268,10 @@ _TEXT_OF: Final = {state: state.value for state in DeliveryState}  # .value is a
 MAX_LIMIT: Final = 2**63 - 1  # SQLite's largest integer
 
 
-def row_of(record: TrackedMessage) -> tuple[Any, ...]:
-    return (
-        record.id,
-        record.origin_id,
-        record.to,
-        record.conversation,
-        record.type,
-        record.body,
-        _TEXT_OF[record.state],
-        record.xml,
-        record.created_at,
-        record.updated_at,
-        int(record.via_carbon),
-        record.attempts,
-        record.reason,
-        record.seq,
-    )
-
-
 def bound_row_of(account: str, record: TrackedMessage) -> tuple[Any, ...]:
-    """One row of :data:`UPSERT_ROWS`: the account, then :func:`row_of`'s values with
-    the nullable ones as a flag and a value, never a None (see ``_NULLABLE``). Spelled
-    out, not built from row_of: it runs in the worker thread for every row written,
+    """One row of :data:`UPSERT_ROWS`: the account, then the record's values in
+    :data:`FIELDS` order with the nullable ones as a flag and a value, never a None
+    (see ``_NULLABLE``). One tuple: it runs in the worker thread for every row written,
     and each tuple it saves is one less for the garbage collector to count."""
     reason, seq = record.reason, record.seq
     return (
@@ -312,6 +293,12 @@ def bound_row_of(account: str, record: TrackedMessage) -> tuple[Any, ...]:
         0 if seq is None else 1,
         0 if seq is None else seq,
     )
+
+
+def row_of(record: TrackedMessage) -> tuple[Any, ...]:
+    """The record's values in :data:`FIELDS` order (None for no reason, no seq)."""
+    _, *values, reason_set, reason, seq_set, seq = bound_row_of("", record)
+    return (*values, reason if reason_set else None, seq if seq_set else None)
 
 
 def move_of(account: str, record: TrackedMessage) -> tuple[str, str, str, float]:
