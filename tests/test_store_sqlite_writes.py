@@ -186,7 +186,8 @@ def test_no_value_is_bound_as_none() -> None:
 
 @pytest.mark.parametrize(("reason", "seq"), [(None, None), ("cancel:gone", 7), ("", 0)])
 def test_a_row_holds_the_record_in_column_order(reason: str | None, seq: int | None) -> None:
-    message = record(1, S.FAILED, reason=reason, seq=seq)
+    # A full JID, so that recipient and conversation differ.
+    message = record(1, S.FAILED, to="bob@example.org/phone", reason=reason, seq=seq)
     assert sqlite_schema.row_of(message) == (
         message.id,
         message.origin_id,
