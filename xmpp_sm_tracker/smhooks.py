@@ -21,7 +21,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .core.smstate import SMStateError
+from .core.smstate import SMStateError, resume_point
 from .stores.base import LeaseLost, SMState
 
 __all__ = ["CacheFn", "SMStateError", "SMStateHooks"]
@@ -91,7 +91,7 @@ class SMStateHooks:
         """
         if state is not None:
             self._load(state)
-            self.durable = _durable(state)
+            self.durable = resume_point(state)
 
     def cache(self, fn: CacheFn | None) -> None:
         """Call ``fn(state)`` (sync or async) on every change; None stops caching."""
@@ -159,7 +159,7 @@ class SMStateHooks:
             asyncio.get_running_loop().call_later(self.retry_delay, self.changed)
             return
         self._last_sent = state
-        self.durable = _durable(state)
+        self.durable = resume_point(state)
         if self.on_saved is not None:
             self.on_saved()
 
@@ -170,13 +170,3 @@ class SMStateHooks:
             if self._task is None:
                 self._task = asyncio.ensure_future(self._run())
             await asyncio.shield(self._task)
-
-
-def _durable(state: SMState | None) -> tuple[str, int] | None:
-    """(stream id, handled) of a state this library exported; None for anything else."""
-    if not isinstance(state, dict):
-        return None
-    stream_id, handled = state.get("stream_id"), state.get("handled")
-    if isinstance(stream_id, str) and isinstance(handled, int):
-        return stream_id, handled
-    return None

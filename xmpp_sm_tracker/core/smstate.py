@@ -16,7 +16,14 @@ from xml.etree import ElementTree as ET
 
 from .counters import MAX_SEQ, distance
 
-__all__ = ["STATE_VERSION", "RestoredEntry", "RestoredState", "SMStateError", "parse_state"]
+__all__ = [
+    "STATE_VERSION",
+    "RestoredEntry",
+    "RestoredState",
+    "SMStateError",
+    "parse_state",
+    "resume_point",
+]
 
 #: Bumped whenever the layout changes; older layouts get a migration, newer ones an error.
 STATE_VERSION = 1
@@ -107,6 +114,17 @@ def restorable(xml: str) -> str:
     if kind not in RESTORABLE:
         return f"is a <{kind}>, not a message or presence the tracker would resend"
     return ""
+
+
+def resume_point(state: object) -> tuple[str, int] | None:
+    """(stream id, handled) of a state this library exported, read without checking
+    the rest (what a resumption from it would say); None for anything else."""
+    if not isinstance(state, Mapping):
+        return None
+    stream_id, handled = state.get("stream_id"), state.get("handled")
+    if isinstance(stream_id, str) and isinstance(handled, int):
+        return stream_id, handled
+    return None
 
 
 def parse_state(state: object, *, bare_jid: str) -> RestoredState:
