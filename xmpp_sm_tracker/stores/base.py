@@ -21,6 +21,7 @@ __all__ = [
     "SMState",
     "StoreError",
     "TrackerStore",
+    "saved_json",
     "sm_state_of_text",
     "sm_state_text",
 ]
@@ -90,23 +91,28 @@ class LeasedStore(Protocol):
         """Call ``listener(error)`` when the lease is lost."""
 
 
-def sm_state_text(state: SMState, error: Callable[[str, BaseException], StoreError]) -> str:
-    """The SM state as the compact JSON text a store keeps; ``error(what, cause)`` when
-    it is not JSON-safe."""
+def sm_state_text(state: object, error: Callable[[str, BaseException], StoreError]) -> str:
+    """The SM state (or what a store keeps of it) as compact JSON text; ``error(what,
+    cause)`` when it is not JSON-safe."""
     try:
         return json.dumps(state, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise error("the SM state is not JSON-safe", exc) from exc
 
 
+def saved_json(text: str, error: Callable[[str, BaseException | None], StoreError]) -> Any:
+    """What :func:`sm_state_text` wrote, parsed; ``error`` when it is not JSON."""
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise error("the saved SM state is not valid JSON", exc) from exc
+
+
 def sm_state_of_text(
     text: str, error: Callable[[str, BaseException | None], StoreError]
 ) -> SMState:
     """A kept SM state back from its text (a fresh dict); ``error`` when it is not one."""
-    try:
-        state = json.loads(text)
-    except ValueError as exc:
-        raise error("the saved SM state is not valid JSON", exc) from exc
+    state = saved_json(text, error)
     if not isinstance(state, dict):
         raise error("the saved SM state is not a JSON object", None)
     return state

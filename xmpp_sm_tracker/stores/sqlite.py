@@ -23,7 +23,7 @@ from typing import Any, Final
 import aiosqlite
 
 from ..core.records import TrackedMessage
-from .base import OpenClose, SMState, StoreError, sm_state_of_text, sm_state_text
+from .base import OpenClose, SMState, StoreError
 from .sqlite_engine import Engine
 from .sqlite_file import DatabaseFile
 from .sqlite_schema import (
@@ -38,6 +38,7 @@ from .sqlite_schema import (
     Migration,
     record_of,
 )
+from .sqlite_smstate import compact_state_text, state_of_saved_text
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "Migration", "SQLiteDatabase", "SQLiteStore"]
 
@@ -331,9 +332,11 @@ class SQLiteStore(_OnEngine):
             sql = "DELETE FROM sm_state WHERE account = ?"
             await self._delete("forgetting the SM state", sql)
             return
-        text = sm_state_text(state, self.error)
 
         async def keep(db: aiosqlite.Connection) -> int:
+            # Under the transaction: the in-flight rows are what the file holds.
+            rows = self._engine.in_flight_rows(self.account)
+            text = compact_state_text(state, rows, self.error)
             cursor = await db.execute(
                 "INSERT INTO sm_state (account, state) VALUES (?, ?) "
                 "ON CONFLICT(account) DO UPDATE SET state = excluded.state",
@@ -346,7 +349,13 @@ class SQLiteStore(_OnEngine):
     async def load_sm_state(self) -> SMState | None:
         """The SM state saved last (a fresh dict every time), or None."""
         rows = await self._read("SELECT state FROM sm_state WHERE account = ?")
-        return sm_state_of_text(rows[0][0], self.error) if rows else None
+        return await state_of_saved_text(rows[0][0], self._texts, self.error) if rows else None
+
+    async def _texts(self, ids: Sequence[str]) -> dict[str, str]:
+        """id -> the text of those records of ``ids`` that are there."""
+        marks = ", ".join(["?"] * len(ids))
+        sql = f"SELECT id, xml FROM records WHERE account = ? AND id IN ({marks})"
+        return {row[0]: row[1] for row in await self._read(sql, ids)}
 
     async def aclose(self) -> None:
         """Write what is still batched, then close (the file too, when it is this

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -277,6 +277,11 @@ class Engine:
                     written[record.id] = record
                 else:
                     written.pop(record.id, None)
+
+    def in_flight_rows(self, account: str) -> Mapping[str, TrackedMessage]:
+        """id -> the in-flight record last committed for it, of ``account``: read under
+        a transaction of this engine, it is what the file holds."""
+        return self._written.get(account, {})
 
     def forget(self, account: str, message_id: str) -> None:
         """The record was deleted: its next upsert writes it whole. (Without this the
