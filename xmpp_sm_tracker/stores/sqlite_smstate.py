@@ -3,15 +3,18 @@
 Every unacked tracked message is in the records table already, with its text. Saved
 again in the state, that text was most of each hand-over: 5 000 unacked stanzas made
 1.5 MB of JSON (7 ms to encode) written on every ``sm.cache`` call. So an entry whose
-record row is committed, in flight, with the very same text is kept as ``[seq, id]``
-and read back from the row on load. Everything else keeps its text: stanzas without
-a record (presences, chat states), a message whose row is not written yet or holds
-another text, an entry with more or less than ``seq``, ``xml`` and ``id``.
+record row is committed, in flight, with the very same text is left out, and only its
+place, seq and id are kept; on load its text is read back from the row. Everything
+else keeps its text: stanzas without a record (presences, chat states), a message
+whose row is not written yet or holds another text, an entry with more or less than
+``seq``, ``xml`` and ``id``.
 
 A state with references is kept as the JSON array ``[state, references]``, so nothing
-an app saved can pass for one: a state is always a JSON object. An in-flight row is
-only deleted on purpose (``delete``): a reference whose row is gone by the next load
-loses that stanza, and the load says so.
+an app saved can pass for one: a state is always a JSON object. A row rewritten after
+the save (a resend, stamped with its first time) gives its newer text: the same
+message, which receivers deduplicate by its ids. An in-flight row is only deleted on
+purpose (``delete``): a reference whose row is gone by the next load loses that
+stanza, and the load says so.
 """
 
 from __future__ import annotations
