@@ -327,7 +327,9 @@ class SQLiteStore(_OnEngine):
     # ---------------------------------------------------------------- SM state
 
     async def save_sm_state(self, state: SMState | None) -> None:
-        """Keep the SM state as JSON text; None deletes it (the session ended cleanly)."""
+        """Keep the SM state as JSON text, an unacked message whose row this store
+        committed by reference to that row (:mod:`.sqlite_smstate`); None deletes it
+        (the session ended cleanly)."""
         if state is None:
             sql = "DELETE FROM sm_state WHERE account = ?"
             await self._delete("forgetting the SM state", sql)
