@@ -123,7 +123,7 @@ async def test_odd_entries_are_kept_as_given(tmp_path: Path) -> None:
     ]
     async with SQLiteStore(path) as store:
         await store.upsert([r])
-        for state in (state_of(*[]) | {"unacked": odd}, state_of() | {"unacked": "x"}, {"v": 1}):
+        for state in (state_of() | {"unacked": odd}, state_of() | {"unacked": "x"}, {"v": 1}):
             await store.save_sm_state(state)
             assert await store.load_sm_state() == state
 

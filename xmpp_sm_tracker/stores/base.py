@@ -15,6 +15,7 @@ from ..core.records import TrackedMessage
 
 __all__ = [
     "AccountLeased",
+    "ErrorFn",
     "LeaseLost",
     "LeasedStore",
     "OpenClose",
@@ -32,6 +33,10 @@ SMState = dict[str, Any]
 
 class StoreError(Exception):
     """A store could not read or write; the message names the store and what failed."""
+
+
+#: ``error(what, cause)``: the :class:`StoreError` a store raises, naming its file or database.
+ErrorFn = Callable[[str, BaseException | None], StoreError]
 
 
 class AccountLeased(StoreError):
@@ -91,7 +96,7 @@ class LeasedStore(Protocol):
         """Call ``listener(error)`` when the lease is lost."""
 
 
-def sm_state_text(state: object, error: Callable[[str, BaseException], StoreError]) -> str:
+def sm_state_text(state: object, error: ErrorFn) -> str:
     """The SM state (or what a store keeps of it) as compact JSON text; ``error(what,
     cause)`` when it is not JSON-safe."""
     try:
@@ -100,7 +105,7 @@ def sm_state_text(state: object, error: Callable[[str, BaseException], StoreErro
         raise error("the SM state is not JSON-safe", exc) from exc
 
 
-def saved_json(text: str, error: Callable[[str, BaseException | None], StoreError]) -> Any:
+def saved_json(text: str, error: ErrorFn) -> Any:
     """What :func:`sm_state_text` wrote, parsed; ``error`` when it is not JSON."""
     try:
         return json.loads(text)
@@ -108,9 +113,7 @@ def saved_json(text: str, error: Callable[[str, BaseException | None], StoreErro
         raise error("the saved SM state is not valid JSON", exc) from exc
 
 
-def sm_state_of_text(
-    text: str, error: Callable[[str, BaseException | None], StoreError]
-) -> SMState:
+def sm_state_of_text(text: str, error: ErrorFn) -> SMState:
     """A kept SM state back from its text (a fresh dict); ``error`` when it is not one."""
     state = saved_json(text, error)
     if not isinstance(state, dict):

@@ -25,7 +25,7 @@ from itertools import pairwise
 from typing import Any, Final
 
 from ..core.records import TrackedMessage
-from .base import SMState, StoreError, saved_json, sm_state_of_text, sm_state_text
+from .base import ErrorFn, SMState, saved_json, sm_state_of_text, sm_state_text
 
 __all__ = ["TEXTS_PER_QUERY", "compact_state_text", "state_of_saved_text"]
 
@@ -33,8 +33,6 @@ log = logging.getLogger(__name__)
 
 #: Ids looked up per query on load (well under SQLite's limit on parameters).
 TEXTS_PER_QUERY: Final = 500
-
-ErrorFn = Callable[[str, BaseException | None], StoreError]
 
 
 def compact_state_text(state: SMState, rows: Mapping[str, TrackedMessage], error: ErrorFn) -> str:
@@ -49,11 +47,11 @@ def compact_state_text(state: SMState, rows: Mapping[str, TrackedMessage], error
     at: list[int] = []
     seqs: list[Any] = []
     ids: list[str] = []
-    row_of = rows.get
+    committed = rows.get
     for position, item in enumerate(unacked):
         if type(item) is dict and len(item) == 3:
             message_id = item.get("id")
-            row = row_of(message_id) if type(message_id) is str else None
+            row = committed(message_id) if type(message_id) is str else None
             if row is not None and "seq" in item and item.get("xml") == row.xml:
                 at.append(position)
                 seqs.append(item["seq"])
