@@ -51,6 +51,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
+import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -67,6 +68,7 @@ from slixmpp.xmlstream.matcher import MatchXPath
 
 import xmpp_sm_tracker
 from xmpp_sm_tracker.core.records import TrackedMessage
+from xmpp_sm_tracker.ids import TimeOrderedIds
 from xmpp_sm_tracker.stanzas import REQUEST_ACK
 from xmpp_sm_tracker.stores.postgres import PostgresStore
 from xmpp_sm_tracker.testing import FaultProxy, ProsodyServer, ensure_prosody_installed
@@ -85,6 +87,7 @@ from .bench_fleet import (
     fleet_run,
     recover_run,
     store_changes_run,
+    store_ids_run,
 )
 from .bench_instructions import VARIANTS as INSTRUCTION_VARIANTS
 from .bench_instructions import instructions_run, valgrind
@@ -190,6 +193,12 @@ class BenchConfig:
     sqlite_burst: int = 100
     #: In-flight records recovered from SQLite at start-up.
     recover_records: int = 100_000
+    #: Settled records kept in SQLite before timing the cost of its index of ids...
+    ids_kept: int = 50_000
+    #: ...over this many messages sent and acked, this many new ones a transaction (about
+    #: what the live link's transactions hold: 5 000 messages in 25-36 of them).
+    ids_messages: int = 5000
+    ids_batch: int = 140
     #: How many times each measurement runs (medians are reported).
     repeat: int = 3
     #: The stalled-link CPU runs are cheap and vary most from run to run (a shared
@@ -230,6 +239,8 @@ class BenchConfig:
             memory_messages=200,
             sqlite_changes=5000,
             recover_records=5000,
+            ids_kept=2000,
+            ids_messages=500,
             repeat=repeat,
             latency_samples=5,
             bare_latency_samples=2,
@@ -267,7 +278,13 @@ class BenchConfig:
                 raise ValueError(f"bench config: {name} must be at least 1")
         if not self.scale or min(self.scale) < 1 or self.latency_wait <= 0:
             raise ValueError("bench config: scale sizes and latency_wait must be positive")
-        if self.sqlite_changes < 2 or self.recover_records < 1 or self.sqlite_burst < 1:
+        if (
+            self.sqlite_changes < 2
+            or self.recover_records < 1
+            or self.sqlite_burst < 1
+            or min(self.ids_messages, self.ids_batch) < 1
+            or self.ids_kept < 0
+        ):
             raise ValueError("bench config: sqlite sizes must be positive")
         if self.warmup < 0:
             raise ValueError("bench config: warmup must be >= 0")
@@ -1229,6 +1246,7 @@ async def run_bench(
         "durable": [],
         "sqlite_changes": [],
         "sqlite_recover": [],
+        "sqlite_ids": [],
         "postgres_changes": [],
         "postgres_recover": [],
         "fleet": [],
@@ -1403,6 +1421,13 @@ async def _instruction_parts(
         say(f"instructions {variant:<8}: {run['per_message']:,.0f} a message")
 
 
+#: The ids a store's index is measured with: slixmpp's own, and the tracker's.
+_ID_KINDS: dict[str, Callable[[], Callable[[], str]]] = {
+    "random": lambda: lambda: uuid.uuid4().hex,
+    "time-ordered": TimeOrderedIds,
+}
+
+
 async def _sqlite_parts(
     config: BenchConfig, workdir: Path, runs: dict[str, list[dict[str, Any]]], say: Progress
 ) -> None:
@@ -1414,6 +1439,14 @@ async def _sqlite_parts(
         run = await store_changes_run(store, config.sqlite_changes, config.sqlite_burst)
         runs["sqlite_changes"].append(run)
         say(f"sqlite {i + 1}/{config.repeat}: {run['changes_per_s']:.0f} changes/s")
+    for i in range(config.repeat):
+        for ids, new_id in _ID_KINDS.items():
+            store = store_class(workdir / f"ids{i}{ids}.sqlite")
+            run = await store_ids_run(
+                store, config.ids_kept, config.ids_messages, config.ids_batch, new_id()
+            )
+            runs["sqlite_ids"].append({**run, "ids": ids})
+            say(f"sqlite ids {i + 1}/{config.repeat}, {ids}: {run['cpu_us']:.1f} µs a message")
     recover_path = workdir / "recover.sqlite"
     await fill_store(store_class(recover_path), config.recover_records)
     for i in range(config.repeat):
@@ -1694,6 +1727,24 @@ def _store_cells(config: BenchConfig, runs: dict[str, list[dict[str, Any]]], cel
             _at_least(floor),
             part=name,
         )
+    kept = f"{config.ids_kept:,}".replace(",", " ")
+    for ids, whose in (
+        ("random", "slixmpp's random"),
+        ("time-ordered", "the tracker's time-ordered"),
+    ):
+        of_ids = [r for r in runs["sqlite_ids"] if r["ids"] == ids]
+        row = f"store, {kept} records kept: CPU per message sent + acked, {whose} ids"
+        cell(
+            f"sqlite.ids.{ids}.cpu_us",
+            row,
+            "sqlite",
+            "µs",
+            [r["cpu_us"] for r in of_ids],
+            part="sqlite",
+        )
+        row = f"store, {kept} records kept: bytes written per message, {whose} ids"
+        samples = [r["bytes"] for r in of_ids if r["bytes"] is not None]
+        cell(f"sqlite.ids.{ids}.bytes", row, "sqlite", "B", samples, part="sqlite")
     row = f"store: recover {config.recover_records} in-flight records at start-up (attach)"
     for name, ceiling in (("sqlite", 1.0), ("postgres", 2.0)):
         recovered = runs[f"{name}_recover"]

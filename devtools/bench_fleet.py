@@ -41,6 +41,7 @@ __all__ = [
     "fleet_run",
     "recover_run",
     "store_changes_run",
+    "store_ids_run",
 ]
 
 Progress = Callable[[str], None]
@@ -67,22 +68,26 @@ class SharedDatabase(Protocol):
     async def aclose(self) -> None: ...
 
 
-def bench_records(n: int, state: DeliveryState, now: float) -> list[TrackedMessage]:
-    """``n`` records as the tracker writes them, for the store benchmarks."""
+def bench_records(
+    n: int, state: DeliveryState, now: float, new_id: Callable[[], str] | None = None
+) -> list[TrackedMessage]:
+    """``n`` records as the tracker writes them, for the store benchmarks; ids from
+    ``new_id``, or ``bench-0000000`` on (in order, as time-ordered ids are)."""
+    ids = [new_id() if new_id is not None else f"bench-{i:07d}" for i in range(n)]
     return [
         TrackedMessage(
-            id=f"bench-{i:07d}",
-            origin_id=f"bench-{i:07d}",
+            id=message_id,
+            origin_id=message_id,
             to="bob@localhost",
             type="chat",
             body=f"recovered message number {i}",
             state=state,
-            xml=_MESSAGE_XML.format(id=f"bench-{i:07d}", n=i),
+            xml=_MESSAGE_XML.format(id=message_id, n=i),
             created_at=now + i * 1e-6,
             updated_at=now + i * 1e-6,
             seq=i + 1,
         )
-        for i in range(n)
+        for i, message_id in enumerate(ids)
     ]
 
 
@@ -116,6 +121,51 @@ async def store_changes_run(store: TrackerStore, changes: int, burst: int) -> di
         "seconds": seconds,
         "changes_per_s": 2 * half / seconds,
         "last_state": last.state.value if last is not None else None,
+        "pending_after": pending,
+    }
+
+
+def _bytes_written() -> int | None:
+    """Bytes this process has handed to write calls so far (Linux), or None."""
+    try:
+        for line in Path("/proc/self/io").read_text().splitlines():
+            if line.startswith("wchar:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+async def store_ids_run(
+    store: TrackerStore, kept: int, messages: int, batch: int, new_id: Callable[[], str]
+) -> dict[str, Any]:
+    """What a store's index of ids costs per message: ``kept`` settled records first
+    (not timed), then ``messages`` sent and acked as on a busy live link, each
+    transaction writing ``batch`` new records and the acks of the ``batch`` before.
+    Process CPU (the store's thread included) and bytes written per message; ids from
+    ``new_id`` (slixmpp's random ones or the tracker's time-ordered ones). Closes ``store``."""
+    now = time.time()
+    history = bench_records(kept, DeliveryState.ACKED, now - 3600, new_id)
+    sent = bench_records(messages, DeliveryState.SENT, now, new_id)
+    acked = [r.moved(DeliveryState.ACKED, now + 1) for r in sent]
+    try:
+        for i in range(0, kept, 10_000):
+            await store.upsert(history[i : i + 10_000])
+        gc.collect()
+        cpu, written = time.process_time(), _bytes_written()
+        for i in range(0, messages + batch, batch):
+            await store.upsert([*sent[i : i + batch], *acked[max(0, i - batch) : i]])
+        cpu = time.process_time() - cpu
+        after = _bytes_written()
+        pending = len(await store.pending())
+    finally:
+        await store.aclose()
+    return {
+        "kept": kept,
+        "messages": messages,
+        "batch": batch,
+        "cpu_us": 1e6 * cpu / messages,
+        "bytes": None if written is None or after is None else (after - written) / messages,
         "pending_after": pending,
     }
 

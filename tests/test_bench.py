@@ -40,6 +40,7 @@ def expected_metrics(config: BenchConfig) -> set[str]:
     keys |= {"durable.cache_calls", "durable.entries", "durable.first_ms", "durable.last_ms"}
     keys |= {"resume.prosody_s", "resume.settle_s", "resume.ratio", "resume.lost_or_duplicated"}
     keys |= {f"{s}.{k}" for s in ("sqlite", "postgres") for k in ("changes_per_s", "recover_s")}
+    keys |= {f"sqlite.ids.{i}.{k}" for i in ("random", "time-ordered") for k in ("cpu_us", "bytes")}
     fleet = ("msgs_per_s", "bytes_per_client", "lost")
     keys |= {f"fleet.{k}.{v}" for k in fleet for v in ("bare", "sqlite", "postgres")}
     keys |= {f"fleet.transactions_per_s.{v}" for v in ("sqlite", "postgres")}
@@ -96,6 +97,13 @@ def test_quick_bench_measures_everything_and_loses_nothing(
         assert run["unacked_at_cut"] >= run["messages"]  # the stall held every ack back
         assert run["hibernated"] == run["resent"] == run["acked_ids"] == run["messages"]
         assert run["failed"] == run["acked_twice"] == run["lost"] == run["duplicated"] == 0
+    if have_sqlite:  # the index-of-ids runs wrote and acked every message, with each kind
+        ids_runs = result["runs"]["sqlite_ids"]
+        assert sorted(r["ids"] for r in ids_runs) == sorted(
+            ["random", "time-ordered"] * config.repeat
+        )
+        for run in ids_runs:
+            assert run["pending_after"] == 0 and run["messages"] == config.ids_messages
     for run in result["runs"]["prosody"]:
         assert run["bob_unique"] == run["bob_total"] == config.resume_messages
     for run in result["runs"]["memory"]:

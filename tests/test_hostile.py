@@ -1445,6 +1445,8 @@ async def test_inject_and_rewrite_speak_for_one_end_of_the_link() -> None:
         ("max_unacked", 0),
         ("max_unacked", True),
         ("max_unacked", "5000"),
+        ("time_ordered_ids", "no"),  # a non-empty string: read as True
+        ("time_ordered_ids", None),
     ],
 )
 def test_a_bad_setting_is_refused_when_the_plugin_is_registered(key: str, value: object) -> None:

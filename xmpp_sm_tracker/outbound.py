@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import uuid
 from collections.abc import Callable, Container
 from collections.abc import Set as AbstractSet
 from typing import Any
@@ -30,6 +29,7 @@ from .core.phases import SMPhase
 from .core.records import TrackedMessage
 from .core.tracker import OutgoingMessage
 from .filters import FilterWatch
+from .ids import TimeOrderedIds
 from .resend import Resender
 from .stanzas import REQUEST_ACK
 
@@ -94,12 +94,20 @@ class Outbound:
         self._rejoin_timer: asyncio.TimerHandle | None = None
         #: Whether our filter writes last, and other filters leave messages alone.
         self._filters = FilterWatch(ctx.xmpp, self.on_outgoing)
+        #: Ids for stanzas that have none: time-ordered (cheap to index), or slixmpp's.
+        self._new_id: Callable[[], str] | None = (
+            TimeOrderedIds() if ctx.config["time_ordered_ids"] else None
+        )
+        self._slixmpp_new_id: Callable[[], str] = ctx.xmpp.new_id
 
     def install(self) -> None:
         """Wrap ``send`` (slixmpp offers no hook at send time for stanzas that will not
         pass the filters yet) and the filter registry (to know who writes last)."""
         xmpp = self.xmpp
         xmpp.send = self.send
+        if self._new_id is not None:
+            # slixmpp gives every stanza an id from new_id() when it is made.
+            xmpp.new_id = self._new_id
         self._filters.install()
 
     def uninstall(self) -> None:
@@ -107,6 +115,7 @@ class Outbound:
         rather than to nobody."""
         xmpp = self.xmpp
         xmpp.send = self._ctx.send
+        xmpp.new_id = self._slixmpp_new_id
         self._filters.uninstall()
         self.cancel_rejoin_wait()
         for stanza in self.outbox.take_all():
@@ -190,7 +199,7 @@ class Outbound:
         fields = stanzas.complete_outgoing(
             xml,
             body,
-            message_id or uuid.uuid4().hex,  # a new id only for a message without one
+            message_id or self.xmpp.new_id(),  # a new id only for a message without one
             add_origin_id=config["add_origin_id"],
             request_receipts=config["request_receipts"],
             request_markers=config["request_markers"],
