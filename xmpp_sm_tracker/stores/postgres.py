@@ -24,8 +24,6 @@ from .base import (
     OpenClose,
     SMState,
     StoreError,
-    sm_state_of_text,
-    sm_state_text,
 )
 from .postgres_db import PostgresDatabase
 from .postgres_lease import FENCE
@@ -40,6 +38,7 @@ from .postgres_schema import (
     UPSERT,
 )
 from .sqlite_schema import MAX_LIMIT, record_of, row_of, unencodable
+from .state_refs import compact_state_text, remember_committed, state_of_saved_text
 
 __all__ = ["AccountLeased", "LeaseLost", "PostgresDatabase", "PostgresStore"]
 
@@ -105,6 +104,9 @@ class PostgresStore(OpenClose):
         self._listeners: list[Callable[[LeaseLost], None]] = []
         self._opening = asyncio.Lock()
         self._stop_waiting = asyncio.Event()  # set by aclose: a take_over waits no more
+        #: id -> the in-flight record this store last committed for it: the SM state
+        #: it saves points at those rows rather than repeating their text.
+        self._committed: dict[str, TrackedMessage] = {}
         if not read_only:
             database.claim(self)
 
@@ -257,6 +259,7 @@ class PostgresStore(OpenClose):
             error = self._refused(what)
             self._lease_lost(error)
             raise error from exc
+        remember_committed(self._committed, records)
 
     async def get(self, message_id: str) -> TrackedMessage | None:
         """One record by id."""
@@ -307,6 +310,7 @@ class PostgresStore(OpenClose):
     async def delete(self, message_id: str) -> bool:
         """Delete one record; True if it existed."""
         sql = f"DELETE FROM {RECORDS} WHERE account = $1 AND id = $2"
+        self._committed.pop(message_id, None)  # a saved state may no longer point at it
         return await self._delete(sql, "deleting a record", message_id) > 0
 
     async def delete_failed(self, conversation: str | None = None) -> int:
@@ -320,12 +324,14 @@ class PostgresStore(OpenClose):
     # ---------------------------------------------------------------- SM state
 
     async def save_sm_state(self, state: SMState | None) -> None:
-        """Keep the SM state as JSON text; None deletes it (the session ended cleanly)."""
+        """Keep the SM state as JSON text, an unacked message whose row this store
+        committed by reference to that row (:mod:`.state_refs`); None deletes it (the
+        session ended cleanly)."""
         if state is None:
             sql = f"DELETE FROM {SM_STATE} WHERE account = $1"
             await self._delete(sql, "forgetting the SM state")
             return
-        text = sm_state_text(state, self.error)
+        text = compact_state_text(state, self._committed, self.error)
 
         async def keep(conn: asyncpg.Connection) -> None:
             await conn.execute(
@@ -340,7 +346,12 @@ class PostgresStore(OpenClose):
     async def load_sm_state(self) -> SMState | None:
         """The SM state saved last (a fresh dict every time), or None."""
         rows = await self._read(f"SELECT state FROM {SM_STATE} WHERE account = $1", self.account)
-        return sm_state_of_text(rows[0][0], self.error) if rows else None
+        return await state_of_saved_text(rows[0][0], self._texts, self.error) if rows else None
+
+    async def _texts(self, ids: Sequence[str]) -> dict[str, str]:
+        """id -> the text of those records of ``ids`` that are there."""
+        sql = f"SELECT id, xml FROM {RECORDS} WHERE account = $1 AND id = ANY($2::text[])"
+        return {str(i): str(xml) for i, xml in await self._read(sql, self.account, list(ids))}
 
     async def aclose(self) -> None:
         """Give the lease back (a standby may take over at once) and, for a store that

@@ -38,7 +38,7 @@ from .sqlite_schema import (
     Migration,
     record_of,
 )
-from .sqlite_smstate import compact_state_text, state_of_saved_text
+from .state_refs import compact_state_text, state_of_saved_text
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "Migration", "SQLiteDatabase", "SQLiteStore"]
 
@@ -328,7 +328,7 @@ class SQLiteStore(_OnEngine):
 
     async def save_sm_state(self, state: SMState | None) -> None:
         """Keep the SM state as JSON text, an unacked message whose row this store
-        committed by reference to that row (:mod:`.sqlite_smstate`); None deletes it
+        committed by reference to that row (:mod:`.state_refs`); None deletes it
         (the session ended cleanly)."""
         if state is None:
             sql = "DELETE FROM sm_state WHERE account = ?"

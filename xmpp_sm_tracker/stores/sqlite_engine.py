@@ -18,7 +18,6 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from ..core.records import TrackedMessage
-from ..core.states import IN_FLIGHT
 from .base import StoreError
 from .sqlite_file import DatabaseFile, forget_connection, rollback
 from .sqlite_schema import (
@@ -30,6 +29,7 @@ from .sqlite_schema import (
     unencodable,
     upsert_runs,
 )
+from .state_refs import remember_committed
 
 __all__ = ["Engine"]
 
@@ -271,12 +271,7 @@ class Engine:
     def _remember(self, parts: Sequence[tuple[str, Sequence[TrackedMessage]]]) -> None:
         """Keep the in-flight snapshots just committed; forget the settled ones."""
         for account, records in parts:
-            written = self._written.setdefault(account, {})
-            for record in records:
-                if record.state in IN_FLIGHT:
-                    written[record.id] = record
-                else:
-                    written.pop(record.id, None)
+            remember_committed(self._written.setdefault(account, {}), records)
 
     def in_flight_rows(self, account: str) -> Mapping[str, TrackedMessage]:
         """id -> the in-flight record last committed for it, of ``account``: read under

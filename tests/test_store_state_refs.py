@@ -1,9 +1,10 @@
-"""SQLiteStore keeps the SM state's tracked stanzas by reference to their record rows.
+"""The SQL stores keep the SM state's tracked stanzas by reference to their record rows.
 
 Every unacked tracked message is in the records table with its text; the state's copy
 of that text is the bulk of each hand-over. What the store may leave out and read back
 must come back exactly; what it cannot prove it has (no row, another text, an odd
-entry) stays in the state as it was given.
+entry) stays in the state as it was given. Each test runs on SQLiteStore and on
+PostgresStore.
 """
 
 from __future__ import annotations
@@ -12,18 +13,23 @@ import asyncio
 import json
 import logging
 import sqlite3
-from collections.abc import Sequence
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from xmpp_sm_tracker import DeliveryState, SQLiteStore, StoreError
+from xmpp_sm_tracker.stores.postgres import PostgresDatabase, PostgresStore
+from xmpp_sm_tracker.stores.postgres_schema import SM_STATE
 from xmpp_sm_tracker.stores.sqlite import SQLiteDatabase
-from xmpp_sm_tracker.stores.sqlite_smstate import compact_state_text, state_of_saved_text
+from xmpp_sm_tracker.stores.state_refs import compact_state_text, state_of_saved_text
 
 from .test_store_contract import record
 
@@ -50,17 +56,65 @@ def entry(seq: int, xml: str, message_id: str | None) -> dict[str, Any]:
     return {"seq": seq, "xml": xml, "id": message_id}
 
 
-def saved_text(path: Path, account: str = "") -> str:
-    db = sqlite3.connect(path)
-    try:
-        rows = db.execute("SELECT state FROM sm_state WHERE account = ?", (account,)).fetchall()
-    finally:
+class Kept:
+    """One SQL store kind: a store of the test's account (a new one each call, as a new
+    process opens it), its saved text read and overwritten behind its back, and a
+    database shared by two accounts."""
+
+    def __init__(self, kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+        self.kind = kind
+        self.path = tmp_path / "t.sqlite"
+        self.dsn = str(request.getfixturevalue("postgres_dsn")) if kind == "postgres" else ""
+        self.account = f"{uuid.uuid4().hex}@example.org" if kind == "postgres" else ""
+
+    def store(self) -> SQLiteStore | PostgresStore:
+        if self.kind == "postgres":
+            return PostgresStore(self.dsn, account=self.account)
+        return SQLiteStore(self.path)
+
+    @asynccontextmanager
+    async def database(self) -> AsyncIterator[SQLiteDatabase | PostgresDatabase]:
+        shared = PostgresDatabase(self.dsn) if self.kind == "postgres" else None
+        async with shared or SQLiteDatabase(self.path) as database:
+            yield database
+
+    async def saved_text(self, account: str | None = None) -> str:
+        account = self.account if account is None else account
+        if self.kind == "postgres":
+            conn = await asyncpg.connect(self.dsn)
+            try:
+                sql = f"SELECT state FROM {SM_STATE} WHERE account = $1"
+                return str(await conn.fetchval(sql, account))
+            finally:
+                await conn.close()
+        db = sqlite3.connect(self.path)
+        try:
+            rows = db.execute("SELECT state FROM sm_state WHERE account = ?", (account,))
+            return str(rows.fetchall()[0][0])
+        finally:
+            db.close()
+
+    async def overwrite(self, text: str) -> None:
+        if self.kind == "postgres":
+            conn = await asyncpg.connect(self.dsn)
+            try:
+                sql = f"UPDATE {SM_STATE} SET state = $2 WHERE account = $1"
+                await conn.execute(sql, self.account, text)
+            finally:
+                await conn.close()
+            return
+        db = sqlite3.connect(self.path)
+        with db:
+            db.execute("UPDATE sm_state SET state = ?", (text,))
         db.close()
-    return str(rows[0][0])
 
 
-async def test_tracked_stanzas_are_kept_once_and_come_back_whole(tmp_path: Path) -> None:
-    path = tmp_path / "t.sqlite"
+@pytest.fixture(params=["sqlite", "postgres"])
+def kept(request: pytest.FixtureRequest, tmp_path: Path) -> Kept:
+    return Kept(request.param, tmp_path, request)
+
+
+async def test_tracked_stanzas_are_kept_once_and_come_back_whole(kept: Kept) -> None:
     records = [record(n) for n in range(3)]
     state = state_of(
         entry(11, records[0].xml, "m0"),
@@ -68,20 +122,19 @@ async def test_tracked_stanzas_are_kept_once_and_come_back_whole(tmp_path: Path)
         entry(13, records[1].xml, "m1"),
         entry(14, records[2].xml, "m2"),
     )
-    async with SQLiteStore(path) as store:
+    async with kept.store() as store:
         await store.upsert(records)
         await store.save_sm_state(state)
         assert await store.load_sm_state() == state
-    text = saved_text(path)
+    text = await kept.saved_text()
     for r in records:
         assert json.dumps(r.xml)[1:-1] not in text  # by reference: the row has it
     assert json.dumps(PRESENCE)[1:-1] in text  # no row: the text itself
-    async with SQLiteStore(path) as again:
+    async with kept.store() as again:
         assert await again.load_sm_state() == state  # a new process gets it whole
 
 
-async def test_only_a_committed_row_with_the_same_text_stands_in(tmp_path: Path) -> None:
-    path = tmp_path / "t.sqlite"
+async def test_only_a_committed_row_with_the_same_text_stands_in(kept: Kept) -> None:
     written, unwritten = record(1), record(2)
     rewritten = written.moved(S.SENT, 5.0, xml="<message xmlns='jabber:client' id='m1'/>")
     state = state_of(
@@ -89,21 +142,33 @@ async def test_only_a_committed_row_with_the_same_text_stands_in(tmp_path: Path)
         entry(12, unwritten.xml, "m2"),  # no row yet
         entry(13, written.xml, "m3"),  # another message's id
     )
-    async with SQLiteStore(path) as store:
+    async with kept.store() as store:
         await store.upsert([written])
         await store.save_sm_state(state)
         assert await store.load_sm_state() == state
-    text = saved_text(path)
+    text = await kept.saved_text()
     assert json.dumps(rewritten.xml)[1:-1] in text
     assert json.dumps(unwritten.xml)[1:-1] in text
 
 
-async def test_a_settled_record_is_not_referred_to(tmp_path: Path) -> None:
+async def test_a_row_another_process_committed_keeps_its_text(kept: Kept) -> None:
+    """A store points only at rows it committed itself: another process's are not known
+    to be there (they may be rewritten or deleted by it)."""
+    r = record(1)
+    state = state_of(entry(11, r.xml, "m1"))
+    async with kept.store() as first:
+        await first.upsert([r])
+    async with kept.store() as second:
+        await second.save_sm_state(state)
+        assert await second.load_sm_state() == state
+    assert json.dumps(r.xml)[1:-1] in await kept.saved_text()
+
+
+async def test_a_settled_record_is_not_referred_to(kept: Kept) -> None:
     """An acked or failed row may be deleted at any time: its stanza keeps its text."""
-    path = tmp_path / "t.sqlite"
     sent = record(1)
     state = state_of(entry(11, sent.xml, "m1"))
-    async with SQLiteStore(path) as store:
+    async with kept.store() as store:
         await store.upsert([sent])
         await store.upsert([sent.moved(S.FAILED, 6.0)])
         await store.save_sm_state(state)
@@ -111,8 +176,7 @@ async def test_a_settled_record_is_not_referred_to(tmp_path: Path) -> None:
         assert await store.load_sm_state() == state
 
 
-async def test_odd_entries_are_kept_as_given(tmp_path: Path) -> None:
-    path = tmp_path / "t.sqlite"
+async def test_odd_entries_are_kept_as_given(kept: Kept) -> None:
     r = record(1)
     odd: list[Any] = [
         {"seq": 11, "xml": r.xml, "id": "m1", "extra": True},  # more than we know
@@ -121,7 +185,7 @@ async def test_odd_entries_are_kept_as_given(tmp_path: Path) -> None:
         "text",
         None,
     ]
-    async with SQLiteStore(path) as store:
+    async with kept.store() as store:
         await store.upsert([r])
         for state in (state_of() | {"unacked": odd}, state_of() | {"unacked": "x"}, {"v": 1}):
             await store.save_sm_state(state)
@@ -129,12 +193,11 @@ async def test_odd_entries_are_kept_as_given(tmp_path: Path) -> None:
 
 
 async def test_a_row_deleted_since_drops_its_stanza_with_a_warning(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    kept: Kept, caplog: pytest.LogCaptureFixture
 ) -> None:
-    path = tmp_path / "t.sqlite"
     records = [record(n) for n in range(3)]
     state = state_of(*(entry(11 + n, r.xml, r.id) for n, r in enumerate(records)))
-    async with SQLiteStore(path) as store:
+    async with kept.store() as store:
         await store.upsert(records)
         await store.save_sm_state(state)
         assert await store.delete("m1")
@@ -145,22 +208,38 @@ async def test_a_row_deleted_since_drops_its_stanza_with_a_warning(
     assert records[1].body not in caplog.text
 
 
-async def test_accounts_refer_only_to_their_own_rows(tmp_path: Path) -> None:
-    async with SQLiteDatabase(tmp_path / "fleet.sqlite") as database:
-        alice = database.store("alice@example.org")
-        bob = database.store("bob@example.org")
-        r = record(1)
-        await alice.upsert([r])
-        state = state_of(entry(11, r.xml, "m1"))
-        await bob.save_sm_state(state)  # bob has no row m1: the text stays
-        await alice.save_sm_state(state)
-        await alice.delete("m1")
-        assert await bob.load_sm_state() == state
-
-
-async def test_a_saved_state_that_is_not_json_safe_is_still_refused(tmp_path: Path) -> None:
+async def test_a_deleted_row_is_not_referred_to_by_the_next_save(kept: Kept) -> None:
     r = record(1)
-    async with SQLiteStore(tmp_path / "t.sqlite") as store:
+    state = state_of(entry(11, r.xml, "m1"))
+    async with kept.store() as store:
+        await store.upsert([r])
+        assert await store.delete("m1")
+        await store.save_sm_state(state)
+        assert await store.load_sm_state() == state
+    assert json.dumps(r.xml)[1:-1] in await kept.saved_text()
+
+
+async def test_accounts_refer_only_to_their_own_rows(kept: Kept) -> None:
+    names = [f"{who}-{uuid.uuid4().hex[:8]}@example.org" for who in ("alice", "bob")]
+    async with kept.database() as database:
+        alice, bob = (database.store(name) for name in names)
+        try:
+            r = record(1)
+            await alice.upsert([r])
+            state = state_of(entry(11, r.xml, "m1"))
+            await bob.save_sm_state(state)  # bob has no row m1: the text stays
+            await alice.save_sm_state(state)
+            await alice.delete("m1")
+            assert await bob.load_sm_state() == state
+            assert json.dumps(r.xml)[1:-1] not in await kept.saved_text(names[0])
+        finally:
+            await alice.aclose()
+            await bob.aclose()
+
+
+async def test_a_saved_state_that_is_not_json_safe_is_still_refused(kept: Kept) -> None:
+    r = record(1)
+    async with kept.store() as store:
         await store.upsert([r])
         bad = state_of(entry(11, r.xml, "m1")) | {"ratio": float("nan")}
         with pytest.raises(Exception, match="not JSON-safe"):
@@ -181,16 +260,12 @@ BAD_TEXTS = [
 ]
 
 
-async def test_a_kept_state_this_store_did_not_write_is_a_clear_error(tmp_path: Path) -> None:
-    path = tmp_path / "t.sqlite"
-    async with SQLiteStore(path) as store:
+async def test_a_kept_state_this_store_did_not_write_is_a_clear_error(kept: Kept) -> None:
+    async with kept.store() as store:
         await store.save_sm_state({"version": 1})
     for text in BAD_TEXTS:
-        db = sqlite3.connect(path)
-        with db:
-            db.execute("UPDATE sm_state SET state = ?", (text,))
-        db.close()
-        async with SQLiteStore(path) as store:
+        await kept.overwrite(text)
+        async with kept.store() as store:
             with pytest.raises(StoreError, match="not one this store wrote"):
                 await store.load_sm_state()
 

@@ -1,13 +1,14 @@
-"""How :class:`~.sqlite.SQLiteStore` keeps the SM state: tracked stanzas by reference.
+"""How the SQL stores keep the SM state: tracked stanzas by reference to their rows.
 
 Every unacked tracked message is in the records table already, with its text. Saved
 again in the state, that text was most of each hand-over: 5 000 unacked stanzas made
 1.5 MB of JSON (7 ms to encode) written on every ``sm.cache`` call. So an entry whose
-record row is committed, in flight, with the very same text is left out, and only its
-place, seq and id are kept; on load its text is read back from the row. Everything
-else keeps its text: stanzas without a record (presences, chat states), a message
-whose row is not written yet or holds another text, an entry with more or less than
-``seq``, ``xml`` and ``id``.
+record row the store committed, in flight, with the very same text is left out, and
+only its place, seq and id are kept; on load its text is read back from the row.
+Everything else keeps its text: stanzas without a record (presences, chat states), a
+message whose row is not written yet or holds another text, an entry with more or
+less than ``seq``, ``xml`` and ``id``. :class:`~.sqlite.SQLiteStore` and
+:class:`~.postgres.PostgresStore` both keep their states this way.
 
 A state with references is kept as the JSON array ``[state, references]``, so nothing
 an app saved can pass for one: a state is always a JSON object. A row rewritten after
@@ -20,19 +21,30 @@ stanza, and the load says so.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from itertools import pairwise
 from typing import Any, Final
 
 from ..core.records import TrackedMessage
+from ..core.states import IN_FLIGHT
 from .base import ErrorFn, SMState, saved_json, sm_state_of_text, sm_state_text
 
-__all__ = ["TEXTS_PER_QUERY", "compact_state_text", "state_of_saved_text"]
+__all__ = ["TEXTS_PER_QUERY", "compact_state_text", "remember_committed", "state_of_saved_text"]
 
 log = logging.getLogger(__name__)
 
 #: Ids looked up per query on load (well under SQLite's limit on parameters).
 TEXTS_PER_QUERY: Final = 500
+
+
+def remember_committed(rows: dict[str, TrackedMessage], records: Iterable[TrackedMessage]) -> None:
+    """Keep in ``rows`` (id -> record) the in-flight snapshots of ``records`` just
+    committed; forget the settled ones (an acked row may be deleted at any time)."""
+    for record in records:
+        if record.state in IN_FLIGHT:
+            rows[record.id] = record
+        else:
+            rows.pop(record.id, None)
 
 
 def compact_state_text(state: SMState, rows: Mapping[str, TrackedMessage], error: ErrorFn) -> str:
