@@ -204,6 +204,9 @@ class BenchConfig:
     #: The stalled-link CPU runs are cheap and vary most from run to run (a shared
     #: VM's CPU time varies by ±20%): they run this many times per repeat.
     cpu_runs_per_repeat: int = 3
+    #: So do the throughput runs (their alice CPU and msg/s moved a median of 7 by
+    #: ±0.1 from one bench run to the next): this many per repeat, all paired.
+    throughput_runs_per_repeat: int = 3
     #: Profile one extra tracked (MemoryStore) throughput run with cProfile.
     profile: bool = False
     #: Which benchmarks run (all by default).
@@ -252,6 +255,7 @@ class BenchConfig:
             fleet_accounts=20,
             fleet_messages=5,
             cpu_runs_per_repeat=1,
+            throughput_runs_per_repeat=1,
         )
 
     @classmethod
@@ -266,6 +270,7 @@ class BenchConfig:
             "memory_messages",
             "repeat",
             "cpu_runs_per_repeat",
+            "throughput_runs_per_repeat",
             "latency_samples",
             "bare_latency_samples",
             "scale_batch",
@@ -1312,13 +1317,14 @@ async def _live_parts(
     async with server:
         bob = await _Receiver.start(f"{BOB}/bench", server.address)
         try:
-            for i in range(config.repeat if "throughput" in parts else 0):
+            throughput_runs = config.repeat * config.throughput_runs_per_repeat
+            for i in range(throughput_runs if "throughput" in parts else 0):
                 for variant in _rotate(variants, i):
                     tag = f"t{i}{variant}"
                     run = await _throughput_run(server, bob, variant, config, tag, workdir)
                     runs["throughput"].append(run)
                     say(
-                        f"throughput {i + 1}/{config.repeat} {variant:<8} "
+                        f"throughput {i + 1}/{throughput_runs} {variant:<8} "
                         f"{run['acked_per_s']:8.0f} acked msg/s "
                         f"(lost {run['lost']}, duplicated {run['duplicated']})"
                     )
@@ -1906,7 +1912,11 @@ def _scale_cells(config: BenchConfig, runs: list[dict[str, Any]], cell: _Cell) -
 def _setup_line(config: dict[str, Any]) -> str:
     archive = "on" if config["archive"] else "off (--archive to turn it on)"
     scale = ", ".join(f"{n:,}".replace(",", " ") for n in config["scale"])
+    repeat = config["repeat"]
     return (
+        f"{repeat * config['throughput_runs_per_repeat']} throughput runs and "
+        f"{repeat * config['cpu_runs_per_repeat']} stalled-link CPU runs per variant, "
+        "paired; "
         f"bob receives in a child process; Prosody archiving {archive}; "
         f"{config['warmup']} warm-up messages per connection, not timed; "
         f"lone messages: {config['latency_samples']} per tracked setting, "

@@ -88,7 +88,7 @@ def test_quick_bench_measures_everything_and_loses_nothing(
     assert metrics["resume.lost_or_duplicated"]["value"] == 0
     variants = 4 if have_sqlite else 3
     throughput = result["runs"]["throughput"]
-    assert len(throughput) == variants * config.repeat
+    assert len(throughput) == variants * config.repeat * config.throughput_runs_per_repeat
     for run in throughput:
         assert run["acked"] == run["bob_unique"] == run["bob_total"] == config.messages
     assert len(result["runs"]["cpu"]) == variants * config.repeat * config.cpu_runs_per_repeat
