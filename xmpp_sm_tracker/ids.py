@@ -3,8 +3,8 @@
 A store keeps its records in a B-tree keyed by id. slixmpp's ids are random (UUID
 version 4), so each new record lands on a random leaf page of that index, and a
 transaction rewrites about one page per record it adds: with 50 000 records kept,
-SQLiteStore wrote 8.7 KB and spent 31 µs of CPU per message sent and acked, against
-1.7 KB and 16 µs with ids that sort by time (the "records kept" rows of
+SQLiteStore wrote 8.7 KB and spent 26-31 µs of CPU per message sent and acked,
+against 1.7 KB and 14-18 µs with ids that sort by time (the "records kept" rows of
 ``scripts/bench``). Time-ordered ids land on the index's last page, as rowids do.
 
 A version 7 id keeps 62 random bits from the operating system's generator (as
